@@ -1,0 +1,219 @@
+"""Where decoding happens: batched beam search (greedy = beam size 1) over a one-step function.
+
+The search knows nothing about ONNX: it calls `step(tokens, rows, row_image)` and gets
+log-probabilities, the new per-row state and (optionally) attention weights. `app/engine.py` plugs
+the exported decoder graph in; the tests plug in tiny hand-made step functions.
+
+The rules, which the training side's torch reference decoder (model_export/reference.py) mirrors:
+- every image has `beam_size` slots. Each step takes, per image, the best `open slots` extensions
+  of its live rows by cumulative log-probability (ties: lower row, then lower token id, first).
+  An extension ending in <end> closes a slot; the others stay live. So greedy stops at the first
+  <end>, and the search stops when every beam has ended.
+- <pad>, <start> and <unk> are never generated; <end> is not allowed as the first token; after
+  `max_length` words only <end> is allowed. n-gram blocking bans a token that would repeat an
+  n-gram of the row's words.
+- a hypothesis' score is the sum of its log-probabilities (<end> included); the finished
+  hypotheses of an image are ranked by score / (words + 1) ** length_penalty, best first.
+
+All rows of all images go through one step call per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Protocol
+
+import numpy as np
+
+MAX_BEAM_SIZE = 10
+MAX_LENGTH_LIMIT = 64
+NEG_INF = -np.inf
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Every decoding setting, validated once at construction."""
+
+    strategy: Literal["greedy", "beam"] = "beam"
+    beam_size: int = 3
+    num_captions: int = 1
+    max_length: int | None = None  # None: the bundle's max_length
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam"):
+            raise ValueError(f"strategy must be 'greedy' or 'beam', not {self.strategy!r}")
+        if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be an integer from 1 to {MAX_BEAM_SIZE}")
+        if not isinstance(self.num_captions, int) or self.num_captions < 1:
+            raise ValueError("num_captions must be at least 1")
+        effective_beam = 1 if self.strategy == "greedy" else self.beam_size
+        if self.num_captions > effective_beam:
+            raise ValueError(
+                f"num_captions ({self.num_captions}) cannot exceed the beam size ({effective_beam}"
+                + (", greedy decodes one caption)" if self.strategy == "greedy" else ")")
+            )
+        if self.max_length is not None and (not isinstance(self.max_length, int) or not 1 <= self.max_length <= MAX_LENGTH_LIMIT):
+            raise ValueError(f"max_length must be an integer from 1 to {MAX_LENGTH_LIMIT}")
+        if not (0.0 <= float(self.length_penalty) <= 5.0) or np.isnan(self.length_penalty):
+            raise ValueError("length_penalty must be between 0 and 5")
+        if not isinstance(self.no_repeat_ngram_size, int) or not 0 <= self.no_repeat_ngram_size <= 10:
+            raise ValueError("no_repeat_ngram_size must be an integer from 0 (off) to 10")
+
+    def resolved(self, bundle_max_length: int | None = None) -> "DecodingConfig":
+        """The settings actually used: greedy means one beam; max_length filled from the bundle."""
+        max_length = self.max_length if self.max_length is not None else bundle_max_length
+        if self.strategy == "greedy":
+            return replace(self, beam_size=1, num_captions=1, max_length=max_length)
+        return replace(self, max_length=max_length)
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word token ids, <start>/<end> excluded
+    score: float  # sum of log-probabilities, <end> included
+    normalized_score: float
+    attention: np.ndarray | None = None  # [len(tokens) + 1, P]: one row per generated token, <end> last
+
+
+# ---- the rules, one small function each -----------------------------------------------------
+
+def length_normalized(score: float, num_tokens: int, length_penalty: float) -> float:
+    """Ranking score of a finished hypothesis; num_tokens counts <end>."""
+    return score / (num_tokens**length_penalty) if length_penalty else score
+
+
+def banned_ngram_tokens(words: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in `words`."""
+    if n <= 0 or len(words) < n - 1:
+        return set()
+    if n == 1:
+        return set(words)
+    prefix = tuple(words[len(words) - n + 1 :])
+    return {words[i + n - 1] for i in range(len(words) - n + 1) if tuple(words[i : i + n - 1]) == prefix}
+
+
+def step_mask(log_probs: np.ndarray, step: int, max_length: int, special: dict[str, int]) -> None:
+    """Apply the always-on token rules to a [rows, V] block in place."""
+    for name in ("pad", "start", "unk"):
+        log_probs[:, special[name]] = NEG_INF
+    if step == 0:
+        log_probs[:, special["end"]] = NEG_INF
+    if step >= max_length:
+        end_column = log_probs[:, special["end"]].copy()
+        log_probs[:] = NEG_INF
+        log_probs[:, special["end"]] = end_column
+
+
+def select_top(candidates: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the k best finite candidates, best first; ties keep the lower index first."""
+    finite = np.flatnonzero(np.isfinite(candidates))
+    if finite.size == 0 or k <= 0:
+        return finite[:0]
+    values = candidates[finite]
+    if finite.size > k:
+        # a partition keeps this O(n); the stable sort afterwards fixes tie order
+        threshold = np.partition(values, finite.size - k)[finite.size - k]
+        keep = values >= threshold
+        finite, values = finite[keep], values[keep]
+    order = np.lexsort((finite, -values))
+    return finite[order][:k]
+
+
+# ---- the search -----------------------------------------------------------------------------
+
+class StepFn(Protocol):
+    def __call__(self, tokens: np.ndarray, rows: np.ndarray, row_image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decoder step for the live rows.
+
+        tokens: [B] int64 previous tokens; rows: [B] int64 indices of the rows' state (the search
+        tells the step which stored state each row continues from); row_image: [B] image index.
+        Returns log-probabilities [B, V] and attention [B, P] or None. The step keeps the state.
+        """
+
+
+@dataclass
+class _Row:
+    image: int
+    words: list[int]
+    score: float
+    attention: list[np.ndarray] = field(default_factory=list)
+
+
+def beam_search(
+    step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]],
+    num_images: int,
+    config: DecodingConfig,
+    special: dict[str, int],
+    keep_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Decode `num_images` images at once. `config` must be resolved (max_length set).
+
+    `step(tokens, parents, row_image)`: `parents[i]` is the index, in the previous call's rows, of
+    the row that new row i continues (at the first call: the image index, whose initial state the
+    step must use). Returns, per image, `config.num_captions` hypotheses, best first.
+    """
+    assert config.max_length is not None, "resolve the config first"
+    beam = 1 if config.strategy == "greedy" else config.beam_size
+    max_length = config.max_length
+    open_slots = [beam] * num_images
+    finished: list[list[Hypothesis]] = [[] for _ in range(num_images)]
+    rows = [_Row(image=i, words=[], score=0.0) for i in range(num_images)]
+    parents = np.arange(num_images, dtype=np.int64)
+    tokens = np.full(num_images, special["start"], dtype=np.int64)
+
+    for t in range(max_length + 1):
+        if not rows:
+            break
+        row_image = np.fromiter((r.image for r in rows), dtype=np.int64, count=len(rows))
+        log_probs, attention = step(tokens, parents, row_image)
+        log_probs = np.array(log_probs, dtype=np.float64)  # a copy we may mask; float64 sums
+        step_mask(log_probs, t, max_length, special)
+        if config.no_repeat_ngram_size:
+            for i, row in enumerate(rows):
+                banned = banned_ngram_tokens(row.words, config.no_repeat_ngram_size)
+                if banned:
+                    log_probs[i, list(banned)] = NEG_INF
+        totals = log_probs + np.fromiter((r.score for r in rows), dtype=np.float64, count=len(rows))[:, None]
+        vocab = totals.shape[1]
+
+        new_rows: list[_Row] = []
+        new_parents: list[int] = []
+        new_tokens: list[int] = []
+        start = 0
+        while start < len(rows):  # rows of one image are contiguous
+            image = rows[start].image
+            stop = start
+            while stop < len(rows) and rows[stop].image == image:
+                stop += 1
+            block = totals[start:stop].ravel()
+            for flat in select_top(block, open_slots[image]):
+                local, token = divmod(int(flat), vocab)
+                parent = rows[start + local]
+                score = float(block[flat])
+                att = parent.attention + [attention[start + local]] if keep_attention and attention is not None else []
+                if token == special["end"]:
+                    open_slots[image] -= 1
+                    finished[image].append(
+                        Hypothesis(
+                            tokens=list(parent.words),
+                            score=score,
+                            normalized_score=length_normalized(score, len(parent.words) + 1, config.length_penalty),
+                            attention=np.stack(att) if att else None,
+                        )
+                    )
+                else:
+                    new_rows.append(_Row(image=image, words=parent.words + [token], score=score, attention=att))
+                    new_parents.append(start + local)
+                    new_tokens.append(token)
+            start = stop
+        rows = new_rows
+        parents = np.asarray(new_parents, dtype=np.int64)
+        tokens = np.asarray(new_tokens, dtype=np.int64)
+
+    results = []
+    for image in range(num_images):
+        ranked = sorted(enumerate(finished[image]), key=lambda item: (-item[1].normalized_score, item[0]))
+        results.append([h for _, h in ranked[: config.num_captions]])
+    return results

@@ -1,0 +1,213 @@
+"""Training-side commands of the `captioner` CLI: generate-scenes, train, export, evaluate.
+
+Heavy imports (torch) happen inside the commands, so `captioner --help` and the serving commands
+stay fast and torch-free. Every expected failure (bad dataset, unreadable image, vocabulary
+mismatch, failed export check) prints `error: <file>: <problem>` and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from model_export.data.errors import DatasetError
+
+
+class DataFormat(str, Enum):
+    karpathy = "karpathy"
+    coco = "coco"
+
+
+class DecoderKind(str, Enum):
+    show_attend_tell = "show_attend_tell"
+    show_and_tell = "show_and_tell"
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def load_dataset(data: Path, images: Path, fmt: DataFormat, val_data: Path | None = None, val_images: Path | None = None):
+    """A Karpathy split file, or COCO captions files (train, plus val if given; else 5 % of train is val)."""
+    from model_export.data.coco import load_coco_captions
+    from model_export.data.karpathy import CaptionDataset, load_karpathy
+
+    if fmt == DataFormat.karpathy:
+        return load_karpathy(data, images)
+    train = load_coco_captions(data, images, "train")
+    if val_data:
+        val = load_coco_captions(val_data, val_images or images, "val")
+        examples = train.examples + val.examples
+    else:
+        examples = list(train.examples)
+        cut = max(1, len(examples) // 20)
+        for e in examples[-cut:]:
+            e.split = "val"
+    return CaptionDataset(name="coco", examples=examples, source=Path(data), dropped_images=train.dropped_images)
+
+
+def _guard(fn):
+    """Run a command body, turning expected errors into a clear message and exit status 1."""
+    from app.bundle import BundleError
+
+    try:
+        return fn()
+    except DatasetError as exc:
+        fail(str(exc))
+    except BundleError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        from model_export.export import ExportError
+        from model_export.train import TrainError
+
+        if isinstance(exc, (TrainError, ExportError, ValueError, RuntimeError)):
+            fail(str(exc))
+        raise
+
+
+def generate_scenes_cmd(
+    out: Path = typer.Argument(..., help="Folder for images/ and dataset.json"),
+    train: int = typer.Option(20000, help="Training images"),
+    val: int = typer.Option(500, help="Validation images"),
+    test: int = typer.Option(1000, help="Test images"),
+    seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files"),
+    workers: int = typer.Option(2, help="Processes"),
+) -> None:
+    """Generate the synthetic shapes scenes (Karpathy split JSON + JPEGs)."""
+    from model_export.data.scenes import generate_scenes
+
+    started = time.monotonic()
+    path = _guard(lambda: generate_scenes(out, n_train=train, n_val=val, n_test=test, seed=seed, workers=workers))
+    typer.echo(f"wrote {path} in {time.monotonic() - started:.0f} s")
+
+
+def train_cmd(
+    data: Path = typer.Option(..., help="Karpathy split JSON (dataset_coco.json shape) or COCO captions_*.json"),
+    images: Path = typer.Option(..., help="Image root folder"),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, vocab.json, history.json, feature cache"),
+    format: DataFormat = typer.Option(DataFormat.karpathy, help="Format of --data"),
+    val_data: Optional[Path] = typer.Option(None, help="COCO only: validation captions JSON"),
+    val_images: Optional[Path] = typer.Option(None, help="COCO only: validation image folder"),
+    decoder: DecoderKind = typer.Option(DecoderKind.show_attend_tell, help="Decoder architecture"),
+    backbone: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0, -lite1 or -lite2"),
+    image_size: int = typer.Option(224, help="Input size (multiple of 32)"),
+    fine_tune_blocks: int = typer.Option(0, help="Fine-tune the last N encoder blocks (0: frozen, features cached)"),
+    embed_dim: int = typer.Option(128),
+    hidden_dim: int = typer.Option(256),
+    attention_dim: int = typer.Option(128),
+    dropout: float = typer.Option(0.3),
+    epochs: int = typer.Option(15),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(1e-3),
+    lr_decay: float = typer.Option(0.85, help="Learning-rate factor per epoch"),
+    attention_reg: float = typer.Option(1.0, help="Doubly stochastic attention regularisation weight"),
+    min_count: int = typer.Option(1, help="Vocabulary: minimum word count"),
+    max_caption_length: int = typer.Option(24),
+    patience: int = typer.Option(3, help="Early stopping: epochs without better validation CIDEr"),
+    val_images_count: int = typer.Option(500, "--val-count", help="Validation images used per epoch (0: all)"),
+    seed: int = typer.Option(0),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt"),
+    progress: bool = typer.Option(True, help="Progress bars"),
+) -> None:
+    """Train a captioner (frozen encoder: features cached, fast on CPU; uses CUDA when present)."""
+
+    def run():
+        from model_export.model import ModelConfig
+        from model_export.train import TrainConfig, Trainer
+
+        dataset = load_dataset(data, images, format, val_data, val_images)
+        model = ModelConfig(
+            backbone=backbone, image_size=image_size, decoder=decoder.value, embed_dim=embed_dim, hidden_dim=hidden_dim,
+            attention_dim=attention_dim, dropout=dropout, fine_tune_blocks=fine_tune_blocks,
+        )
+        config = TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
+            max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
+            max_minutes=max_minutes, num_threads=threads, progress=progress, model=model,
+        )
+        return Trainer(dataset, out, config).run(resume=resume)
+
+    best = _guard(run)
+    typer.echo(f"best checkpoint: {best}")
+
+
+def export_cmd(
+    checkpoint: Path = typer.Option(..., help="Checkpoint from `captioner train` (best.pt)"),
+    data: Path = typer.Option(..., help="Dataset for the parity check and the evaluation"),
+    images: Path = typer.Option(..., help="Image root folder"),
+    out: Path = typer.Option(..., help="Bundle folder to write (replaced atomically)"),
+    format: DataFormat = typer.Option(DataFormat.karpathy),
+    name: str = typer.Option("captioner", help="Model name in the manifest"),
+    version: str = typer.Option("1.0.0", help="Model version in the manifest"),
+    parity_images: int = typer.Option(50, help="Test images whose torch and ONNX captions must be identical"),
+    parity_split: str = typer.Option("test"),
+    evaluate_split: Optional[str] = typer.Option("test", help="Split to evaluate into the manifest ('' to skip)"),
+    evaluate_limit: Optional[int] = typer.Option(None, help="Evaluate at most this many images"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Export a checkpoint to a model bundle; it proves parity before anything is written."""
+
+    def run():
+        from model_export.export import export_bundle
+
+        dataset = load_dataset(data, images, format)
+        return export_bundle(
+            checkpoint, out, dataset, name=name, version=version, parity_split=parity_split, parity_images=parity_images,
+            evaluate_split=evaluate_split or None, evaluate_limit=evaluate_limit, progress=progress,
+        )
+
+    path = _guard(run)
+    manifest = json.loads((path / "manifest.json").read_text())
+    typer.echo(f"wrote {path} (parity: {json.dumps(manifest['parity'])})")
+
+
+def evaluate_cmd(
+    bundle: Path = typer.Option(Path("models/default"), help="Model bundle folder"),
+    data: Path = typer.Option(..., help="Karpathy split JSON or COCO captions JSON"),
+    images: Path = typer.Option(..., help="Image root folder"),
+    format: DataFormat = typer.Option(DataFormat.karpathy),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(None, help="At most this many images"),
+    out: Optional[Path] = typer.Option(None, help="Write the full result as JSON here"),
+    device: str = typer.Option("auto", help="auto, cuda or cpu"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) for greedy and beam 3, through onnxruntime."""
+
+    def run():
+        from model_export.evaluate import evaluate_bundle
+
+        dataset = load_dataset(data, images, format)
+        return evaluate_bundle(bundle, dataset, split=split, limit=limit, device=device, progress=progress)
+
+    from model_export.evaluate import format_table
+
+    result = _guard(run)
+    typer.echo(format_table(result))
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {out}", err=True)
+
+
+COMMANDS = {
+    "generate-scenes": generate_scenes_cmd,
+    "train": train_cmd,
+    "export": export_cmd,
+    "evaluate": evaluate_cmd,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app = typer.Typer()
+    for command_name, fn in COMMANDS.items():
+        app.command(command_name)(fn)
+    app(sys.argv[1:])

@@ -1,0 +1,257 @@
+"""`captioner export`: a trained checkpoint -> a model bundle (docs/bundle-format.md).
+
+The bundle is written to a temporary folder next to the target and proves itself before it is
+moved into place:
+1. torch vs onnxruntime, max abs difference <= 1e-4 on the encoder outputs and on the step
+   log-probabilities (and state), for random and for real images;
+2. identical greedy and beam-3 captions between the torch reference decoder
+   (model_export/reference.py) and the serving engine (app/engine.py on the ONNX graphs) on at
+   least 50 test images.
+A failed check raises ExportError and leaves nothing behind. Then, optionally, `captioner evaluate`
+runs on the new bundle and its metrics go into the manifest and eval.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from app.bundle import FORMAT_VERSION, load_bundle, sha256_file
+from app.decoding import DecodingConfig
+from app.engine import Engine
+from model_export.data.karpathy import CaptionDataset
+from model_export.features import preprocessing_for
+from model_export.images import load_pixels
+from model_export.model import Captioner, EncoderGraph, StepGraph
+from model_export.reference import reference_decode
+from model_export.train import load_checkpoint
+
+TOLERANCE = 1e-4
+OPSET = 17
+
+
+class ExportError(Exception):
+    pass
+
+
+def export_onnx(model: Captioner, out_dir: Path) -> tuple[Path, Path]:
+    model.eval()
+    size = model.config.image_size
+    encoder_path, decoder_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
+    images = torch.zeros(2, 3, size, size)
+    torch.onnx.export(
+        EncoderGraph(model).eval(),
+        (images,),
+        str(encoder_path),
+        input_names=["image"],
+        output_names=["features", "h0", "c0", "att_proj"],
+        dynamic_axes={name: {0: "n"} for name in ("image", "features", "h0", "c0", "att_proj")},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    with torch.no_grad():
+        features, h0, c0, att_proj = model.encode(images)
+    rows = 3
+    step_inputs = (
+        torch.full((rows,), 1, dtype=torch.long),
+        h0[[0, 0, 1]],
+        c0[[0, 0, 1]],
+        torch.tensor([0, 0, 1], dtype=torch.long),
+        features,
+        att_proj,
+    )
+    row_axes = {name: {0: "b"} for name in ("tokens", "h", "c", "row_image", "log_probs", "h_out", "c_out", "alpha")}
+    torch.onnx.export(
+        StepGraph(model).eval(),
+        step_inputs,
+        str(decoder_path),
+        input_names=["tokens", "h", "c", "row_image", "features", "att_proj"],
+        output_names=["log_probs", "h_out", "c_out", "alpha"],
+        dynamic_axes={**row_axes, "features": {0: "n"}, "att_proj": {0: "n"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    model.eval()  # the exporter restores the wrappers' mode; make sure nothing was left training
+    return encoder_path, decoder_path
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))) if np.size(a) else 0.0
+
+
+def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Path, real_images: np.ndarray, seed: int = 0) -> dict:
+    """Encoder outputs and step outputs, torch vs onnxruntime, on random and real images."""
+    encoder = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(decoder_path), providers=["CPUExecutionProvider"])
+    decoder_inputs = {i.name for i in decoder.get_inputs()}
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    random_images = (torch.rand(4, 3, size, size, generator=generator) * 2 - 1).numpy()
+    report = {"tolerance": TOLERANCE}
+    vocab = model.config.vocab_size
+    for label, images in (("random", random_images), ("real", real_images)):
+        with torch.no_grad():
+            ref = [t.numpy() for t in model.encode(torch.from_numpy(images))]
+        got = encoder.run(["features", "h0", "c0", "att_proj"], {"image": images})
+        enc_diff = max(_max_diff(r, g) for r, g in zip(ref, got))
+        # three steps of a few rows per image, from the real encoder state, with random tokens
+        n = images.shape[0]
+        row_image = np.repeat(np.arange(n), 2).astype(np.int64)
+        h, c = ref[1][row_image], ref[2][row_image]
+        step_diff = 0.0
+        for _ in range(3):
+            tokens = torch.randint(4, vocab, (row_image.size,), generator=generator).numpy()
+            with torch.no_grad():
+                t_out = [
+                    t.numpy()
+                    for t in model.decoder.step(
+                        torch.from_numpy(tokens), torch.from_numpy(h), torch.from_numpy(c), torch.from_numpy(row_image),
+                        torch.from_numpy(ref[0]), torch.from_numpy(ref[3]),
+                    )
+                ]
+            feeds = {"tokens": tokens, "h": h, "c": c, "row_image": row_image, "features": ref[0], "att_proj": ref[3]}
+            o_out = decoder.run(["log_probs", "h_out", "c_out", "alpha"], {k: v for k, v in feeds.items() if k in decoder_inputs})
+            step_diff = max(step_diff, max(_max_diff(a, b) for a, b in zip(t_out, o_out)))
+            h, c = t_out[1], t_out[2]
+        report[f"encoder_max_abs_{label}"] = enc_diff
+        report[f"step_max_abs_{label}"] = step_diff
+        if enc_diff > TOLERANCE or step_diff > TOLERANCE:
+            raise ExportError(
+                f"torch vs onnxruntime differ on {label} images: encoder {enc_diff:.2e}, step {step_diff:.2e} "
+                f"(tolerance {TOLERANCE:.0e})"
+            )
+    return report
+
+
+def check_caption_parity(model: Captioner, engine: Engine, images: np.ndarray, special: dict, max_length: int) -> dict:
+    """Greedy and beam-3 captions of the torch reference and of the engine must be identical."""
+    report = {}
+    for label, beam in (("greedy", 1), ("beam3", 3)):
+        config = DecodingConfig(strategy="greedy" if beam == 1 else "beam", beam_size=beam)
+        engine_out = engine.caption(images, config)
+        mismatches = []
+        for i, image in enumerate(images):
+            ref = reference_decode(model, torch.from_numpy(image), special, beam=beam, max_length=max_length, length_penalty=config.length_penalty)
+            ref_tokens = ref[0].tokens if ref else None
+            got = engine_out[i][0].token_ids if engine_out[i] else None
+            if ref_tokens != got:
+                mismatches.append((i, ref_tokens, got))
+            elif ref and abs(ref[0].score - engine_out[i][0].score) > 1e-3:
+                mismatches.append((i, f"score {ref[0].score}", f"score {engine_out[i][0].score}"))
+        if mismatches:
+            first = "; ".join(f"image {i}: torch {r} vs onnx {g}" for i, r, g in mismatches[:3])
+            raise ExportError(f"{label}: {len(mismatches)} of {len(images)} captions differ between torch and ONNX decoding ({first})")
+        report[f"{label}_identical"] = len(images)
+    return report
+
+
+def export_bundle(
+    checkpoint: Path,
+    out_dir: Path,
+    dataset: CaptionDataset,
+    name: str = "captioner",
+    version: str = "1.0.0",
+    parity_split: str = "test",
+    parity_images: int = 50,
+    max_length: int | None = None,
+    evaluate_split: str | None = "test",
+    evaluate_limit: int | None = None,
+    progress: bool = True,
+) -> Path:
+    from model_export.evaluate import evaluate_bundle, format_table
+
+    started = time.monotonic()
+    model, vocab, state = load_checkpoint(checkpoint)
+    special = vocab.special_ids
+    max_length = max_length or state["train_config"]["max_caption_length"]
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    parity_examples = dataset.split(parity_split)[:parity_images]
+    if len(parity_examples) < min(parity_images, 50):
+        raise ExportError(f"{dataset.source}: split {parity_split!r} has {len(parity_examples)} images; the caption check needs 50")
+    spec = preprocessing_for(model.backbone)
+    images = np.stack([load_pixels(e.image_path, spec) for e in parity_examples])
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        encoder_path, decoder_path = export_onnx(model, tmp)
+        vocab.save(tmp / "vocab.json")
+        numeric = check_numeric_parity(model, encoder_path, decoder_path, images[:8])
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": {"name": name, "version": version, "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
+            "architecture": {
+                "encoder": model.config.backbone,
+                "decoder": model.config.decoder,
+                "attention": model.attention,
+                "grid_size": [model.backbone.grid, model.backbone.grid],
+                "feature_dim": model.backbone.feature_dim,
+                "embed_dim": model.config.embed_dim,
+                "hidden_dim": model.config.hidden_dim,
+                "attention_dim": model.config.attention_dim,
+                "vocab_size": len(vocab),
+                "encoder_fine_tuned_blocks": model.config.fine_tune_blocks,
+            },
+            "preprocessing": spec.model_dump(mode="json"),
+            "special_tokens": special,
+            "max_length": max_length,
+            "files": {},
+            "training": {
+                "data": state.get("data"),
+                "epochs": state["epoch"],
+                "best_val_cider": state["best_cider"],
+                "history": state["history"],
+                "settings": state["train_config"],
+                "checkpoint": Path(checkpoint).name,
+            },
+        }
+
+        def write_manifest() -> None:
+            manifest["files"] = {
+                key: {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+                for key, path in (("encoder", encoder_path), ("decoder", decoder_path), ("vocab", tmp / "vocab.json"))
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+        write_manifest()  # provisional, inside the temporary folder only: the engine reads bundles
+        engine = Engine(load_bundle(tmp), device="cpu")
+        captions = check_caption_parity(model, engine, images, special, max_length)
+        manifest["parity"] = {**numeric, **captions, "images": len(images), "split": parity_split}
+        if evaluate_split:
+            result = evaluate_bundle(tmp, dataset, split=evaluate_split, limit=evaluate_limit, device="cpu", progress=progress)
+            print(format_table(result), flush=True)
+            (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            manifest["evaluation"] = {
+                "split": evaluate_split,
+                "images": result["dataset"]["images"],
+                "dataset": result["dataset"]["name"],
+                **{k: result[k] for k in ("greedy", "beam3")},
+            }
+        manifest["export_seconds"] = round(time.monotonic() - started, 1)
+        write_manifest()
+        load_bundle(tmp)  # the final bundle must read back
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is swapped out only once `new` is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{int(time.time())}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)

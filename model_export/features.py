@@ -1,0 +1,101 @@
+"""The frozen-encoder feature cache. With a frozen encoder the feature
+grids of every image are computed once (through onnxruntime, which runs EfficientNet-Lite several
+times faster than eager PyTorch on a CPU) and kept in a float16 .npy file that later runs reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from app.bundle import Preprocessing
+from model_export.data.errors import DatasetError
+from model_export.images import iter_batches, load_pixels  # noqa: F401  (load_pixels re-exported)
+from model_export.model import Backbone
+
+
+def preprocessing_for(backbone: Backbone) -> Preprocessing:
+    """The EfficientNet-Lite input convention: RGB, bilinear resize, (x / 255 - 0.5) / 0.5."""
+    size = backbone.image_size
+    return Preprocessing(image_size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), scale=255.0)
+
+
+def export_backbone_onnx(backbone: Backbone, path: Path) -> None:
+    """The frozen backbone as an ONNX graph: image [N,3,H,W] -> grid [N,P,D]."""
+    size = backbone.image_size
+    backbone.eval()
+    torch.onnx.export(
+        backbone,
+        (torch.zeros(2, 3, size, size),),
+        str(path),
+        input_names=["image"],
+        output_names=["grid"],
+        dynamic_axes={"image": {0: "n"}, "grid": {0: "n"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    backbone.eval()
+
+
+def _cache_key(paths: Sequence[Path], backbone: Backbone) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{backbone.name}|{backbone.image_size}|v1".encode())
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def feature_cache(
+    paths: Sequence[Path],
+    backbone: Backbone,
+    cache_dir: Path,
+    batch_size: int = 64,
+    progress: bool = True,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Feature grids [N, P, D] (float16, memory-mapped) for `paths`, computed once and cached."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(missing[0], f"image file not found ({len(missing)} of {len(paths)} missing)")
+    key = _cache_key(paths, backbone)
+    target = cache_dir / f"features-{key}.npy"
+    if target.is_file():
+        return np.load(target, mmap_mode="r")
+
+    spec = preprocessing_for(backbone)
+    positions, dim = backbone.grid * backbone.grid, backbone.feature_dim
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        onnx_path = Path(tmp) / "backbone.onnx"
+        export_backbone_onnx(backbone, onnx_path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        partial = Path(tmp) / "features.npy"
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(paths), positions, dim))
+        bar = tqdm(total=len(paths), desc="encoder features", unit="img", disable=not progress)
+        for indices, pixels in iter_batches(list(paths), spec, batch_size):
+            (grid,) = session.run(["grid"], {"image": pixels})
+            out[indices.start : indices.stop] = grid.astype(np.float16)
+            bar.update(len(indices))
+        bar.close()
+        out.flush()
+        del out
+        os.replace(partial, target)
+    (cache_dir / f"features-{key}.json").write_text(
+        json.dumps({"backbone": backbone.name, "image_size": backbone.image_size, "images": len(paths)}, indent=1)
+    )
+    return np.load(target, mmap_mode="r")

@@ -1,0 +1,57 @@
+"""Caption metrics through pycocoevalcap (the COCO caption evaluation code). No torch here.
+
+`coco_scores`: BLEU-1..4, METEOR, ROUGE-L and CIDEr after the PTB tokenizer, as the COCO server
+computes them (METEOR and the tokenizer need Java). `quick_scores`: BLEU-4 and CIDEr on captions
+that are already token lists, for validation during training (no Java, a second or two).
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Hashable, Mapping, Sequence
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+Tokens = Sequence[str]
+
+
+def _joined(predictions: Mapping[Hashable, Tokens], references: Mapping[Hashable, Sequence[Tokens]]):
+    if set(predictions) != set(references):
+        raise ValueError("predictions and references must cover the same images")
+    res = {k: [" ".join(v)] for k, v in predictions.items()}
+    gts = {k: [" ".join(r) for r in refs] for k, refs in references.items()}
+    return res, gts
+
+
+def quick_scores(predictions: Mapping[Hashable, Tokens], references: Mapping[Hashable, Sequence[Tokens]]) -> dict:
+    res, gts = _joined(predictions, references)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"BLEU-4": float(bleu[3]), "CIDEr": float(cider)}
+
+
+def coco_scores(predictions: Mapping[Hashable, Tokens], references: Mapping[Hashable, Sequence[Tokens]]) -> dict:
+    """The COCO caption metrics. Raises RuntimeError if Java (needed by METEOR) is missing."""
+    if shutil.which("java") is None:
+        raise RuntimeError("METEOR and the PTB tokenizer need Java (install a JRE, e.g. apt-get install default-jre-headless)")
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    res, gts = _joined(predictions, references)
+    tokenizer = PTBTokenizer()
+    res = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        scores[f"BLEU-{n + 1}"] = float(bleu[n])
+    meteor = Meteor()
+    try:
+        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    finally:
+        del meteor
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores

