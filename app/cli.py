@@ -1,0 +1,157 @@
+"""Command-line entry points of the serving side.
+
+`serve` and `caption` are plain functions with typer annotations, so the project CLI (`captioner`)
+can register them; `app_cli` has both, so `python -m app.cli serve|caption` works on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from app.settings import SettingsError, load_settings
+
+_Device = Annotated[Optional[str], typer.Option(help="auto, cuda or cpu (env CAPTIONER_DEVICE; default auto)")]
+_Bundle = Annotated[
+    Optional[Path], typer.Option(help="Model bundle folder (env CAPTIONER_BUNDLE; default models/default)")
+]
+_Threads = Annotated[Optional[int], typer.Option(help="onnxruntime threads per session (env CAPTIONER_THREADS)")]
+
+
+def _settings_or_exit(**overrides):
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        typer.echo(f"captioner: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def serve(
+    bundle: _Bundle = None,
+    host: Annotated[
+        Optional[str], typer.Option(help="Interface to bind (env CAPTIONER_HOST; default 127.0.0.1)")
+    ] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (env CAPTIONER_PORT; default 8000)")] = None,
+    device: _Device = None,
+    threads: _Threads = None,
+    log_level: Annotated[
+        Optional[str], typer.Option(help="critical|error|warning|info|debug (env CAPTIONER_LOG_LEVEL)")
+    ] = None,
+) -> None:
+    """Run the HTTP service (uvicorn) on the model bundle. Options override CAPTIONER_* variables."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings_or_exit(bundle=bundle, host=host, port=port, device=device, threads=threads,
+                                 log_level=log_level)
+    app = create_app(settings)
+    # The service writes its own JSON access log (with the request id); uvicorn's would duplicate it.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                server_header=False)
+
+
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="Image files to caption.", exists=False)],
+    strategy: Annotated[Optional[str], typer.Option(help="greedy or beam")] = None,
+    beam_size: Annotated[Optional[int], typer.Option(help="Beams per image (1-10)")] = None,
+    num_captions: Annotated[Optional[int], typer.Option(help="Captions per image, best first")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Most words per caption")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(help="Length penalty (0-5)")] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help="Block repeated n-grams of this size")] = None,
+    bundle: _Bundle = None,
+    device: _Device = None,
+    threads: _Threads = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image")] = False,
+) -> None:
+    """Caption image files locally (no server): load the bundle, run the engine, print the captions."""
+    from app.bundle import BundleError, load_bundle
+    from app.decoding import DecodingConfig
+    from app.engine import Engine, EngineError
+    from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
+
+    settings = _settings_or_exit(bundle=bundle, device=device, threads=threads)
+    defaults = settings.decoding_defaults()
+    chosen = strategy or defaults.strategy
+    if num_captions is None:
+        num_captions = 1 if chosen == "greedy" else defaults.num_captions
+    if beam_size is None:
+        beam_size = min(max(defaults.beam_size, num_captions), 10)
+    try:
+        config = DecodingConfig(
+            strategy=chosen,  # type: ignore[arg-type]
+            beam_size=beam_size,
+            num_captions=num_captions,
+            max_length=max_length if max_length is not None else defaults.max_length,
+            length_penalty=length_penalty if length_penalty is not None else defaults.length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size if no_repeat_ngram_size is not None
+            else defaults.no_repeat_ngram_size,
+        )
+    except ValueError as exc:
+        typer.echo(f"captioner: invalid decoding settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        loaded = load_bundle(settings.bundle)
+        engine = Engine(loaded, device=settings.device, threads=settings.threads)
+    except (BundleError, EngineError) as exc:
+        typer.echo(f"captioner: cannot load the model: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    spec = loaded.preprocessing
+    arrays, good, failed = [], [], 0
+    for path in images:
+        try:
+            data = path.read_bytes()
+            arrays.append(to_array(decode_image(data, settings.max_image_pixels, draft_size(spec)), spec))
+            good.append(path)
+        except (OSError, ImageDecodeError) as exc:
+            failed += 1
+            message = exc.message if isinstance(exc, ImageDecodeError) else (exc.strerror or str(exc))
+            code = exc.code if isinstance(exc, ImageDecodeError) else "unreadable_file"
+            if as_json:
+                typer.echo(json.dumps({"image": str(path), "error": {"code": code, "message": message}}))
+            else:
+                typer.echo(f"{path}: error: {message}", err=True)
+
+    if arrays:
+        results = engine.caption(arrays, config)
+        used = config.resolved(loaded.max_length)
+        for path, captions in zip(good, results, strict=True):
+            if as_json:
+                typer.echo(json.dumps({
+                    "image": str(path),
+                    "captions": [{"text": c.text, "score": c.score, "normalized_score": c.normalized_score,
+                                  "tokens": c.tokens} for c in captions],
+                    "settings": {"strategy": used.strategy, "beam_size": used.beam_size,
+                                 "num_captions": used.num_captions, "max_length": used.max_length,
+                                 "length_penalty": used.length_penalty,
+                                 "no_repeat_ngram_size": used.no_repeat_ngram_size},
+                    "model": {"name": loaded.name, "version": loaded.version},
+                }))
+            elif len(captions) == 1:
+                typer.echo(f"{path}: {captions[0].text}")
+            else:
+                typer.echo(f"{path}:")
+                for rank, c in enumerate(captions, 1):
+                    typer.echo(f"  {rank}. {c.text}  ({c.normalized_score:.3f})")
+    if failed:
+        raise typer.Exit(1)
+
+
+COMMANDS = {"serve": serve, "caption": caption}
+
+app_cli = typer.Typer(help="Image captioning service.", no_args_is_help=True, add_completion=False)
+for _name, _fn in COMMANDS.items():
+    app_cli.command(_name)(_fn)
+
+
+def main() -> None:  # pragma: no cover
+    app_cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

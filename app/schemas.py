@@ -1,0 +1,250 @@
+"""Named response models of the HTTP API (they become the OpenAPI's component schemas)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_RID = "9f1c2b7e4d6a4e0f8a1b2c3d4e5f6a7b"
+
+
+class CaptionItem(BaseModel):
+    """One caption of an image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "text": "a cat sitting on the grass",
+                "score": -4.21,
+                "normalized_score": -0.6,
+                "tokens": ["a", "cat", "sitting", "on", "the", "grass"],
+            }
+        }
+    )
+
+    text: str = Field(description="The caption: its words joined with single spaces.")
+    score: float = Field(description="Sum of the tokens' log-probabilities, <end> included.")
+    normalized_score: float = Field(
+        description="The ranking score: score / (words + 1) ** length_penalty."
+    )
+    tokens: list[str] = Field(description="The caption's words, special tokens left out.")
+
+
+class DecodingSettings(BaseModel):
+    """The decoding settings actually used (after defaults and e.g. greedy = one beam)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "strategy": "beam",
+                "beam_size": 3,
+                "num_captions": 1,
+                "max_length": 24,
+                "length_penalty": 1.0,
+                "no_repeat_ngram_size": 0,
+            }
+        }
+    )
+
+    strategy: Literal["greedy", "beam"]
+    beam_size: int
+    num_captions: int
+    max_length: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+
+
+class ModelRef(BaseModel):
+    """Which model answered."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"name": "scenes-sat-lite0", "version": "1.0.0"}})
+
+    name: str
+    version: str
+
+
+class Timings(BaseModel):
+    """Where the time went, in milliseconds."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"decode_image": 4.2, "preprocess": 1.1, "inference": 38.5, "total": 45.0}}
+    )
+
+    decode_image: float = Field(description="Decoding the uploaded file(s) into pixels.")
+    preprocess: float = Field(description="Resizing and normalising as the bundle's manifest says.")
+    inference: float = Field(description="Encoder and decoder (including waiting for the engine).")
+    total: float = Field(description="The whole request, as measured inside the service.")
+
+
+class CaptionResponse(BaseModel):
+    """Captions of one image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "captions": [CaptionItem.model_config["json_schema_extra"]["example"]],
+                "settings": DecodingSettings.model_config["json_schema_extra"]["example"],
+                "model": ModelRef.model_config["json_schema_extra"]["example"],
+                "timings_ms": Timings.model_config["json_schema_extra"]["example"],
+                "request_id": _RID,
+            }
+        }
+    )
+
+    captions: list[CaptionItem] = Field(description="Best first; num_captions of them.")
+    settings: DecodingSettings
+    model: ModelRef
+    timings_ms: Timings
+    request_id: str
+
+
+class BatchItemError(BaseModel):
+    """Why one file of a batch was not captioned."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"code": "corrupt_image", "message": "the image data is truncated or corrupt"}}
+    )
+
+    code: str = Field(
+        description="empty_file, unsupported_media_type, corrupt_image, image_too_large or file_too_large."
+    )
+    message: str
+
+
+class BatchItem(BaseModel):
+    """The result for one file of a batch: `captions` when it worked, `error` when it did not."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "index": 0,
+                "filename": "cat.jpg",
+                "captions": [CaptionItem.model_config["json_schema_extra"]["example"]],
+            }
+        }
+    )
+
+    index: int = Field(description="Position of the file in the request, from 0.")
+    filename: str | None = Field(None, description="The file name the client sent, if any.")
+    captions: list[CaptionItem] | None = Field(None, description="Present when the file was captioned.")
+    error: BatchItemError | None = Field(None, description="Present when the file could not be captioned.")
+
+
+class BatchResponse(BaseModel):
+    """One result per uploaded file, in the order they were sent."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "results": [
+                    BatchItem.model_config["json_schema_extra"]["example"],
+                    {
+                        "index": 1,
+                        "filename": "notes.txt",
+                        "error": {
+                            "code": "unsupported_media_type",
+                            "message": "the upload is not an image in a supported format",
+                        },
+                    },
+                ],
+                "settings": DecodingSettings.model_config["json_schema_extra"]["example"],
+                "model": ModelRef.model_config["json_schema_extra"]["example"],
+                "timings_ms": Timings.model_config["json_schema_extra"]["example"],
+                "request_id": _RID,
+            }
+        }
+    )
+
+    results: list[BatchItem]
+    settings: DecodingSettings
+    model: ModelRef
+    timings_ms: Timings
+    request_id: str
+
+
+class Limits(BaseModel):
+    """The service's input limits."""
+
+    max_upload_bytes: int = Field(description="Largest image file, in bytes.")
+    max_image_pixels: int = Field(description="Largest image, in pixels (width x height).")
+    max_batch_files: int = Field(description="Most files in one batch request.")
+
+
+class ModelInfo(BaseModel):
+    """A summary of the loaded model bundle and how it runs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "name": "scenes-sat-lite0",
+                "version": "1.0.0",
+                "created": "2026-11-26T15:00:00Z",
+                "format_version": 1,
+                "architecture": {
+                    "encoder": "efficientnet-lite0",
+                    "decoder": "show_attend_tell",
+                    "attention": True,
+                    "grid_size": [7, 7],
+                    "feature_dim": 1280,
+                    "hidden_dim": 512,
+                    "vocab_size": 54,
+                },
+                "preprocessing": {
+                    "image_size": [224, 224],
+                    "resize": "stretch",
+                    "resample": "bilinear",
+                    "color": "RGB",
+                    "scale": 255.0,
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.5, 0.5, 0.5],
+                    "layout": "NCHW",
+                    "dtype": "float32",
+                },
+                "special_tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
+                "vocab_size": 54,
+                "max_length": 24,
+                "attention": True,
+                "evaluation": {"split": "test", "images": 1000, "greedy": {"BLEU-4": 0.71, "CIDEr": 4.1}},
+                "provider": "CPUExecutionProvider",
+                "device": "cpu",
+                "decoding_defaults": DecodingSettings.model_config["json_schema_extra"]["example"],
+                "limits": {"max_upload_bytes": 10485760, "max_image_pixels": 40000000, "max_batch_files": 16},
+            }
+        }
+    )
+
+    name: str
+    version: str
+    created: str | None = None
+    format_version: int
+    architecture: dict[str, Any] = Field(description="The manifest's `architecture` block.")
+    preprocessing: dict[str, Any] = Field(description="The manifest's `preprocessing` block.")
+    special_tokens: dict[str, int]
+    vocab_size: int
+    max_length: int = Field(description="Most words the model generates per caption.")
+    attention: bool
+    evaluation: dict[str, Any] | None = Field(None, description="The manifest's evaluation metrics, if present.")
+    provider: str = Field(description="The onnxruntime execution provider actually in use.")
+    device: Literal["cpu", "cuda"]
+    decoding_defaults: DecodingSettings
+    limits: Limits
+
+
+class Health(BaseModel):
+    """The process is alive."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"status": "ok"}})
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """The model is loaded and warmed up."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"status": "ready", "model": {"name": "scenes-sat-lite0", "version": "1.0.0"}}}
+    )
+
+    status: Literal["ready"] = "ready"
+    model: ModelRef

@@ -1,0 +1,93 @@
+"""Run the real service (uvicorn via `python -m app.cli serve`) on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, process: subprocess.Popen, port: int, log_path: Path):
+        self.process = process
+        self.port = port
+        self.host = "127.0.0.1"
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+
+
+def service_env(bundle: Path, **settings: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CAPTIONER_")}
+    env["CAPTIONER_BUNDLE"] = str(bundle)
+    env["CAPTIONER_DEVICE"] = "cpu"
+    env["CAPTIONER_THREADS"] = "1"
+    for key, value in settings.items():
+        env[f"CAPTIONER_{key.upper()}"] = str(value)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@contextmanager
+def live_server(bundle: Path, log_path: Path, startup_timeout: float = 60.0, **settings: object) -> Iterator[LiveServer]:
+    """Start `python -m app.cli serve` on a free port and wait for /readyz; stop it afterwards."""
+    port = free_port()
+    env = service_env(bundle, port=port, host="127.0.0.1", **settings)
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    server = LiveServer(process, port, log_path)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the service exited with {process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not become ready in {startup_timeout} s:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log_file.close()
+
+
+def image_bytes(array, fmt: str, **save_args) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **save_args)
+    return buf.getvalue()
