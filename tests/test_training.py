@@ -1,0 +1,284 @@
+"""The training side end to end on a few generated scenes: the real EfficientNet-Lite0 weights,
+a few training steps, export with its parity checks, evaluation, resume, and bad input.
+
+No timings are asserted; the tiny model is not expected to caption well, only to go through every
+real step (real images, real ONNX files, real onnxruntime, real pycocoevalcap)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from typer.testing import CliRunner
+
+from app.bundle import load_bundle
+from app.decoding import DecodingConfig
+from app.engine import Engine
+from captioner.cli import cli
+from model_export.data.scenes import generate_scenes
+from model_export.features import preprocessing_for
+from model_export.images import load_pixels
+from model_export.model import Backbone
+from model_export.reference import reference_decode
+from model_export.train import load_checkpoint
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(cli, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    generate_scenes(root, n_train=96, n_val=16, n_test=50, seed=5, workers=1, progress=False)
+    return root
+
+
+def train(scenes: Path, out: Path, *extra: str):
+    return invoke(
+        "train", "--data", scenes / "dataset.json", "--images", scenes, "--out", out,
+        "--epochs", "2", "--batch-size", "32", "--no-progress", "--threads", "2", *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(scenes, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    result = train(scenes, run)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, scenes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    result = invoke(
+        "export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+        "--out", out, "--name", "tiny", "--version", "0.0.1", "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ---- the encoder ------------------------------------------------------------------------------
+
+def _imagenet_top1(backbone: Backbone, array: np.ndarray) -> int:
+    pixels = load_pixels_from_array(array, backbone)
+    with torch.no_grad():
+        return int(backbone.classify(torch.from_numpy(pixels)[None]).argmax())
+
+
+def load_pixels_from_array(array: np.ndarray, backbone: Backbone) -> np.ndarray:
+    from app.preprocess import to_array
+
+    return to_array(Image.fromarray(array), preprocessing_for(backbone))
+
+
+def test_encoder_weights_are_the_real_imagenet_weights():
+    backbone = Backbone("efficientnet-lite0")
+    assert 281 <= _imagenet_top1(backbone, skdata.chelsea()) <= 285  # a cat
+    assert _imagenet_top1(backbone, skdata.coffee()) == 967  # espresso
+    grid = backbone(torch.zeros(1, 3, 224, 224))
+    assert grid.shape == (1, 49, 1280)
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_fine_tuning_unfreezes_only_the_last_blocks():
+    backbone = Backbone("efficientnet-lite0", fine_tune_blocks=2)
+    trainable = {n.split(".")[0] for n, p in backbone.net.named_parameters() if p.requires_grad}
+    assert trainable == {"_blocks", "_conv_head", "_bn1"}
+    assert not backbone.net._blocks[0]._depthwise_conv.weight.requires_grad
+    assert backbone.net._blocks[-1]._depthwise_conv.weight.requires_grad
+
+
+def test_backbone_is_chosen_by_name_with_clear_errors():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        Backbone("resnet-50")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Backbone("efficientnet-lite0", image_size=230)
+
+
+# ---- train, export, evaluate ------------------------------------------------------------------
+
+def test_training_writes_checkpoints_history_and_vocab(trained):
+    for name in ("last.pt", "best.pt", "history.json", "vocab.json"):
+        assert (trained / name).is_file(), name
+    history = json.loads((trained / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) and "CIDEr" in h and "BLEU-4" in h for h in history)
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_training_is_repeatable_with_a_seed(scenes, trained, tmp_path):
+    result = train(scenes, tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    first = json.loads((trained / "history.json").read_text())
+    second = json.loads((tmp_path / "again" / "history.json").read_text())
+    assert [h["train_loss"] for h in first] == [h["train_loss"] for h in second]
+
+
+def test_resume_continues_from_the_last_checkpoint(scenes, tmp_path):
+    run = tmp_path / "run"
+    assert train(scenes, run, "--epochs", "1").exit_code == 0
+    result = train(scenes, run, "--epochs", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+
+
+def test_resume_with_another_vocabulary_is_a_clear_error(scenes, trained, tmp_path):
+    run = tmp_path / "run"
+    assert train(scenes, run, "--epochs", "1").exit_code == 0
+    result = train(scenes, run, "--epochs", "2", "--resume", "--min-count", "60")  # drops the rarer words
+    assert result.exit_code == 1
+    assert "vocabulary mismatch" in result.output and "last.pt" in result.output
+
+
+def test_export_writes_a_bundle_that_proved_parity(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["model"] == {**manifest["model"], "name": "tiny", "version": "0.0.1"}
+    assert manifest["architecture"]["decoder"] == "show_attend_tell" and manifest["architecture"]["grid_size"] == [7, 7]
+    assert manifest["preprocessing"]["image_size"] == [224, 224] and manifest["preprocessing"]["mean"] == [0.5] * 3
+    parity = manifest["parity"]
+    for key in ("encoder_max_abs_random", "encoder_max_abs_real", "step_max_abs_random", "step_max_abs_real"):
+        assert parity[key] <= 1e-4
+    assert parity["greedy_identical"] == parity["beam3_identical"] == 50
+    for name in ("greedy", "beam3"):
+        scores = manifest["evaluation"][name]
+        assert set(scores) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "attributes"}
+    assert (bundle / "eval.json").is_file()
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    loaded = load_bundle(bundle)  # sha256 of every file checked
+    assert len(loaded.vocab) == manifest["architecture"]["vocab_size"]
+
+
+def test_onnx_captions_equal_the_torch_reference_for_other_settings(bundle, trained, scenes):
+    model, vocab, _ = load_checkpoint(trained / "best.pt")
+    engine = Engine(load_bundle(bundle), device="cpu")
+    spec = preprocessing_for(model.backbone)
+    paths = sorted((scenes / "images" / "val").glob("*.jpg"))[:6]
+    images = np.stack([load_pixels(p, spec) for p in paths])
+    for beam, penalty, n in ((2, 0.0, 2), (4, 1.0, 3), (5, 2.0, 1)):
+        got = engine.caption(images, DecodingConfig(beam_size=beam, num_captions=n, length_penalty=penalty, max_length=12))
+        for i, image in enumerate(images):
+            ref = reference_decode(model, torch.from_numpy(image), vocab.special_ids, beam=beam, max_length=12,
+                                   length_penalty=penalty, num_captions=n)
+            assert [h.tokens for h in ref] == [c.token_ids for c in got[i]]
+
+
+def test_evaluate_command_scores_a_bundle_without_torch(bundle, scenes, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval.json"
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.getcwd()}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "captioner.cli", "evaluate", "--bundle", str(bundle), "--data", str(scenes / "dataset.json"),
+         "--images", str(scenes), "--split", "test", "--limit", "20", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CIDEr" in proc.stdout and "METEOR" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["dataset"]["images"] == 20
+    for name in ("greedy", "beam3"):
+        assert 0.0 <= result[name]["BLEU-4"] <= 1.0 and result[name]["CIDEr"] >= 0.0
+        assert result[name]["attributes"]["all"]["images"] == 20
+
+
+def test_show_and_tell_variant_trains_and_exports(scenes, tmp_path):
+    run = tmp_path / "run"
+    assert train(scenes, run, "--epochs", "1", "--decoder", "show_and_tell").exit_code == 0
+    out = tmp_path / "st"
+    result = invoke("export", "--checkpoint", run / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+                    "--out", out, "--evaluate-split", "", "--no-progress")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["architecture"]["decoder"] == "show_and_tell" and manifest["architecture"]["attention"] is False
+    assert manifest["parity"]["beam3_identical"] == 50
+    engine = Engine(load_bundle(out), device="cpu")
+    (caps,) = engine.caption(np.zeros((1, 3, 224, 224), np.float32), DecodingConfig(beam_size=2, num_captions=2))
+    assert len(caps) == 2
+
+
+def test_fine_tuning_trains_through_the_encoder(scenes, tmp_path):
+    run = tmp_path / "run"
+    result = train(scenes, run, "--epochs", "1", "--fine-tune-blocks", "1", "--val-count", "4")
+    assert result.exit_code == 0, result.output
+    model, _, state = load_checkpoint(run / "best.pt")
+    assert state["backbone"] is not None
+    fresh = Backbone("efficientnet-lite0")
+    tuned = model.backbone.net._blocks[-1]._depthwise_conv.weight
+    assert not torch.equal(tuned, fresh.net._blocks[-1]._depthwise_conv.weight)
+    assert torch.equal(model.backbone.net._blocks[0]._depthwise_conv.weight, fresh.net._blocks[0]._depthwise_conv.weight)
+
+
+def test_a_failed_parity_check_leaves_nothing_behind(trained, scenes, tmp_path, monkeypatch):
+    import model_export.export as export
+
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)
+    out = tmp_path / "bundles" / "broken"
+    result = invoke("export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+                    "--out", out, "--evaluate-split", "", "--no-progress")
+    assert result.exit_code == 1
+    assert "torch vs onnxruntime differ" in result.output
+    assert not out.exists()
+    assert list((tmp_path / "bundles").iterdir()) == []
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_missing_dataset_file(tmp_path):
+    result = train(tmp_path, tmp_path / "run")
+    assert result.exit_code == 1
+    assert "dataset.json" in result.output
+
+
+def test_malformed_dataset_file(tmp_path):
+    (tmp_path / "dataset.json").write_text('{"images": [')
+    result = train(tmp_path, tmp_path / "run")
+    assert result.exit_code == 1
+    assert "dataset.json" in result.output and "line 1" in result.output
+
+
+def test_unreadable_image_names_the_file(scenes, tmp_path):
+    import shutil
+
+    copy = tmp_path / "scenes"
+    shutil.copytree(scenes, copy)
+    victim = sorted((copy / "images" / "train").glob("*.jpg"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])
+    result = train(copy, tmp_path / "run", "--epochs", "1")
+    assert result.exit_code == 1
+    assert victim.name in result.output and "cannot read image" in result.output
+
+
+def test_empty_split_is_a_clear_error(scenes, tmp_path):
+    dataset = json.loads((scenes / "dataset.json").read_text())
+    for image in dataset["images"]:
+        if image["split"] == "val":
+            image["split"] = "train"
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(dataset))
+    result = invoke("train", "--data", path, "--images", scenes, "--out", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 1
+    assert "split 'val' is empty" in result.output
