@@ -97,12 +97,18 @@ class Backbone(nn.Module):
 
 
 class AttentionDecoder(nn.Module):
-    """Show, Attend and Tell: LSTM with soft additive attention over the grid."""
+    """Show, Attend and Tell: LSTM with soft additive attention over the grid.
+
+    One addition to the paper: a learned position embedding is added to the grid features, so the
+    attended context says *where* it looked, not only what (the LSTM can then walk across the image,
+    e.g. list objects left to right)."""
 
     attention = True
 
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int, dropout: float):
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int,
+                 dropout: float, positions: int = 49):
         super().__init__()
+        self.position = nn.Parameter(torch.randn(1, positions, feature_dim) * 0.3)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.feature_att = nn.Linear(feature_dim, attention_dim)
         self.hidden_att = nn.Linear(hidden_dim, attention_dim)
@@ -116,6 +122,7 @@ class AttentionDecoder(nn.Module):
 
     def init_state(self, features: torch.Tensor):
         mean = features.mean(dim=1)
+        features = features + self.position
         h0 = torch.tanh(self.init_h(mean))
         c0 = torch.tanh(self.init_c(mean))
         return features, h0, c0, self.feature_att(features)
@@ -149,7 +156,8 @@ class ShowTellDecoder(nn.Module):
 
     attention = False
 
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int, dropout: float):
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int,
+                 dropout: float, positions: int = 49):
         super().__init__()
         self.image_embed = nn.Linear(feature_dim, embed_dim)
         self.embed = nn.Embedding(vocab_size, embed_dim)
@@ -192,7 +200,8 @@ class Captioner(nn.Module):
         self.config = config
         self.backbone = Backbone(config.backbone, config.image_size, config.fine_tune_blocks)
         self.decoder = DECODERS[config.decoder](
-            config.vocab_size, self.backbone.feature_dim, config.embed_dim, config.hidden_dim, config.attention_dim, config.dropout
+            config.vocab_size, self.backbone.feature_dim, config.embed_dim, config.hidden_dim, config.attention_dim,
+            config.dropout, positions=self.backbone.grid**2,
         )
 
     @property
