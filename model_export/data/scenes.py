@@ -233,7 +233,8 @@ def scene_captions(objects: Sequence[Mapping[str, Any]]) -> list[str]:
     """Four differently worded captions; the first is the canonical one.
 
     Objects are listed left to right by x centre, except that two objects further apart
-    vertically than horizontally are described top to bottom ("above"/"below").
+    vertically than horizontally are described top to bottom ("above"). Every wording keeps that
+    order, so the first object a caption names is never ambiguous.
     """
     ordered = sorted(objects, key=lambda o: o["x"])
     names = [_name(o) for o in ordered]
@@ -244,10 +245,10 @@ def scene_captions(objects: Sequence[Mapping[str, Any]]) -> list[str]:
         left, right = ordered
         if abs(right["x"] - left["x"]) >= abs(right["y"] - left["y"]):
             a, b = names
-            return [f"a {a} to the left of a {b}", f"a {b} to the right of a {a}",
+            return [f"a {a} to the left of a {b}", f"a {a} on the left and a {b} on the right",
                     f"a {a} and a {b}", f"there is a {a} next to a {b}"]  # fmt: skip
         a, b = (_name(o) for o in sorted(ordered, key=lambda o: o["y"]))
-        return [f"a {a} above a {b}", f"a {b} below a {a}",
+        return [f"a {a} above a {b}", f"a {a} at the top and a {b} at the bottom",
                 f"a {a} and a {b}", f"there is a {a} over a {b}"]  # fmt: skip
     if len(ordered) not in _NUMBER_WORDS:
         raise ValueError(f"scenes have 1 to 4 objects, got {len(ordered)}")
