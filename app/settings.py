@@ -1,6 +1,6 @@
 """The service's settings: one pydantic-settings class, read from `CAPTIONER_*` environment variables.
 
-Every setting is documented in docs/service.md (and the README). Invalid values are a start-up
+Every setting is documented in the README (section Serving). Invalid values are a start-up
 error: `load_settings()` turns pydantic's ValidationError into a `SettingsError` whose message names
 each bad variable, and the CLI / app factory exit non-zero with it.
 """
