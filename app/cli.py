@@ -70,26 +70,14 @@ def caption(
 ) -> None:
     """Caption image files locally (no server): load the bundle, run the engine, print the captions."""
     from app.bundle import BundleError, load_bundle
-    from app.decoding import DecodingConfig
     from app.engine import Engine, EngineError
     from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 
     settings = _settings_or_exit(bundle=bundle, device=device, threads=threads)
-    defaults = settings.decoding_defaults()
-    chosen = strategy or defaults.strategy
-    if num_captions is None:
-        num_captions = 1 if chosen == "greedy" else defaults.num_captions
-    if beam_size is None:
-        beam_size = min(max(defaults.beam_size, num_captions), 10)
     try:
-        config = DecodingConfig(
-            strategy=chosen,  # type: ignore[arg-type]
-            beam_size=beam_size,
-            num_captions=num_captions,
-            max_length=max_length if max_length is not None else defaults.max_length,
-            length_penalty=length_penalty if length_penalty is not None else defaults.length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size if no_repeat_ngram_size is not None
-            else defaults.no_repeat_ngram_size,
+        config = settings.decoding_defaults().with_overrides(
+            strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         )
     except ValueError as exc:
         typer.echo(f"captioner: invalid decoding settings: {exc}", err=True)

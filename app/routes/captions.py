@@ -68,21 +68,10 @@ def decoding_config(
         int, Query(ge=0, le=10, description="Never repeat an n-gram of this size (0 = off).")
     ] = None,
 ) -> DecodingConfig:
-    defaults = settings.decoding_defaults()
-    chosen = strategy or defaults.strategy
-    if num_captions is None:
-        num_captions = 1 if chosen == "greedy" else defaults.num_captions
-    if beam_size is None:  # unset: the default, widened to num_captions if that asks for more
-        beam_size = min(max(defaults.beam_size, num_captions), MAX_BEAM_SIZE)
     try:
-        return DecodingConfig(
-            strategy=chosen,
-            beam_size=beam_size,
-            num_captions=num_captions,
-            max_length=max_length if max_length is not None else defaults.max_length,
-            length_penalty=length_penalty if length_penalty is not None else defaults.length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size if no_repeat_ngram_size is not None
-            else defaults.no_repeat_ngram_size,
+        return settings.decoding_defaults().with_overrides(
+            strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         )
     except (ValueError, TypeError) as exc:
         raise APIError(422, "invalid_parameter", str(exc)) from None
