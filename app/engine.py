@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -20,6 +21,10 @@ from app.bundle import Bundle
 from app.decoding import DecodingConfig, Hypothesis, beam_search
 
 log = logging.getLogger("captioner.engine")
+
+# A two-node graph (Gather h and c by parent row) that reorders beam state where it lives, so with
+# IO binding h and c never leave the device. Built by tests/test_engine_binding.py, which checks it.
+REORDER_GRAPH = Path(__file__).with_name("reorder.onnx")
 
 ENCODER_OUTPUTS = ("features", "h0", "c0", "att_proj")
 DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")
@@ -62,7 +67,10 @@ class Engine:
         bundle: Bundle,
         device: Literal["auto", "cuda", "cpu"] = "auto",
         threads: int | None = None,
+        io_binding: bool | None = None,
     ):
+        """`io_binding`: keep the grid, its projection and h/c in the device's memory between steps
+        (only token ids go in and log-probabilities come out each step). Default: on for CUDA."""
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
         self.bundle = bundle
@@ -89,7 +97,10 @@ class Engine:
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._check_graphs()
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
-        self._has_alpha = "alpha" in [o.name for o in self.decoder.get_outputs()]
+        self._has_alpha = bundle.attention and "alpha" in [o.name for o in self.decoder.get_outputs()]
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        if self.io_binding:
+            self.reorder = ort.InferenceSession(str(REORDER_GRAPH), options, providers=self.decoder.get_providers())
 
     def _check_graphs(self) -> None:
         enc_in = [i.name for i in self.encoder.get_inputs()]
@@ -137,6 +148,48 @@ class Engine:
 
         return step
 
+    def _make_bound_step(self, images: np.ndarray):
+        """The same step with IO binding: encoder outputs and h/c stay as device OrtValues."""
+        device = "cuda" if self.device == "cuda" else "cpu"
+        binding = self.encoder.io_binding()
+        binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(images, device, 0))
+        for name in ENCODER_OUTPUTS:
+            binding.bind_output(name, device)
+        self.encoder.run_with_iobinding(binding)
+        encoded = dict(zip(ENCODER_OUTPUTS, binding.get_outputs()))
+        state = {"h": encoded["h0"], "c": encoded["c0"]}
+        static = {name: encoded[name] for name in ("features", "att_proj") if name in self._decoder_inputs}
+
+        def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
+            reorder = self.reorder.io_binding()
+            reorder.bind_ortvalue_input("h", state["h"])
+            reorder.bind_ortvalue_input("c", state["c"])
+            reorder.bind_cpu_input("parents", np.ascontiguousarray(parents, dtype=np.int64))
+            reorder.bind_output("h_selected", device)
+            reorder.bind_output("c_selected", device)
+            self.reorder.run_with_iobinding(reorder)
+            h, c = reorder.get_outputs()
+
+            bound = self.decoder.io_binding()
+            bound.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+            bound.bind_ortvalue_input("h", h)
+            bound.bind_ortvalue_input("c", c)
+            if "row_image" in self._decoder_inputs:
+                bound.bind_cpu_input("row_image", np.ascontiguousarray(row_image, dtype=np.int64))
+            for name, value in static.items():
+                bound.bind_ortvalue_input(name, value)
+            bound.bind_output("log_probs", "cpu")
+            bound.bind_output("h_out", device)
+            bound.bind_output("c_out", device)
+            if self._has_alpha:
+                bound.bind_output("alpha", "cpu")
+            self.decoder.run_with_iobinding(bound)
+            outputs = bound.get_outputs()
+            state["h"], state["c"] = outputs[1], outputs[2]
+            return outputs[0].numpy(), (outputs[3].numpy() if self._has_alpha else None)
+
+        return step
+
     # ---- captioning -----------------------------------------------------------------------
 
     def caption(
@@ -151,9 +204,9 @@ class Engine:
         if batch.ndim != 4 or batch.shape[0] == 0:
             raise ValueError(f"expected a non-empty [N, 3, H, W] batch, got shape {batch.shape}")
         resolved = config.resolved(self.bundle.max_length)
-        encoded = self.encode(batch)
+        step = self._make_bound_step(batch) if self.io_binding else self._make_step(self.encode(batch))
         hypotheses = beam_search(
-            self._make_step(encoded),
+            step,
             num_images=batch.shape[0],
             config=resolved,
             special=self.bundle.special,

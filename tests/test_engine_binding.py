@@ -1,0 +1,88 @@
+"""The engine's IO-binding path (what device=cuda uses, so that the grid and h/c stay in device
+memory between steps) gives exactly the captions of the plain path. Run here on the CPU, where
+onnxruntime binds CPU OrtValues through the same API; and CUDA is never silently replaced by CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from app.bundle import load_bundle
+from app.decoding import DecodingConfig
+from app.engine import REORDER_GRAPH, Engine, EngineError
+from tests.bundle_factory import make_tiny_bundle
+
+
+def build_reorder_model() -> onnx.ModelProto:
+    """The graph committed as app/reorder.onnx: Gather h and c rows by parent index."""
+    def tensor(name, dtype, dims):
+        return helper.make_tensor_value_info(name, dtype, dims)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["h", "parents"], ["h_selected"], axis=0),
+            helper.make_node("Gather", ["c", "parents"], ["c_selected"], axis=0),
+        ],
+        "reorder_beams",
+        [tensor("h", TensorProto.FLOAT, ["rows_in", "hidden"]), tensor("c", TensorProto.FLOAT, ["rows_in", "hidden"]),
+         tensor("parents", TensorProto.INT64, ["rows"])],
+        [tensor("h_selected", TensorProto.FLOAT, ["rows", "hidden"]), tensor("c_selected", TensorProto.FLOAT, ["rows", "hidden"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="captioner")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_committed_reorder_graph_is_the_one_built_here():
+    assert onnx.load(str(REORDER_GRAPH)).graph.SerializeToString() == build_reorder_model().graph.SerializeToString()
+    session = ort.InferenceSession(str(REORDER_GRAPH), providers=["CPUExecutionProvider"])
+    h = np.arange(12, dtype=np.float32).reshape(4, 3)
+    got_h, got_c = session.run(None, {"h": h, "c": -h, "parents": np.array([3, 0, 0], dtype=np.int64)})
+    np.testing.assert_array_equal(got_h, h[[3, 0, 0]])
+    np.testing.assert_array_equal(got_c, -h[[3, 0, 0]])
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["attention", "show_and_tell"])
+def bundle(request, tmp_path_factory):
+    return load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", attention=request.param))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodingConfig(strategy="greedy"),
+        DecodingConfig(beam_size=3),
+        DecodingConfig(beam_size=5, num_captions=3, length_penalty=0.0),
+        DecodingConfig(beam_size=4, num_captions=2, no_repeat_ngram_size=2, max_length=9),
+    ],
+    ids=["greedy", "beam3", "nbest", "ngram"],
+)
+def test_io_binding_path_gives_the_same_captions(bundle, config):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(5, 3, 224, 224)).astype(np.float32)
+    plain = Engine(bundle, device="cpu", io_binding=False)
+    bound = Engine(bundle, device="cpu", io_binding=True)
+    assert bound.io_binding and not plain.io_binding
+    want = plain.caption(images, config, attention=True)
+    got = bound.caption(images, config, attention=True)
+    for w, g in zip(want, got):
+        assert [c.token_ids for c in w] == [c.token_ids for c in g]
+        assert [c.score for c in w] == pytest.approx([c.score for c in g], abs=1e-5)
+        for wc, gc in zip(w, g):
+            if bundle.attention:
+                np.testing.assert_allclose(wc.attention, gc.attention, atol=1e-6)
+            else:
+                assert wc.attention is None and gc.attention is None
+
+
+def test_cuda_is_never_replaced_by_cpu_silently(bundle):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the refusal is tested where it does not")
+    with pytest.raises(EngineError, match="device=cuda"):
+        Engine(bundle, device="cuda")
+    engine = Engine(bundle, device="auto")  # falls back, with a warning, and says so
+    assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu"
