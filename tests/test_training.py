@@ -92,6 +92,13 @@ def test_encoder_weights_are_the_real_imagenet_weights():
     assert not any(p.requires_grad for p in backbone.parameters())
 
 
+def test_lite1_plugs_in_by_name():
+    backbone = Backbone("efficientnet-lite1", image_size=256)
+    assert 281 <= _imagenet_top1(backbone, skdata.chelsea()) <= 285
+    assert _imagenet_top1(backbone, skdata.coffee()) == 967
+    assert backbone(torch.zeros(1, 3, 256, 256)).shape == (1, 64, 1280)  # an 8x8 grid at 256x256
+
+
 def test_fine_tuning_unfreezes_only_the_last_blocks():
     backbone = Backbone("efficientnet-lite0", fine_tune_blocks=2)
     trainable = {n.split(".")[0] for n, p in backbone.net.named_parameters() if p.requires_grad}
