@@ -32,6 +32,6 @@ default-model: install
 	rm -rf $(WORK)
 	$(CAPTIONER) generate-scenes $(WORK)/scenes --train 20000 --val 500 --test 1000 --seed $(SEED)
 	$(CAPTIONER) train --data $(WORK)/scenes/dataset.json --images $(WORK)/scenes --out $(WORK)/run \
-		--seed $(SEED) --epochs 20 --patience 3 --max-minutes $(TRAIN_MINUTES) --no-progress
+		--seed $(SEED) --epochs 20 --patience 3 --max-minutes $(TRAIN_MINUTES) --first-reference-share 0.5 --no-progress
 	$(CAPTIONER) export --checkpoint $(WORK)/run/best.pt --data $(WORK)/scenes/dataset.json --images $(WORK)/scenes \
 		--out models/default --name scenes-sat-lite0 --version 1.0.0 --no-progress

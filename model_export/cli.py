@@ -112,6 +112,10 @@ def train_cmd(
     max_caption_length: int = typer.Option(24),
     patience: int = typer.Option(3, help="Early stopping: epochs without better validation CIDEr"),
     val_images_count: int = typer.Option(500, "--val-count", help="Validation images used per epoch (0: all)"),
+    first_reference_share: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0,
+        help="Train on each image's first reference with this probability (unset: all references alike)",
+    ),
     seed: int = typer.Option(0),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -132,6 +136,7 @@ def train_cmd(
         config = TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
+            first_reference_share=first_reference_share,
             max_minutes=max_minutes, num_threads=threads, progress=progress, model=model,
         )
         return Trainer(dataset, out, config).run(resume=resume)

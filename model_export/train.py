@@ -43,6 +43,11 @@ class TrainConfig:
     max_caption_length: int = 24
     patience: int = 3  # epochs without a better validation CIDEr before stopping
     val_images: int = 500
+    # None: each epoch trains on one reference per image drawn uniformly (COCO, Flickr). A share in
+    # (0, 1]: the first reference (a generator's canonical wording) with that probability, the
+    # others uniformly otherwise. With equally likely wordings the model's first words are a
+    # coin toss that search cannot improve; a dominant wording lets beam search pay off.
+    first_reference_share: float | None = None
     seed: int = 0
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     num_threads: int | None = None
@@ -58,6 +63,15 @@ def _seed_everything(seed: int) -> None:
 
 def encode_references(examples: list[Example], vocab: Vocabulary, max_length: int) -> list[list[list[int]]]:
     return [[vocab.encode(ref, max_length) for ref in ex.references] for ex in examples]
+
+
+def pick_reference(rng: np.random.Generator, count: int, first_share: float | None) -> int:
+    """Which of an image's `count` references to train on this epoch."""
+    if first_share is None or count == 1:
+        return int(rng.integers(count))
+    if rng.random() < first_share:
+        return 0
+    return 1 + int(rng.integers(count - 1))
 
 
 def pad_batch(sequences: list[list[int]], pad: int) -> torch.Tensor:
@@ -208,7 +222,7 @@ class Trainer:
                 group["lr"] = base * cfg.lr_decay**epoch
             rng = np.random.default_rng([cfg.seed, epoch])
             order = rng.permutation(len(self.train_examples))
-            choice = [int(rng.integers(len(train_refs[i]))) for i in range(len(train_refs))]
+            choice = [pick_reference(rng, len(refs), cfg.first_reference_share) for refs in train_refs]
             model.train()
             total, seen, tick = 0.0, 0, time.monotonic()
             bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", disable=not cfg.progress)

@@ -289,3 +289,14 @@ def test_empty_split_is_a_clear_error(scenes, tmp_path):
     result = invoke("train", "--data", path, "--images", scenes, "--out", tmp_path / "run", "--no-progress")
     assert result.exit_code == 1
     assert "split 'val' is empty" in result.output
+
+
+def test_reference_choice():
+    from model_export.train import pick_reference
+
+    rng = np.random.default_rng(0)
+    uniform = np.bincount([pick_reference(rng, 4, None) for _ in range(4000)], minlength=4) / 4000
+    assert np.all(np.abs(uniform - 0.25) < 0.03)
+    weighted = np.bincount([pick_reference(rng, 4, 0.5) for _ in range(4000)], minlength=4) / 4000
+    assert abs(weighted[0] - 0.5) < 0.03 and np.all(np.abs(weighted[1:] - 0.5 / 3) < 0.03)
+    assert pick_reference(rng, 1, 0.5) == 0
