@@ -38,7 +38,7 @@ class DecodingConfig:
     beam_size: int = 3
     num_captions: int = 1
     max_length: int | None = None  # None: the bundle's max_length
-    length_penalty: float = 1.0
+    length_penalty: float = 0.0  # 0: rank by total log-probability (chosen on validation CIDEr)
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:

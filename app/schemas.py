@@ -41,7 +41,7 @@ class DecodingSettings(BaseModel):
                 "beam_size": 3,
                 "num_captions": 1,
                 "max_length": 24,
-                "length_penalty": 1.0,
+                "length_penalty": 0.0,
                 "no_repeat_ngram_size": 0,
             }
         }

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     default_max_length: int | None = Field(
         None, description="Default most words per caption (1-64); unset = the bundle's max_length."
     )
-    default_length_penalty: float = Field(1.0, description="Default length penalty (0-5).")
+    default_length_penalty: float = Field(0.0, description="Default length penalty (0-5); 0 ranks by total log-probability.")
     default_no_repeat_ngram_size: int = Field(0, description="Default n-gram blocking size (0 = off, up to 10).")
 
     @field_validator("device", "log_level", "default_strategy", mode="before")

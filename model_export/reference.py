@@ -30,7 +30,7 @@ def reference_decode(
     special: dict[str, int],
     beam: int = 1,
     max_length: int = 20,
-    length_penalty: float = 1.0,
+    length_penalty: float = 0.0,
     num_captions: int = 1,
 ) -> list[RefHypothesis]:
     """Decode one preprocessed image [3, H, W]; returns the best `num_captions` hypotheses."""

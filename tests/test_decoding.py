@@ -109,7 +109,7 @@ def test_narrow_beam_never_beats_exhaustive_and_is_a_valid_caption(seed):
     truth = exhaustive(model, 0, 3, 1.0)
     best = {tuple(seq): norm for norm, seq, _ in truth}
     for beam in (1, 2, 3):
-        (hyp,) = decode(model, 1, beam_size=beam, max_length=3)[0]
+        (hyp,) = decode(model, 1, beam_size=beam, max_length=3, length_penalty=1.0)[0]
         assert tuple(hyp.tokens) in best
         assert hyp.normalized_score == pytest.approx(best[tuple(hyp.tokens)], abs=1e-9)
         assert hyp.normalized_score <= truth[0][0] + 1e-12

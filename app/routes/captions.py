@@ -62,7 +62,7 @@ def decoding_config(
         int, Query(ge=1, le=MAX_LENGTH_LIMIT, description="Most words per caption. Default: the model's max_length.")
     ] = None,
     length_penalty: Annotated[
-        float, Query(ge=0.0, le=5.0, description="Ranking divides the score by length ** length_penalty. Default 1.")
+        float, Query(ge=0.0, le=5.0, description="Ranking divides the score by length ** length_penalty. Default: the service's default_length_penalty (0).")
     ] = None,
     no_repeat_ngram_size: Annotated[
         int, Query(ge=0, le=10, description="Never repeat an n-gram of this size (0 = off).")
