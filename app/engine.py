@@ -62,6 +62,8 @@ def _providers(device: str) -> tuple[list, str]:
 
 
 class Engine:
+    """onnxruntime sessions for one bundle, and `caption()` on top of app/decoding.py."""
+
     def __init__(
         self,
         bundle: Bundle,
@@ -74,6 +76,7 @@ class Engine:
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
         self.bundle = bundle
+        ort.disable_telemetry_events()  # nothing leaves the machine (and no write on a read-only root)
         providers, wanted = _providers(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
