@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from model_export.data import DatasetError, load_coco_captions, tokenize
+from tests.edits import DELETE, changed
 
 
 def _fixture() -> dict[str, Any]:
@@ -53,20 +54,9 @@ def test_loads(tmp_path: Path) -> None:
         dataset.split("train")
 
 
-DELETE = object()
-
-
 def _changed(*keys: Any, to: Any) -> dict[str, Any]:
     """The fixture with the item at ``keys`` replaced by ``to`` (or removed when ``to`` is DELETE)."""
-    data = _fixture()
-    parent = data
-    for key in keys[:-1]:
-        parent = parent[key]
-    if to is DELETE:
-        del parent[keys[-1]]
-    else:
-        parent[keys[-1]] = to
-    return data
+    return changed(_fixture(), *keys, to=to)
 
 
 @pytest.mark.parametrize(

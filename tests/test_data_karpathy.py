@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from model_export.data import CaptionDataset, DatasetError, check_images, load_karpathy, tokenize
+from tests.edits import DELETE, changed
 
 
 def _sentence(tokens: list[str], imgid: int, sentid: int) -> dict[str, Any]:
@@ -122,20 +123,9 @@ def test_check_images(dataset: CaptionDataset, tmp_path: Path) -> None:
         check_images(dataset.examples[:1])
 
 
-DELETE = object()
-
-
 def _changed(*keys: Any, to: Any) -> dict[str, Any]:
     """The fixture with the item at ``keys`` replaced by ``to`` (or removed when ``to`` is DELETE)."""
-    data = _fixture()
-    parent = data
-    for key in keys[:-1]:
-        parent = parent[key]
-    if to is DELETE:
-        del parent[keys[-1]]
-    else:
-        parent[keys[-1]] = to
-    return data
+    return changed(_fixture(), *keys, to=to)
 
 
 @pytest.mark.parametrize(
