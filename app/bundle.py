@@ -109,7 +109,6 @@ class Bundle:
 
     def __init__(self, path: Path, manifest: Manifest, raw: dict, vocab: list[str]):
         self.path = path
-        self.info = manifest
         self.manifest = raw
         self.vocab = vocab
         self.name = manifest.model.name
@@ -125,10 +124,6 @@ class Bundle:
         """Token strings for ids, special tokens left out."""
         specials = set(self.special.values())
         return [self.vocab[i] for i in token_ids if i not in specials]
-
-    @property
-    def evaluation(self) -> dict | None:
-        return self.manifest.get("evaluation")
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

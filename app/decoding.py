@@ -21,7 +21,7 @@ All rows of all images go through one step call per step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -153,7 +153,7 @@ class _Row:
 
 
 def beam_search(
-    step: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]],
+    step: StepFn,
     num_images: int,
     config: DecodingConfig,
     special: dict[str, int],

@@ -9,7 +9,6 @@ image (rows point at their image), so beams never copy it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -234,6 +233,3 @@ class Engine:
         blank = np.zeros((1, 3, height, width), dtype=np.float32)
         self.caption(blank, DecodingConfig(strategy="beam", beam_size=2, max_length=min(4, self.bundle.max_length)))
 
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))

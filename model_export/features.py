@@ -17,7 +17,7 @@ import torch
 
 from app.bundle import Preprocessing
 from model_export.data.errors import DatasetError
-from model_export.images import iter_batches, load_pixels  # noqa: F401  (load_pixels re-exported)
+from model_export.images import iter_batches
 from model_export.model import Backbone
 
 

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from model_export.data.errors import DatasetError
 from model_export.data.karpathy import CaptionDataset, Example
 from model_export.data.vocab import Vocabulary
-from model_export.features import feature_cache, load_pixels, preprocessing_for
+from model_export.features import feature_cache, preprocessing_for
+from model_export.images import iter_batches, load_pixels
 from model_export.metrics import quick_scores
 from model_export.model import Captioner, ModelConfig
 
@@ -252,10 +253,8 @@ class Trainer:
             else:
                 with torch.no_grad():
                     model.eval()
-                    vf = torch.cat([
-                        model.backbone(torch.from_numpy(np.stack([load_pixels(e.image_path, spec) for e in self.val_examples[i : i + 64]])).to(self.device))
-                        for i in range(0, len(self.val_examples), 64)
-                    ])
+                    paths = [e.image_path for e in self.val_examples]
+                    vf = torch.cat([model.backbone(torch.from_numpy(px).to(self.device)) for _, px in iter_batches(paths, spec, 64)])
             predictions = []
             for i in range(0, vf.shape[0], 256):
                 predictions += greedy_batch(model, vf[i : i + 256], special, cfg.max_caption_length)
