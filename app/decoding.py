@@ -15,13 +15,16 @@ The rules, which the training side's torch reference decoder (model_export/refer
 - a hypothesis' score is the sum of its log-probabilities (<end> included); the finished
   hypotheses of an image are ranked by score / (words + 1) ** length_penalty, best first.
 
-All rows of all images go through one step call per step.
+All rows of all images go through one step call per step, even when the images have different
+settings (each image has its own DecodingConfig: the service batches requests together). The search
+asks each step only for every row's best few tokens (`StepOutput.top`), so an engine can run TopK
+where the log-probabilities live and copy [rows, k] instead of [rows, vocabulary] to the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -105,42 +108,48 @@ def banned_ngram_tokens(words: list[int], n: int) -> set[int]:
     return {words[i + n - 1] for i in range(len(words) - n + 1) if tuple(words[i : i + n - 1]) == prefix}
 
 
-def step_mask(log_probs: np.ndarray, step: int, max_length: int, special: dict[str, int]) -> None:
-    """Apply the always-on token rules to a [rows, V] block in place."""
-    for name in ("pad", "start", "unk"):
-        log_probs[:, special[name]] = NEG_INF
-    if step == 0:
-        log_probs[:, special["end"]] = NEG_INF
-    if step >= max_length:
-        end_column = log_probs[:, special["end"]].copy()
-        log_probs[:] = NEG_INF
-        log_probs[:, special["end"]] = end_column
-
-
-def select_top(candidates: np.ndarray, k: int) -> np.ndarray:
-    """Flat indices of the k best finite candidates, best first; ties keep the lower index first."""
-    finite = np.flatnonzero(np.isfinite(candidates))
-    if finite.size == 0 or k <= 0:
-        return finite[:0]
-    values = candidates[finite]
-    if finite.size > k:
-        # a partition keeps this O(n); the stable sort afterwards fixes tie order
-        threshold = np.partition(values, finite.size - k)[finite.size - k]
-        keep = values >= threshold
-        finite, values = finite[keep], values[keep]
-    order = np.lexsort((finite, -values))
-    return finite[order][:k]
-
-
 # ---- the search -----------------------------------------------------------------------------
 
+class StepOutput(Protocol):
+    """One step's log-probabilities [B, V], as the search reads them: usually only each row's best few
+    (`top`), so an engine can select them where they live (e.g. TopK on the GPU) and send back
+    [B, k] instead of [B, V]; `full()` only when the rules need more (rare)."""
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values [B, k], token ids [B, k]): each row's k best, best first, ties: lower id first."""
+
+    def column(self, token: int) -> np.ndarray:
+        """[B] log-probabilities of one token."""
+
+    def full(self) -> np.ndarray:
+        """[B, V] all log-probabilities."""
+
+
+class DenseLogProbs:
+    """A StepOutput over a [B, V] array already on the host."""
+
+    def __init__(self, log_probs: np.ndarray):
+        self.log_probs = np.asarray(log_probs)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.argsort(-self.log_probs, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(self.log_probs, ids, axis=1), ids
+
+    def column(self, token: int) -> np.ndarray:
+        return self.log_probs[:, token]
+
+    def full(self) -> np.ndarray:
+        return self.log_probs
+
+
 class StepFn(Protocol):
-    def __call__(self, tokens: np.ndarray, rows: np.ndarray, row_image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, tokens: np.ndarray, rows: np.ndarray, row_image: np.ndarray) -> tuple[StepOutput | np.ndarray, np.ndarray | None]:
         """One decoder step for the live rows.
 
         tokens: [B] int64 previous tokens; rows: [B] int64 indices of the rows' state (the search
         tells the step which stored state each row continues from); row_image: [B] image index.
-        Returns log-probabilities [B, V] and attention [B, P] or None. The step keeps the state.
+        Returns the log-probabilities (a StepOutput, or a [B, V] array) and attention [B, P] or None.
+        The step keeps the state.
         """
 
 
@@ -152,42 +161,88 @@ class _Row:
     attention: list[np.ndarray] = field(default_factory=list)
 
 
+def _candidates(
+    out: StepOutput, rows: list[_Row], t: int, need: np.ndarray, max_length: np.ndarray,
+    ngram: np.ndarray, special: dict[str, int], vocab: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's allowed next tokens: (log-probabilities [B, w] with -inf where not allowed, token
+    ids [B, w]), holding at least the row's best `need` allowed tokens. Reads only the top few from
+    `out` unless the rules removed too many of them."""
+    always_banned = [special["pad"], special["start"], special["unk"]]
+    end = special["end"]
+    forced = t >= max_length  # past max_length only <end>
+    banned = [banned_ngram_tokens(r.words, int(n)) if n else set() for r, n in zip(rows, ngram)]
+
+    k = int(need.max()) + len(always_banned) + 1
+    dense = vocab is not None and k >= vocab
+    if not dense:
+        values, ids = out.top(k)
+        cand = np.array(values, dtype=np.float64)
+        invalid = np.isin(ids, always_banned)
+        if t == 0:
+            invalid |= ids == end
+        for i, tokens in enumerate(banned):
+            if tokens:
+                invalid[i] |= np.isin(ids[i], list(tokens))
+        cand[invalid] = NEG_INF
+        short = ~forced & (np.isfinite(cand).sum(axis=1) < need)
+        dense = bool(short.any()) and (vocab is None or k < vocab)
+    if dense:  # too few allowed tokens among the top k (or a tiny vocabulary): read everything
+        cand = np.array(out.full(), dtype=np.float64)
+        ids = np.broadcast_to(np.arange(cand.shape[1]), cand.shape)
+        cand[:, always_banned] = NEG_INF
+        if t == 0:
+            cand[:, end] = NEG_INF
+        for i, tokens in enumerate(banned):
+            if tokens:
+                cand[i, list(tokens)] = NEG_INF
+    if forced.any():
+        end_lp = np.asarray(out.column(end), dtype=np.float64)
+        cand[forced] = NEG_INF
+        ids = np.array(ids)
+        cand[forced, 0] = end_lp[forced]
+        ids[forced, 0] = end
+    return cand, ids
+
+
 def beam_search(
     step: StepFn,
     num_images: int,
-    config: DecodingConfig,
+    config: DecodingConfig | Sequence[DecodingConfig],
     special: dict[str, int],
     keep_attention: bool = False,
+    vocab_size: int | None = None,
 ) -> list[list[Hypothesis]]:
-    """Decode `num_images` images at once. `config` must be resolved (max_length set).
+    """Decode `num_images` images at once, each with its own settings (`config`: one resolved config
+    for all, or one per image; they may differ in every setting, and still share each step call).
 
     `step(tokens, parents, row_image)`: `parents[i]` is the index, in the previous call's rows, of
     the row that new row i continues (at the first call: the image index, whose initial state the
-    step must use). Returns, per image, `config.num_captions` hypotheses, best first.
+    step must use). Returns, per image, its `num_captions` hypotheses, best first.
     """
-    assert config.max_length is not None, "resolve the config first"
-    beam = 1 if config.strategy == "greedy" else config.beam_size
-    max_length = config.max_length
-    open_slots = [beam] * num_images
+    configs = [config] * num_images if isinstance(config, DecodingConfig) else list(config)
+    if len(configs) != num_images:
+        raise ValueError(f"{len(configs)} decoding configs for {num_images} images")
+    assert all(c.max_length is not None for c in configs), "resolve the configs first"
+    open_slots = np.array([1 if c.strategy == "greedy" else c.beam_size for c in configs], dtype=np.int64)
+    max_length = np.array([c.max_length for c in configs], dtype=np.int64)
+    ngram_size = np.array([c.no_repeat_ngram_size for c in configs], dtype=np.int64)
     finished: list[list[Hypothesis]] = [[] for _ in range(num_images)]
     rows = [_Row(image=i, words=[], score=0.0) for i in range(num_images)]
     parents = np.arange(num_images, dtype=np.int64)
     tokens = np.full(num_images, special["start"], dtype=np.int64)
 
-    for t in range(max_length + 1):
+    for t in range(int(max_length.max()) + 1):
         if not rows:
             break
         row_image = np.fromiter((r.image for r in rows), dtype=np.int64, count=len(rows))
-        log_probs, attention = step(tokens, parents, row_image)
-        log_probs = np.array(log_probs, dtype=np.float64)  # a copy we may mask; float64 sums
-        step_mask(log_probs, t, max_length, special)
-        if config.no_repeat_ngram_size:
-            for i, row in enumerate(rows):
-                banned = banned_ngram_tokens(row.words, config.no_repeat_ngram_size)
-                if banned:
-                    log_probs[i, list(banned)] = NEG_INF
-        totals = log_probs + np.fromiter((r.score for r in rows), dtype=np.float64, count=len(rows))[:, None]
-        vocab = totals.shape[1]
+        out, attention = step(tokens, parents, row_image)
+        if isinstance(out, np.ndarray):
+            out = DenseLogProbs(out)
+        cand, ids = _candidates(out, rows, t, open_slots[row_image], max_length[row_image],
+                                ngram_size[row_image], special, vocab_size)
+        totals = cand + np.fromiter((r.score for r in rows), dtype=np.float64, count=len(rows))[:, None]
+        width = totals.shape[1]
 
         new_rows: list[_Row] = []
         new_parents: list[int] = []
@@ -199,8 +254,13 @@ def beam_search(
             while stop < len(rows) and rows[stop].image == image:
                 stop += 1
             block = totals[start:stop].ravel()
-            for flat in select_top(block, open_slots[image]):
-                local, token = divmod(int(flat), vocab)
+            block_ids = ids[start:stop].ravel()
+            block_rows = np.repeat(np.arange(stop - start), width)
+            finite = np.flatnonzero(np.isfinite(block))
+            # best total first; ties: lower row, then lower token id
+            order = finite[np.lexsort((block_ids[finite], block_rows[finite], -block[finite]))]
+            for flat in order[: open_slots[image]]:
+                local, token = int(block_rows[flat]), int(block_ids[flat])
                 parent = rows[start + local]
                 score = float(block[flat])
                 att = parent.attention + [attention[start + local]] if keep_attention and attention is not None else []
@@ -210,7 +270,7 @@ def beam_search(
                         Hypothesis(
                             tokens=list(parent.words),
                             score=score,
-                            normalized_score=length_normalized(score, len(parent.words) + 1, config.length_penalty),
+                            normalized_score=length_normalized(score, len(parent.words) + 1, configs[image].length_penalty),
                             attention=np.stack(att) if att else None,
                         )
                     )
@@ -226,5 +286,5 @@ def beam_search(
     results = []
     for image in range(num_images):
         ranked = sorted(enumerate(finished[image]), key=lambda item: (-item[1].normalized_score, item[0]))
-        results.append([h for _, h in ranked[: config.num_captions]])
+        results.append([h for _, h in ranked[: configs[image].num_captions]])
     return results

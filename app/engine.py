@@ -1,9 +1,14 @@
 """The inference engine: onnxruntime sessions for a bundle's two graphs, and captioning on top of
 `app/decoding.py`.
 
-`Engine.caption(images, config)` encodes the whole batch in one encoder call, then runs the beam
-search with one decoder call per step for all rows of all images. The feature grid stays once per
-image (rows point at their image), so beams never copy it.
+`Engine.caption(images, configs)` encodes the whole batch in one encoder call, then runs the beam
+search with one decoder call per step for all rows of all images, whatever each image's settings.
+The feature grid stays once per image (rows point at their image), so beams never copy it.
+
+Per step only each row's best few tokens reach the search: a tiny TopK graph (app/select.onnx) runs
+on the decoder's log-probabilities where they are. With IO binding (the default on CUDA) the grid,
+h/c and the log-probabilities stay in device memory in buffers allocated once per call and reused at
+every step; only token ids go in and [rows, k] candidates come out.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ log = logging.getLogger("captioner.engine")
 # A two-node graph (Gather h and c by parent row) that reorders beam state where it lives, so with
 # IO binding h and c never leave the device. Built by tests/test_engine_binding.py, which checks it.
 REORDER_GRAPH = Path(__file__).with_name("reorder.onnx")
+# TopK over the log-probabilities (values, token ids) plus the <end> column, for StepOutput.
+# Built by tests/test_engine_binding.py, which checks it.
+SELECT_GRAPH = Path(__file__).with_name("select.onnx")
 
 ENCODER_OUTPUTS = ("features", "h0", "c0", "att_proj")
 DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")
@@ -101,6 +109,11 @@ class Engine:
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self._has_alpha = bundle.attention and "alpha" in [o.name for o in self.decoder.get_outputs()]
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        self._vocab_out = len(bundle.vocab)  # load_bundle checked it against the manifest
+        grid = bundle.manifest["architecture"].get("grid_size") or [0, 0]
+        self._grid_cells = int(grid[0]) * int(grid[1])
+        self.select = ort.InferenceSession(str(SELECT_GRAPH), options, providers=self.decoder.get_providers())
+        self._end = np.array([bundle.special["end"]], dtype=np.int64)
         if self.io_binding:
             self.reorder = ort.InferenceSession(str(REORDER_GRAPH), options, providers=self.decoder.get_providers())
 
@@ -129,7 +142,7 @@ class Engine:
         outputs = self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
         return dict(zip(ENCODER_OUTPUTS, outputs))
 
-    def _make_step(self, encoded: dict[str, np.ndarray]):
+    def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool):
         h, c = encoded["h0"], encoded["c0"]
         static = {name: encoded[name] for name in ("features", "att_proj") if name in self._decoder_inputs}
         outputs = ["log_probs", "h_out", "c_out"] + (["alpha"] if self._has_alpha else [])
@@ -146,49 +159,76 @@ class Engine:
                 feeds["row_image"] = row_image
             result = self.decoder.run(outputs, feeds)
             state["h"], state["c"] = result[1], result[2]
-            return result[0], (result[3] if self._has_alpha else None)
+            attention = result[3] if self._has_alpha and keep_attention else None
+            return _Selected(self, result[0], len(tokens)), attention
 
         return step
 
-    def _make_bound_step(self, images: np.ndarray):
-        """The same step with IO binding: encoder outputs and h/c stay as device OrtValues."""
-        device = "cuda" if self.device == "cuda" else "cpu"
+    def _make_bound_step(self, images: np.ndarray, capacity: int, keep_attention: bool):
+        """The same step with IO binding. The encoder outputs, h/c and the log-probabilities stay as
+        device OrtValues; every per-step buffer is allocated once for `capacity` rows (the most
+        rows a step can have) and reused, so shapes never change between steps and nothing is
+        allocated in the loop. Rows past the live ones are padding whose outputs are ignored."""
+        device = self.device
         binding = self.encoder.io_binding()
         binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(images, device, 0))
         for name in ENCODER_OUTPUTS:
             binding.bind_output(name, device)
         self.encoder.run_with_iobinding(binding)
         encoded = dict(zip(ENCODER_OUTPUTS, binding.get_outputs()))
-        state = {"h": encoded["h0"], "c": encoded["c0"]}
-        static = {name: encoded[name] for name in ("features", "att_proj") if name in self._decoder_inputs}
+        hidden = encoded["h0"].shape()[1]
+
+        def buffer(shape, dtype=np.float32):
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+
+        h_sel, c_sel, h_out, c_out = (buffer([capacity, hidden]) for _ in range(4))
+        log_probs = buffer([capacity, self._vocab_out])
+        tokens_v, parents_v, images_v = (buffer([capacity], np.int64) for _ in range(3))
+        host_tokens = np.zeros(capacity, dtype=np.int64)
+        host_parents = np.zeros(capacity, dtype=np.int64)
+        host_images = np.zeros(capacity, dtype=np.int64)
+
+        reorder = self.reorder.io_binding()
+        reorder.bind_ortvalue_input("h", encoded["h0"])
+        reorder.bind_ortvalue_input("c", encoded["c0"])
+        reorder.bind_ortvalue_input("parents", parents_v)
+        reorder.bind_ortvalue_output("h_selected", h_sel)
+        reorder.bind_ortvalue_output("c_selected", c_sel)
+
+        decoder = self.decoder.io_binding()
+        decoder.bind_ortvalue_input("tokens", tokens_v)
+        decoder.bind_ortvalue_input("h", h_sel)
+        decoder.bind_ortvalue_input("c", c_sel)
+        if "row_image" in self._decoder_inputs:
+            decoder.bind_ortvalue_input("row_image", images_v)
+        for name in ("features", "att_proj"):
+            if name in self._decoder_inputs:
+                decoder.bind_ortvalue_input(name, encoded[name])
+        decoder.bind_ortvalue_output("log_probs", log_probs)
+        decoder.bind_ortvalue_output("h_out", h_out)
+        decoder.bind_ortvalue_output("c_out", c_out)
+        alpha = None
+        if self._has_alpha:
+            alpha = buffer([capacity, self._grid_cells])
+            decoder.bind_ortvalue_output("alpha", alpha)
+        first = [True]
 
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
-            reorder = self.reorder.io_binding()
-            reorder.bind_ortvalue_input("h", state["h"])
-            reorder.bind_ortvalue_input("c", state["c"])
-            reorder.bind_cpu_input("parents", np.ascontiguousarray(parents, dtype=np.int64))
-            reorder.bind_output("h_selected", device)
-            reorder.bind_output("c_selected", device)
+            rows = len(tokens)
+            host_tokens[:rows], host_tokens[rows:] = tokens, 0
+            host_parents[:rows], host_parents[rows:] = parents, 0
+            host_images[:rows], host_images[rows:] = row_image, 0
+            tokens_v.update_inplace(host_tokens)
+            parents_v.update_inplace(host_parents)
+            images_v.update_inplace(host_images)
             self.reorder.run_with_iobinding(reorder)
-            h, c = reorder.get_outputs()
-
-            bound = self.decoder.io_binding()
-            bound.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-            bound.bind_ortvalue_input("h", h)
-            bound.bind_ortvalue_input("c", c)
-            if "row_image" in self._decoder_inputs:
-                bound.bind_cpu_input("row_image", np.ascontiguousarray(row_image, dtype=np.int64))
-            for name, value in static.items():
-                bound.bind_ortvalue_input(name, value)
-            bound.bind_output("log_probs", "cpu")
-            bound.bind_output("h_out", device)
-            bound.bind_output("c_out", device)
-            if self._has_alpha:
-                bound.bind_output("alpha", "cpu")
-            self.decoder.run_with_iobinding(bound)
-            outputs = bound.get_outputs()
-            state["h"], state["c"] = outputs[1], outputs[2]
-            return outputs[0].numpy(), (outputs[3].numpy() if self._has_alpha else None)
+            if first[0]:  # from now on the state comes from the decoder's own output buffers
+                reorder.bind_ortvalue_input("h", h_out)
+                reorder.bind_ortvalue_input("c", c_out)
+                first[0] = False
+            self.decoder.run_with_iobinding(decoder)
+            attention = np.array(alpha.numpy()[:rows]) if alpha is not None and keep_attention else None  # a copy: the buffer is reused
+            return _Selected(self, log_probs, rows), attention
 
         return step
 
@@ -197,26 +237,39 @@ class Engine:
     def caption(
         self,
         images: Sequence[np.ndarray] | np.ndarray,
-        config: DecodingConfig,
-        attention: bool = False,
+        config: DecodingConfig | Sequence[DecodingConfig],
+        attention: bool | Sequence[bool] = False,
     ) -> list[list[Caption]]:
-        """Caption a batch of preprocessed images ([3, H, W] float32 each). One list per image,
-        best first, `num_captions` long (shorter only if the rules left no finished hypothesis)."""
-        batch = np.ascontiguousarray(np.stack(list(images)) if not isinstance(images, np.ndarray) else images, dtype=np.float32)
+        """Caption a batch of preprocessed images ([3, H, W] float32 each), each with its own
+        settings if `config` (and `attention`) is a list. One list per image, best first,
+        `num_captions` long (shorter only if the rules left no finished hypothesis)."""
+        batch = images if isinstance(images, np.ndarray) else np.stack(list(images))
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[0] == 0:
             raise ValueError(f"expected a non-empty [N, 3, H, W] batch, got shape {batch.shape}")
-        resolved = config.resolved(self.bundle.max_length)
-        step = self._make_bound_step(batch) if self.io_binding else self._make_step(self.encode(batch))
+        n = batch.shape[0]
+        configs = [config] * n if isinstance(config, DecodingConfig) else list(config)
+        wants = [attention] * n if isinstance(attention, bool) else [bool(a) for a in attention]
+        if len(configs) != n or len(wants) != n:
+            raise ValueError(f"{n} images but {len(configs)} configs and {len(wants)} attention flags")
+        resolved = [c.resolved(self.bundle.max_length) for c in configs]
+        keep_attention = self._has_alpha and any(wants)
+        if self.io_binding:
+            capacity = max(n, sum(1 if c.strategy == "greedy" else c.beam_size for c in resolved))
+            step = self._make_bound_step(batch, capacity, keep_attention)
+        else:
+            step = self._make_step(self.encode(batch), keep_attention)
         hypotheses = beam_search(
             step,
-            num_images=batch.shape[0],
+            num_images=n,
             config=resolved,
             special=self.bundle.special,
-            keep_attention=attention and self._has_alpha,
+            keep_attention=keep_attention,
+            vocab_size=self._vocab_out,
         )
-        return [[self._to_caption(h) for h in per_image] for per_image in hypotheses]
+        return [[self._to_caption(h, want) for h in per_image] for per_image, want in zip(hypotheses, wants)]
 
-    def _to_caption(self, hyp: Hypothesis) -> Caption:
+    def _to_caption(self, hyp: Hypothesis, attention: bool = True) -> Caption:
         words = self.bundle.words(hyp.tokens)
         return Caption(
             text=" ".join(words),
@@ -224,7 +277,7 @@ class Engine:
             token_ids=list(hyp.tokens),
             score=hyp.score,
             normalized_score=hyp.normalized_score,
-            attention=hyp.attention,
+            attention=hyp.attention if attention else None,
         )
 
     def warmup(self) -> None:
@@ -233,3 +286,46 @@ class Engine:
         blank = np.zeros((1, 3, height, width), dtype=np.float32)
         self.caption(blank, DecodingConfig(strategy="beam", beam_size=2, max_length=min(4, self.bundle.max_length)))
 
+
+
+class _Selected:
+    """A step's log-probabilities as app/decoding.py's StepOutput: TopK (and the <end> column) run
+    by app/select.onnx where the log-probabilities are (device memory with IO binding), so only
+    [rows, k] values and ids are copied to the host; `full()` copies everything (rare)."""
+
+    def __init__(self, engine: Engine, log_probs: np.ndarray | ort.OrtValue, rows: int):
+        self.engine = engine
+        self.log_probs = log_probs
+        self.rows = rows
+        self._end: np.ndarray | None = None
+
+    def _select(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        engine = self.engine
+        k_value = np.array([k], dtype=np.int64)
+        if isinstance(self.log_probs, np.ndarray):
+            values, ids, end = engine.select.run(None, {"log_probs": self.log_probs, "k": k_value, "end": engine._end})
+        else:
+            binding = engine.select.io_binding()
+            binding.bind_ortvalue_input("log_probs", self.log_probs)
+            binding.bind_cpu_input("k", k_value)
+            binding.bind_cpu_input("end", engine._end)
+            for name in ("values", "indices", "end_log_probs"):
+                binding.bind_output(name, "cpu")
+            engine.select.run_with_iobinding(binding)
+            values, ids, end = (v.numpy() for v in binding.get_outputs())
+        self._end = end[: self.rows, 0]
+        return values[: self.rows], ids[: self.rows]
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._select(min(k, self.engine._vocab_out))
+
+    def column(self, token: int) -> np.ndarray:
+        if token == int(self.engine._end[0]):
+            if self._end is None:
+                self._select(1)
+            return self._end
+        return self.full()[:, token]
+
+    def full(self) -> np.ndarray:
+        array = self.log_probs if isinstance(self.log_probs, np.ndarray) else self.log_probs.numpy()
+        return array[: self.rows]

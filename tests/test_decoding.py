@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from app.decoding import DecodingConfig, banned_ngram_tokens, beam_search, length_normalized
+from app.decoding import DecodingConfig, DenseLogProbs, banned_ngram_tokens, beam_search, length_normalized
 
 SPECIAL = {"pad": 0, "start": 1, "end": 2, "unk": 3}
 FIRST_WORD = 4
@@ -265,3 +265,71 @@ def test_request_settings_on_top_of_the_defaults():
     assert defaults.with_overrides(length_penalty=None, max_length=7) == DecodingConfig(beam_size=3, length_penalty=0.5, max_length=7)
     with pytest.raises(ValueError, match="num_captions"):
         defaults.with_overrides(beam_size=2, num_captions=3)
+
+
+MIXED = [
+    DecodingConfig(strategy="greedy", max_length=6),
+    DecodingConfig(beam_size=3, max_length=4),
+    DecodingConfig(beam_size=5, num_captions=3, max_length=7, length_penalty=1.0),
+    DecodingConfig(beam_size=4, num_captions=2, max_length=6, no_repeat_ngram_size=1),
+]
+
+
+def test_images_with_different_settings_share_each_step_and_match_decoding_alone():
+    model = ToyModel(6, seed=21, sharp=1.2)
+    together = beam_search(model.step_fn(), len(MIXED), MIXED, SPECIAL)
+    assert model.calls <= 8  # the longest max_length + 1 steps, one call each, for all four images
+    for image, config in enumerate(MIXED):
+
+        class Alone(ToyModel):
+            def log_probs(self, img, history):
+                return model.log_probs(image, history)
+
+        (alone,) = beam_search(Alone(6, 21).step_fn(), 1, config, SPECIAL)
+        assert [(h.tokens, h.score, h.normalized_score) for h in alone] == [
+            (h.tokens, h.score, h.normalized_score) for h in together[image]]
+
+
+class CountingOutput:
+    """A StepOutput that records how the search reads it."""
+
+    def __init__(self, log_probs, log):
+        self.inner = DenseLogProbs(log_probs)
+        self.log = log
+
+    def top(self, k):
+        self.log.append(("top", k))
+        return self.inner.top(k)
+
+    def column(self, token):
+        self.log.append(("column", token))
+        return self.inner.column(token)
+
+    def full(self):
+        self.log.append(("full", None))
+        return self.inner.full()
+
+
+@pytest.mark.parametrize("config", MIXED[:3] + [DecodingConfig(beam_size=3, max_length=6, no_repeat_ngram_size=1)])
+def test_only_the_best_few_tokens_are_read_unless_the_rules_need_more(config):
+    """With a large vocabulary the search asks each step for the top k (k = open beams + 4) and reads
+    the full log-probabilities only when blocking left a row short; the captions are the same as
+    with the full log-probabilities every step."""
+    words = 300
+    model = ToyModel(words, seed=4, sharp=3.0)
+    reads: list = []
+    base = model.step_fn()
+
+    def step(tokens, parents, row_image):
+        out, att = base(tokens, parents, row_image)
+        return CountingOutput(out, reads), att
+
+    resolved = config.resolved()
+    got = beam_search(step, 3, [resolved] * 3, SPECIAL, vocab_size=FIRST_WORD + words)
+    want = beam_search(ToyModel(words, seed=4, sharp=3.0).step_fn(), 3, resolved, SPECIAL, vocab_size=1)  # 1: always full
+    assert [[(h.tokens, h.score) for h in per] for per in got] == [[(h.tokens, h.score) for h in per] for per in want]
+    beam = 1 if config.strategy == "greedy" else config.beam_size
+    assert all(k <= beam + 4 for kind, k in reads if kind == "top")
+    fulls = sum(kind == "full" for kind, _ in reads)
+    tops = sum(kind == "top" for kind, _ in reads)
+    assert tops > 0 and fulls <= tops // 2

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from app.bundle import load_bundle
 from app.decoding import DecodingConfig
-from app.engine import REORDER_GRAPH, Engine, EngineError
+from app.engine import REORDER_GRAPH, SELECT_GRAPH, Engine, EngineError
 from tests.bundle_factory import make_tiny_bundle
 
 
@@ -86,3 +86,61 @@ def test_cuda_is_never_replaced_by_cpu_silently(bundle):
         Engine(bundle, device="cuda")
     engine = Engine(bundle, device="auto")  # falls back, with a warning, and says so
     assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu"
+
+
+def build_select_model() -> onnx.ModelProto:
+    """The graph committed as app/select.onnx: each row's k best log-probabilities (TopK: sorted,
+    ties to the lower token id) and the <end> column, computed where the log-probabilities are."""
+    def tensor(name, dtype, dims):
+        return helper.make_tensor_value_info(name, dtype, dims)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("TopK", ["log_probs", "k"], ["values", "indices"], axis=1, largest=1, sorted=1),
+            helper.make_node("Gather", ["log_probs", "end"], ["end_log_probs"], axis=1),
+        ],
+        "select_candidates",
+        [tensor("log_probs", TensorProto.FLOAT, ["rows", "vocab"]), tensor("k", TensorProto.INT64, [1]),
+         tensor("end", TensorProto.INT64, [1])],
+        [tensor("values", TensorProto.FLOAT, ["rows", "k"]), tensor("indices", TensorProto.INT64, ["rows", "k"]),
+         tensor("end_log_probs", TensorProto.FLOAT, ["rows", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="captioner")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_committed_select_graph_is_the_one_built_here():
+    assert onnx.load(str(SELECT_GRAPH)).graph.SerializeToString() == build_select_model().graph.SerializeToString()
+    session = ort.InferenceSession(str(SELECT_GRAPH), providers=["CPUExecutionProvider"])
+    log_probs = np.log(np.array([[0.1, 0.4, 0.1, 0.4], [0.25, 0.25, 0.25, 0.25]], dtype=np.float32))
+    values, ids, end = session.run(None, {"log_probs": log_probs, "k": np.array([3]), "end": np.array([2])})
+    np.testing.assert_array_equal(ids, [[1, 3, 0], [0, 1, 2]])  # ties: lower token id first
+    np.testing.assert_allclose(values, np.take_along_axis(log_probs, ids, axis=1))
+    np.testing.assert_allclose(end[:, 0], log_probs[:, 2])
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["plain", "bound"])
+def test_one_call_with_mixed_settings_equals_separate_calls(bundle, io_binding):
+    """What the service's dynamic batcher relies on: requests with different settings in one engine
+    call get exactly what they would get alone."""
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, size=(4, 3, 224, 224)).astype(np.float32)
+    configs = [
+        DecodingConfig(strategy="greedy"),
+        DecodingConfig(beam_size=3),
+        DecodingConfig(beam_size=5, num_captions=3, length_penalty=1.0),
+        DecodingConfig(beam_size=2, num_captions=2, no_repeat_ngram_size=2, max_length=5),
+    ]
+    engine = Engine(bundle, device="cpu", io_binding=io_binding)
+    together = engine.caption(images, configs, attention=[True, False, False, True])
+    for i, config in enumerate(configs):
+        (alone,) = engine.caption(images[i : i + 1], config, attention=True)
+        assert [c.token_ids for c in together[i]] == [c.token_ids for c in alone]
+        assert [c.score for c in together[i]] == pytest.approx([c.score for c in alone], abs=1e-5)
+        if bundle.attention and i in (0, 3):
+            np.testing.assert_allclose(together[i][0].attention, alone[0].attention, atol=1e-6)
+        else:
+            assert together[i][0].attention is None or not bundle.attention
+    assert together[1][0].attention is None
