@@ -1,0 +1,88 @@
+"""`POST /v1/captions/attention.png`: where the model looked, word by word, as one PNG."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from app.attention import attention_map, render_attention_png, require_attention
+from app.decoding import DecodingConfig
+from app.errors import APIError, error_responses
+from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
+from app.routes import EngineDep, MetricsDep, SettingsDep
+from app.routes.captions import DECODE_STATUS, IMAGE_FORMATS, _infer, _read_upload, decoding_config
+
+router = APIRouter(prefix="/v1", tags=["captions"])
+
+
+class PNGResponse(Response):
+    media_type = "image/png"
+
+
+_ERRORS = {
+    409: "The model has no attention (a Show-and-Tell bundle): code attention_unavailable.",
+    413: "The request body is over the size limit (refused without reading it all), or the image has "
+    "more pixels than max_image_pixels (refused from its header, before decoding).",
+    415: f"The upload is not an image, or not one of {IMAGE_FORMATS}.",
+    422: "Missing `image` field, empty file, truncated or corrupt image, or an invalid parameter.",
+}
+
+
+def _decode(data: bytes, max_pixels: int, spec):
+    img = decode_image(data, max_pixels, draft_size(spec))
+    return img, to_array(img, spec)
+
+
+@router.post(
+    "/captions/attention.png",
+    operation_id="create_attention_png",
+    summary="Caption one image and draw where the model looked for each word",
+    description=f"Upload one image ({IMAGE_FORMATS}) as the multipart field `image`; the decoding query "
+    "parameters are those of `POST /v1/captions`. The answer is one PNG: a grid of panels, one per token of "
+    "the best caption (its words, then <end>), each the upright image with that token's attention weights "
+    "as a heatmap (bright = more weight, scaled per token), titled with the token; the caption is written "
+    "on top. Needs an attention model: a Show-and-Tell bundle answers 409 attention_unavailable.",
+    response_class=PNGResponse,
+    responses={
+        200: {
+            "description": "The attention picture (PNG).",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(400, 409, 413, 415, 422, 503, descriptions=_ERRORS),
+    },
+)
+async def create_attention_png(
+    request: Request,
+    image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
+    config: Annotated[DecodingConfig, Depends(decoding_config)],
+    engine: EngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    panel: Annotated[int, Query(ge=64, le=512, description="Longer side of each panel, in pixels.")] = 224,
+    columns: Annotated[int, Query(ge=1, le=12, description="Panels per row.")] = 4,
+) -> PNGResponse:
+    require_attention(engine)
+    spec = engine.bundle.preprocessing
+    try:
+        data = await _read_upload(image, settings)
+        img, array = await run_in_threadpool(_decode, data, settings.max_image_pixels, spec)
+    except ImageDecodeError as exc:
+        metrics.image_error(exc.code)
+        status = 413 if exc.code == "file_too_large" else DECODE_STATUS.get(exc.code, 422)
+        code = "payload_too_large" if exc.code == "file_too_large" else exc.code
+        raise APIError(status, code, exc.message) from None
+    results, _ = await _infer(request, engine, [array], config, metrics, attention=True)
+    if not results or not results[0]:
+        raise APIError(422, "no_caption", "the decoding settings left no finished caption to draw")
+    best = results[0][0]
+    amap = attention_map(best, engine.bundle)
+    if amap is None:  # the engine said it has attention, yet returned none
+        raise APIError(409, "attention_unavailable", "the model returned no attention weights")
+    png = await run_in_threadpool(
+        render_attention_png, img, amap["tokens"], amap["weights"], amap["grid"],
+        panel=panel, columns=columns, title=best.text,
+    )
+    return PNGResponse(content=png, headers={"Cache-Control": "no-store"})
