@@ -31,6 +31,18 @@ _ERRORS = {
 }
 
 
+def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict:
+    """`error_responses(...)`, with the error body documented as application/json explicitly (FastAPI
+    would list a `model` under the route's own media type, image/png). ErrorResponse is in the
+    schema's components through the other routes."""
+    out = {}
+    for status, entry in error_responses(*statuses, descriptions=descriptions).items():
+        entry = {k: v for k, v in entry.items() if k != "model"}
+        entry["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        out[status] = entry
+    return out
+
+
 def _decode(data: bytes, max_pixels: int, spec):
     img = decode_image(data, max_pixels, draft_size(spec))
     return img, to_array(img, spec)
@@ -51,7 +63,7 @@ def _decode(data: bytes, max_pixels: int, spec):
             "description": "The attention picture (PNG).",
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **error_responses(400, 409, 413, 415, 422, 503, descriptions=_ERRORS),
+        **_json_errors(400, 409, 413, 415, 422, 503, 504, descriptions=_ERRORS),
     },
 )
 async def create_attention_png(
