@@ -1,0 +1,344 @@
+"""`captioner caption-dir`: caption a folder into JSON lines or CSV, locally (tiny bundles and the real
+models/default) or through a running service (`--url`, with retries on 503), and resume."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import json
+import os
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from app.bulk import retry_after_seconds, sniff_image
+from captioner.cli import cli
+from tests.bundle_factory import make_tiny_bundle
+from tests.live_server import REPO, image_bytes, live_server
+
+skimage_data = pytest.importorskip("skimage.data")
+
+IMAGES = {  # relative path -> how it is made; names lie on purpose where noted
+    "a/cat.jpg": ("chelsea", "JPEG"),
+    "a/b/astronaut.png": ("astronaut", "PNG"),
+    "a/b/c/coins.gif": ("coins", "GIF"),
+    "a/b/c/rocket.webp": ("rocket", "WEBP"),
+    "d/coffee.bmp": ("coffee", "BMP"),
+    "d/camera.tiff": ("camera", "TIFF"),
+    "d/really_a_png.txt": ("hubble_deep_field", "PNG"),   # wrong extension: still an image
+    "photo.png": ("chelsea", "JPEG"),                      # a JPEG called .png
+}
+CORRUPT = "a/broken.jpg"
+TEXT = "a/b/notes.txt"
+DANGLING = "d/gone.jpg"  # a symlink to nothing: listed, cannot be read
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for rel, (name, fmt) in IMAGES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = getattr(skimage_data, name)()
+        if array.dtype != np.uint8:
+            array = (255 * (array - array.min()) / max(1e-9, float(array.max() - array.min()))).astype(np.uint8)
+        if array.ndim == 3 and array.shape[2] == 4:
+            array = array[..., :3]
+        if max(array.shape[:2]) > 400:  # keep the test quick
+            array = array[::2, ::2]
+        path.write_bytes(image_bytes(np.ascontiguousarray(array), fmt))
+    jpeg = image_bytes(skimage_data.chelsea(), "JPEG")
+    (root / CORRUPT).write_bytes(jpeg[: len(jpeg) // 4])
+    (root / TEXT).write_text("shopping list: milk, bread\n", encoding="utf-8")
+    os.symlink(root / "nowhere.jpg", root / DANGLING)
+    (root / "empty_folder").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def sat_bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "sat", attention=True, max_length=8)
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, ["caption-dir", *args], catch_exceptions=False)
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def by_path(records: list[dict]) -> dict[str, dict]:
+    out = {r["path"]: r for r in records}
+    assert len(out) == len(records), "duplicate paths"
+    return out
+
+
+# ---- helpers of app/bulk.py ------------------------------------------------------------------------------
+
+
+def test_sniff_image_by_content():
+    for name, fmt in [("chelsea", "JPEG"), ("astronaut", "PNG"), ("coins", "GIF"), ("rocket", "WEBP"),
+                      ("coffee", "BMP"), ("camera", "TIFF")]:
+        assert sniff_image(image_bytes(getattr(skimage_data, name)(), fmt)[:32]) == fmt
+    assert sniff_image(b"BM is a text file that starts like a bitmap") is None
+    assert sniff_image(b"hello") is None and sniff_image(b"") is None
+
+
+def test_retry_after_parsing():
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= retry_after_seconds(future) <= 31
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+# ---- locally ---------------------------------------------------------------------------------------------
+
+
+def test_folder_to_jsonl_and_resume(folder, sat_bundle, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    result = invoke(str(folder), "--out", str(out), "--bundle", str(sat_bundle), "--device", "cpu",
+                    "--batch-size", "3", "--no-progress")
+    assert result.exit_code == 1, result.output  # the corrupt and the dangling file failed
+    records = by_path(read_jsonl(out))
+    assert set(records) == set(IMAGES) | {CORRUPT, DANGLING}
+    for rel in IMAGES:
+        caps = records[rel]["captions"]
+        assert len(caps) == 1 and caps[0]["text"] and caps[0]["score"] <= 0 and "normalized_score" in caps[0]
+    assert records[CORRUPT]["error"]["code"] == "corrupt_image"
+    assert records[DANGLING]["error"]["code"] == "unreadable_file"
+    assert TEXT not in records
+    stderr = result.stderr
+    assert "9 images found" in stderr and "8 captioned now" in stderr and "2 failed" in stderr
+    assert f"not images: {TEXT}" in stderr and f"failed: {CORRUPT}: corrupt_image" in stderr
+    # the same picture twice (cat.jpg, photo.png) gets the same caption
+    assert records["a/cat.jpg"]["captions"] == records["photo.png"]["captions"]
+    first = out.read_text(encoding="utf-8")
+
+    # a second run has nothing to do
+    result = invoke(str(folder), "--out", str(out), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "9 already in" in result.stderr  # the dangling link is not an image: recorded, not "found"
+    assert "0 captioned now" in result.stderr
+    assert out.read_text(encoding="utf-8") == first
+
+    # delete some lines, and leave a truncated last line as a killed run would
+    lines = first.splitlines(keepends=True)
+    kept = lines[:4]
+    out.write_text("".join(kept) + lines[5][: len(lines[5]) // 2], encoding="utf-8")
+    result = invoke(str(folder), "--out", str(out), "--bundle", str(sat_bundle), "--device", "cpu",
+                    "--batch-size", "4", "--no-progress")
+    assert "truncated last line" in result.stderr
+    resumed = read_jsonl(out)
+    again = by_path(resumed)  # no duplicates
+    assert set(again) == set(records)
+    assert resumed[:4] == [json.loads(line) for line in kept]
+    for rel, record in records.items():
+        assert again[rel] == record, rel
+
+    # --retry-errors drops the two error records and tries those files again (once each)
+    result = invoke(str(folder), "--out", str(out), "--bundle", str(sat_bundle), "--device", "cpu",
+                    "--retry-errors", "--no-progress")
+    assert result.exit_code == 1 and "2 captioned now" not in result.stderr and "2 failed" in result.stderr
+    final = by_path(read_jsonl(out))
+    assert final == records
+
+
+def test_csv_with_several_captions(folder, sat_bundle, tmp_path):
+    out = tmp_path / "captions.csv"
+    args = [str(folder), "--out", str(out), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress",
+            "--strategy", "beam", "--beam-size", "3", "--num-captions", "2"]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+
+    def rows():
+        with open(out, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
+    first = rows()
+    assert list(first[0]) == ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message"]
+    captioned = [r for r in first if not r["error_code"]]
+    assert len(captioned) == 2 * len(IMAGES)
+    for rel in IMAGES:
+        mine = [r for r in captioned if r["path"] == rel]
+        assert [r["rank"] for r in mine] == ["1", "2"]
+        assert float(mine[0]["normalized_score"]) >= float(mine[1]["normalized_score"])
+    errors = {r["path"]: r for r in first if r["error_code"]}
+    assert set(errors) == {CORRUPT, DANGLING} and errors[CORRUPT]["rank"] == ""
+
+    # resume after losing the rows of the last images and half a row
+    text = out.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    out.write_text("".join(lines[:7]) + lines[7][:10], encoding="utf-8")
+    result = invoke(*args)
+    again = rows()
+    assert sorted(map(tuple, (r.values() for r in again))) == sorted(map(tuple, (r.values() for r in first)))
+
+    # --format wins over the extension
+    out2 = tmp_path / "captions.txt"
+    result = invoke(str(folder / "d"), "--out", str(out2), "--format", "csv", "--bundle", str(sat_bundle),
+                    "--device", "cpu", "--no-progress")
+    assert out2.read_text(encoding="utf-8").startswith("path,rank,text,")
+    assert invoke(str(folder), "--out", str(out2), "--format", "xml").exit_code == 2
+
+
+def test_show_and_tell_bundle_and_bad_options(folder, tmp_path):
+    st = make_tiny_bundle(tmp_path / "st", attention=False, max_length=6)
+    out = tmp_path / "st.jsonl"
+    result = invoke(str(folder / "a" / "b"), "--out", str(out), "--bundle", str(st), "--device", "cpu",
+                    "--strategy", "greedy", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert {r["path"] for r in read_jsonl(out)} == {"astronaut.png", "c/coins.gif", "c/rocket.webp"}
+    assert invoke(str(tmp_path / "missing"), "--out", str(out)).exit_code == 2
+    result = invoke(str(folder), "--out", str(out), "--bundle", str(st), "--beam-size", "2", "--num-captions", "3")
+    assert result.exit_code == 2 and "invalid decoding settings" in result.stderr
+    result = invoke(str(folder), "--out", str(out), "--bundle", str(tmp_path / "nope"))
+    assert result.exit_code == 2 and "cannot load the model" in result.stderr
+
+
+def test_default_model(folder, tmp_path):
+    bundle = REPO / "models" / "default"
+    if not (bundle / "encoder.onnx").exists():
+        pytest.skip("models/default is not there")
+    out = tmp_path / "default.jsonl"
+    result = invoke(str(folder / "d"), "--out", str(out), "--bundle", str(bundle), "--device", "cpu",
+                    "--threads", "1", "--strategy", "greedy", "--batch-size", "2", "--no-progress")
+    assert result.exit_code == 1, result.output  # d/gone.jpg
+    records = by_path(read_jsonl(out))
+    assert set(records) == {"coffee.bmp", "camera.tiff", "really_a_png.txt", "gone.jpg"}
+    for rel in ("coffee.bmp", "camera.tiff", "really_a_png.txt"):
+        assert records[rel]["captions"][0]["text"].split()
+
+
+# ---- through a running service ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(sat_bundle, tmp_path_factory):
+    with live_server(sat_bundle, tmp_path_factory.mktemp("logs") / "service.log", max_batch_files=3) as srv:
+        yield srv
+
+
+class FlakyProxy:
+    """A real HTTP server in front of the service: the first `fail` POSTs to /v1/captions/batch get
+    503 with Retry-After (as a service that is overloaded or restarting); everything else is passed on."""
+
+    def __init__(self, upstream: str, fail: int, retry_after: str = "1"):
+        self.upstream = upstream
+        self.fail = fail
+        self.retry_after = retry_after
+        self.log: list[tuple[float, str, int]] = []  # (time, path, status)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _answer(self, status: int, body: bytes, headers: dict[str, str]):
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                proxy.log.append((time.monotonic(), self.path, status))
+
+            def _forward(self, method: str):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if method == "POST" and self.path.startswith("/v1/captions/batch") and proxy.fail > 0:
+                    proxy.fail -= 1
+                    payload = json.dumps({"error": {"code": "overloaded", "message": "busy", "request_id": "x"}})
+                    self._answer(503, payload.encode(), {"Content-Type": "application/json",
+                                                         "Retry-After": proxy.retry_after})
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type",)}
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, headers=headers, method=method)
+                try:
+                    with opener.open(request, timeout=60) as response:
+                        status, payload, ctype = response.status, response.read(), response.headers["Content-Type"]
+                except urllib.error.HTTPError as exc:
+                    status, payload, ctype = exc.code, exc.read(), exc.headers["Content-Type"]
+                self._answer(status, payload, {"Content-Type": ctype or "application/octet-stream"})
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                self._forward("POST")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_url_mode_matches_local(folder, sat_bundle, server, tmp_path):
+    local = tmp_path / "local.jsonl"
+    invoke(str(folder), "--out", str(local), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress",
+           "--max-length", "6")
+    remote = tmp_path / "remote.jsonl"
+    result = invoke(str(folder), "--out", str(remote), "--url", server.url, "--batch-size", "16",
+                    "--concurrency", "3", "--max-length", "6", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "at most 3 files per request" in result.stderr
+    want, got = by_path(read_jsonl(local)), by_path(read_jsonl(remote))
+    assert set(got) == set(want)
+    for rel in IMAGES:
+        assert [c["text"] for c in got[rel]["captions"]] == [c["text"] for c in want[rel]["captions"]], rel
+        assert got[rel]["captions"][0]["score"] == pytest.approx(want[rel]["captions"][0]["score"], abs=1e-4)
+    assert got[CORRUPT]["error"]["code"] == "corrupt_image"
+    assert got[DANGLING]["error"]["code"] == "unreadable_file"
+
+    # and it resumes like the local mode
+    lines = remote.read_text(encoding="utf-8").splitlines(keepends=True)
+    remote.write_text("".join(lines[:3]), encoding="utf-8")
+    invoke(str(folder), "--out", str(remote), "--url", server.url, "--max-length", "6", "--no-progress")
+    assert by_path(read_jsonl(remote)) == got
+
+
+def test_url_mode_retries_503_with_retry_after(folder, server, tmp_path):
+    out = tmp_path / "retry.jsonl"
+    with FlakyProxy(server.url, fail=1, retry_after="1") as proxy:
+        result = invoke(str(folder / "a"), "--out", str(out), "--url", proxy.url, "--batch-size", "2",
+                        "--concurrency", "1", "--no-progress")
+    assert result.exit_code == 1, result.output  # a/broken.jpg
+    assert "HTTP 503; retrying in 1.0 s" in result.stderr
+    posts = [(t, status) for t, path, status in proxy.log if path.startswith("/v1/captions/batch")]
+    assert posts[0][1] == 503 and posts[1][1] == 200
+    assert posts[1][0] - posts[0][0] >= 0.9  # Retry-After: 1 was honoured
+    records = by_path(read_jsonl(out))
+    assert set(records) == {p[2:] for p in IMAGES if p.startswith("a/")} | {"broken.jpg"}
+    assert all("captions" in r for p, r in records.items() if p != "broken.jpg")
+
+
+def test_url_mode_gives_up_and_resumes(folder, server, tmp_path):
+    out = tmp_path / "gave-up.jsonl"
+    with FlakyProxy(server.url, fail=100, retry_after="0") as proxy:
+        result = invoke(str(folder / "d"), "--out", str(out), "--url", proxy.url, "--retries", "2", "--no-progress")
+    assert result.exit_code == 1
+    assert "still after 2 retries" in result.stderr and "Run the same command again" in result.stderr
+    assert sum(1 for _, path, s in proxy.log if path.startswith("/v1/captions/batch") and s == 503) == 3
+    # only the unreadable file was recorded; the rest is done on the next run
+    assert [r["path"] for r in read_jsonl(out)] == ["gone.jpg"]
+    result = invoke(str(folder / "d"), "--out", str(out), "--url", server.url, "--no-progress")
+    assert {r["path"] for r in read_jsonl(out)} == {"coffee.bmp", "camera.tiff", "really_a_png.txt", "gone.jpg"}
+    # a service that is not there at all
+    result = invoke(str(folder / "d"), "--out", str(out), "--url", "http://127.0.0.1:9", "--retries", "0")
+    assert result.exit_code == 2 and "cannot be used" in result.stderr
