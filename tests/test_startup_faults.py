@@ -1,0 +1,160 @@
+"""Start-up faults, one table: each bad bundle, device or setting stops `python -m app.cli serve` within
+seconds with a non-zero exit status and one clear line naming the problem: no traceback, and no path
+of the service's own source files (only the operator's own paths, such as the bundle's, appear).
+
+Exit statuses: 2 for an invalid setting (the settings are checked before anything loads), 3 for a
+bundle or engine that cannot load and for a port already taken (uvicorn's start-up failure status).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.bundle_factory import make_tiny_bundle
+from tests.live_server import REPO, free_port, service_env
+
+SECRET = "tiny-secret"  # an API key too short to accept: the message must not echo it
+TIMES: dict[str, float] = {}
+
+
+def _altered(bundle: Path) -> None:
+    with open(bundle / "decoder.onnx", "ab") as f:
+        f.write(b"\x00")
+
+
+def _flipped_byte(bundle: Path) -> None:
+    path = bundle / "encoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@dataclass
+class Fault:
+    id: str
+    settings: dict = field(default_factory=dict)
+    status: int = 3
+    expect: tuple[str, ...] = ()  # all on one line of the output
+    edit: Callable[[Path], None] | None = None  # how to damage a fresh tiny bundle
+    bundle: str = "tiny"  # "tiny", "absent" (a path that does not exist) or "empty" (an empty folder)
+    hold_port: bool = False
+    absent: tuple[str, ...] = ()  # must not appear anywhere in the output
+
+
+FAULTS = [
+    # -- the bundle
+    Fault("bundle-missing", bundle="absent", expect=("cannot start", "model bundle", "does not exist")),
+    Fault("bundle-empty-folder", bundle="empty", expect=("cannot start", "model bundle", "manifest.json")),
+    Fault("bundle-file-missing", edit=lambda b: (b / "encoder.onnx").unlink(),
+          expect=("cannot start", "encoder.onnx", "missing")),
+    Fault("bundle-file-appended", edit=_altered, expect=("cannot start", "decoder.onnx", "sha256 mismatch")),
+    Fault("bundle-file-byte-flipped", edit=_flipped_byte, expect=("cannot start", "encoder.onnx", "sha256 mismatch")),
+    Fault("bundle-manifest-not-json", edit=lambda b: (b / "manifest.json").write_text("{not json"),
+          expect=("cannot start", "manifest.json", "invalid JSON")),
+    Fault("bundle-vocab-missing", edit=lambda b: (b / "vocab.json").unlink(), expect=("cannot start", "vocab.json")),
+    # -- the device
+    Fault("device-cuda-without-cuda", {"device": "cuda"},
+          expect=("cannot start", "inference engine error", "device=cuda", "CUDAExecutionProvider")),
+    # -- settings
+    Fault("device-tpu", {"device": "tpu"}, 2, ("CAPTIONER_DEVICE", "'tpu'")),
+    Fault("port-abc", {"port": "abc"}, 2, ("CAPTIONER_PORT", "integer", "'abc'")),
+    Fault("port-70000", {"port": "70000"}, 2, ("CAPTIONER_PORT", "65535")),
+    Fault("threads-0", {"threads": "0"}, 2, ("CAPTIONER_THREADS",)),
+    Fault("log-level-verbose", {"log_level": "verbose"}, 2, ("CAPTIONER_LOG_LEVEL", "'verbose'")),
+    Fault("max-upload-negative", {"max_upload_bytes": "-1"}, 2, ("CAPTIONER_MAX_UPLOAD_BYTES",)),
+    Fault("max-batch-files-lots", {"max_batch_files": "lots"}, 2, ("CAPTIONER_MAX_BATCH_FILES",)),
+    Fault("cors-origins-bad-json", {"cors_origins": "[\"https://a.example\""}, 2,
+          ("CAPTIONER_CORS_ORIGINS", "not a JSON list")),
+    Fault("decoding-defaults-inconsistent", {"default_beam_size": "2", "default_num_captions": "3"}, 2,
+          ("invalid decoding defaults", "num_captions")),
+    Fault("api-key-too-short", {"api_keys": SECRET}, 2, ("CAPTIONER_API_KEYS", "16 to 256 characters"),
+          absent=(SECRET,)),
+    Fault("api-keys-bad-json", {"api_keys": f"[\"{SECRET}-0123456789\""}, 2,
+          ("CAPTIONER_API_KEYS", "not a JSON list"), absent=(SECRET,)),
+    Fault("api-keys-file-missing", {"api_keys_file": "/nonexistent/captioner/keys"}, 2,
+          ("CAPTIONER_API_KEYS_FILE", "cannot read", "No such file")),
+    # -- the host
+    Fault("port-in-use", status=3, hold_port=True, expect=("address already in use",)),
+]
+
+# Paths of the service's own code: never in a start-up message.
+CODE_PATHS = (str(REPO / "app"), str(REPO / "captioner"), "site-packages", 'File "', ".py\"", ".py:")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+def _bundle_for(fault: Fault, tiny: Path, tmp_path: Path) -> Path:
+    if fault.bundle == "absent":
+        return tmp_path / "no-such-bundle"
+    if fault.bundle == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    if fault.edit is None:
+        return tiny
+    bundle = make_tiny_bundle(tmp_path / "damaged")
+    fault.edit(bundle)
+    return bundle
+
+
+def test_the_table_covers_the_issue():
+    ids = {f.id for f in FAULTS}
+    assert len(ids) == len(FAULTS) >= 15
+    assert {"bundle-missing", "bundle-file-appended", "device-cuda-without-cuda", "device-tpu", "port-abc"} <= ids
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
+def test_startup_fault(fault: Fault, tiny: Path, tmp_path: Path):
+    bundle = _bundle_for(fault, tiny, tmp_path)
+    holder = None
+    settings = dict(fault.settings)
+    if fault.hold_port:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        settings["port"] = holder.getsockname()[1]
+    settings.setdefault("port", free_port())
+    env = service_env(bundle, **settings)
+    started = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=60)
+    finally:
+        if holder is not None:
+            holder.close()
+    elapsed = time.perf_counter() - started
+    TIMES[fault.id] = elapsed
+    output = result.stdout + result.stderr
+
+    assert result.returncode == fault.status, output
+    assert elapsed < 30.0, f"took {elapsed:.1f} s"
+    assert "Traceback" not in output, output
+    for leak in CODE_PATHS:
+        assert leak not in output, (leak, output)
+    for text in fault.absent:
+        assert text not in output, output
+    # one line says it all
+    lines = [line for line in output.splitlines() if all(e in line for e in fault.expect)]
+    assert lines, f"no line holds all of {fault.expect}:\n{output}"
+    assert len(output.splitlines()) <= 8, output  # a few lines, not a dump
+
+
+def test_report_exit_times():
+    """Runs last: print the measured exit times (docs/reliability.md quotes them)."""
+    if not TIMES:
+        pytest.skip("no fault ran")
+    slowest = max(TIMES, key=TIMES.get)
+    print(f"\nstart-up faults: {len(TIMES)}; exit times {min(TIMES.values()):.2f}-{TIMES[slowest]:.2f} s "
+          f"(slowest: {slowest})")
+    for name, seconds in sorted(TIMES.items(), key=lambda kv: kv[1]):
+        print(f"  {name}: {seconds:.2f} s")
