@@ -37,15 +37,16 @@ def reference_decode(
     model.eval()
     features, h0, c0, att_proj = model.encode(image.unsqueeze(0))
     live_tokens: list[list[int]] = [[]]
-    live_scores = torch.zeros(1, dtype=torch.float64)
+    device = image.device
+    live_scores = torch.zeros(1, dtype=torch.float64, device=device)
     h, c = h0, c0
-    previous = torch.tensor([special["start"]])
+    previous = torch.tensor([special["start"]], device=device)
     slots = beam
     done: list[RefHypothesis] = []
     for t in range(max_length + 1):
         if not live_tokens:
             break
-        row_image = torch.zeros(len(live_tokens), dtype=torch.long)
+        row_image = torch.zeros(len(live_tokens), dtype=torch.long, device=device)
         log_probs, h, c, _ = model.decoder.step(previous, h, c, row_image, features, att_proj)
         log_probs = log_probs.double()
         for name in ("pad", "start", "unk"):
@@ -77,10 +78,10 @@ def reference_decode(
                 next_tokens.append(token)
         if not next_words:
             break
-        index = torch.tensor(parents, dtype=torch.long)
+        index = torch.tensor(parents, dtype=torch.long, device=device)
         h, c = h.index_select(0, index), c.index_select(0, index)
-        previous = torch.tensor(next_tokens, dtype=torch.long)
-        live_scores = torch.tensor(next_scores, dtype=torch.float64)
+        previous = torch.tensor(next_tokens, dtype=torch.long, device=device)
+        live_scores = torch.tensor(next_scores, dtype=torch.float64, device=device)
         live_tokens = next_words
     ranked = sorted(enumerate(done), key=lambda item: (-item[1].normalized_score, item[0]))
     return [hyp for _, hyp in ranked[:num_captions]]

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end on tiny inputs and write the report they promise. (No
+timing is checked here: the figures are in docs/performance.md.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=BENCH, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_gpu_script_cpu_mode_includes_engine_vs_torch(tmp_path):
+    report_path = tmp_path / "gpu.json"
+    run_script("gpu.py", "--device", "cpu", "--quick", "--size", "default", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    rates = report["engine_vs_torch"]["images_per_s"]
+    assert {"torch_one_at_a_time", "torch_batched", "engine_one_at_a_time", "engine_batched",
+            "engine_io_binding_batched"} <= set(rates)
+    assert all(v > 0 for v in rates.values())
+    # same weights on both sides: the per-image torch reference and the engine agree caption for caption
+    assert report["engine_vs_torch"]["same_captions"]["engine"]["vs_torch_one_at_a_time"] == 1.0
+    assert report["provider"] == "CPUExecutionProvider"
+    assert [r["batching"] for r in report["batcher_c16"]] == [True, False]
+    assert set(report["ratios"]) == {"engine_batched / torch_batched", "batching_on / batching_off (c16)"}
+
+
+def test_preprocess_benchmark(tmp_path):
+    report_path = tmp_path / "pre.json"
+    run_script("preprocess.py", "--images", "3", "--threads", "1", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert {"plain_decode_then_resize", "draft_mode_decode", "draft_mode_pool_1_threads"} == set(report["images_per_s"])
+    assert report["mean_abs_input_difference_0_to_1"] < 0.02  # draft mode barely changes the model's input
+
+
+@pytest.mark.parametrize("loadgen", ["python", "wrk"])
+def test_http_load_benchmark(tmp_path, loadgen):
+    if loadgen == "wrk" and shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk); the python load generator is tested")
+    report_path = tmp_path / "http.json"
+    run_script("http_load.py", "--duration", "1", "--concurrency", "1", "2", "--batching-concurrency", "2",
+               "--max-batch-images", "2", "--loadgen", loadgen, "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert [r["concurrency"] for r in report["service"]] == [1, 2]
+    for point in report["service"] + [report["batching_on"], report["batching_off"]]:
+        assert point["requests"] > 0 and point["ok"] == point["requests"], point
+        assert set(point["latency_ms"]) == {"p50", "p90", "p95", "p99"}
+    assert report["memory_kib_idle"]["VmRSS"] > 0
+    assert len(report["ratios"]) == 2
