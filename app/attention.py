@@ -47,7 +47,7 @@ def grid_shape(bundle, cells: int | None = None) -> tuple[int, int]:
 
 def has_attention(engine) -> bool:
     """Whether the engine's model produces attention weights (a Show-Attend-Tell bundle)."""
-    return bool(getattr(engine, "_has_alpha", False))
+    return bool(getattr(engine, "has_attention", False))
 
 
 def require_attention(engine) -> None:

@@ -117,6 +117,11 @@ class Engine:
         if self.io_binding:
             self.reorder = ort.InferenceSession(str(REORDER_GRAPH), options, providers=self.decoder.get_providers())
 
+    @property
+    def has_attention(self) -> bool:
+        """Whether the decoder outputs attention weights (Show, Attend and Tell bundles)."""
+        return bool(self._has_alpha)
+
     def _check_graphs(self) -> None:
         enc_in = [i.name for i in self.encoder.get_inputs()]
         enc_out = {o.name for o in self.encoder.get_outputs()}
