@@ -158,6 +158,7 @@ def export_cmd(
     evaluate_split: Optional[str] = typer.Option("test", help="Split to evaluate into the manifest ('' to skip)"),
     evaluate_limit: Optional[int] = typer.Option(None, help="Evaluate at most this many images"),
     progress: bool = typer.Option(True),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 (half the size, faster on GPUs; its own parity tolerance)"),
 ) -> None:
     """Export a checkpoint to a model bundle; it proves parity before anything is written."""
 
@@ -168,6 +169,7 @@ def export_cmd(
         return export_bundle(
             checkpoint, out, dataset, name=name, version=version, parity_split=parity_split, parity_images=parity_images,
             evaluate_split=evaluate_split or None, evaluate_limit=evaluate_limit, progress=progress,
+            precision=precision,
         )
 
     path = _guard(run)

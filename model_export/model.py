@@ -138,7 +138,7 @@ class AttentionDecoder(nn.Module):
 
     def step(self, tokens, h, c, row_image, features, att_proj):
         logits, h, c, alpha = self._core(tokens, h, c, features.index_select(0, row_image), att_proj.index_select(0, row_image))
-        return F.log_softmax(logits, dim=1), h, c, alpha
+        return F.log_softmax(logits.float(), dim=1), h, c, alpha  # float32 even in a float16 graph
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs [N, T] (starting with <start>) -> logits [N, T, V], alphas [N, T, P]."""
@@ -176,7 +176,7 @@ class ShowTellDecoder(nn.Module):
     def step(self, tokens, h, c, row_image, features, att_proj):
         h, c = self.lstm(self.embed(tokens), (h, c))
         alpha = torch.ones_like(h[:, :1])
-        return F.log_softmax(self.out(self.dropout(h)), dim=1), h, c, alpha
+        return F.log_softmax(self.out(self.dropout(h)).float(), dim=1), h, c, alpha  # float32 even in float16
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor):
         _, h, c, _ = self.init_state(features)
@@ -232,3 +232,27 @@ class StepGraph(nn.Module):
 
     def forward(self, tokens, h, c, row_image, features, att_proj):
         return self.decoder.step(tokens, h, c, row_image, features, att_proj)
+
+
+class HalfEncoderGraph(nn.Module):
+    """encoder.onnx of a float16 bundle: float32 in and out, float16 weights and arithmetic inside."""
+
+    def __init__(self, model16: Captioner):
+        super().__init__()
+        self.model = model16
+
+    def forward(self, image):
+        return tuple(t.float() for t in self.model.encode(image.half()))
+
+
+class HalfStepGraph(nn.Module):
+    """decoder.onnx of a float16 bundle: float32 state in and out (the engine's buffers), float16
+    inside, the log-softmax in float32 (decoder.step does that)."""
+
+    def __init__(self, model16: Captioner):
+        super().__init__()
+        self.decoder = model16.decoder
+
+    def forward(self, tokens, h, c, row_image, features, att_proj):
+        log_probs, h, c, alpha = self.decoder.step(tokens, h.half(), c.half(), row_image, features.half(), att_proj.half())
+        return log_probs.float(), h.float(), c.float(), alpha.float()

@@ -182,6 +182,40 @@ def test_onnx_captions_equal_the_torch_reference_for_other_settings(bundle, trai
             assert [h.tokens for h in ref] == [c.token_ids for c in got[i]]
 
 
+def test_fp16_export_is_half_the_size_and_proves_its_own_parity(bundle, trained, scenes, tmp_path):
+    out = tmp_path / "tiny16"
+    result = invoke(
+        "export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+        "--out", out, "--name", "tiny", "--version", "0.0.1", "--no-progress", "--precision", "fp16",
+        "--evaluate-split", "",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
+    parity = manifest["parity"]
+    assert parity["precision"] == "fp16" and parity["tolerance"] == 0.05
+    assert max(parity[k] for k in ("encoder_max_abs_random", "encoder_max_abs_real", "step_max_abs_random",
+                                   "step_max_abs_real")) <= 0.05
+    assert parity["greedy_identical"] >= 45 and parity["beam3_identical"] >= 45
+    fp32 = json.loads((bundle / "manifest.json").read_text())
+    for name in ("encoder", "decoder"):
+        assert manifest["files"][name]["bytes"] < 0.6 * fp32["files"][name]["bytes"]
+    # the serving engine runs it unchanged (float32 in and out)
+    loaded = load_bundle(out)
+    images = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, 224, 224)).astype(np.float32)
+    captions = Engine(loaded, device="cpu").caption(images, DecodingConfig(beam_size=3))
+    assert all(c and c[0].tokens for c in captions)
+
+
+def test_unknown_precision_is_a_clear_error(trained, scenes, tmp_path):
+    result = invoke(
+        "export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+        "--out", tmp_path / "x", "--no-progress", "--precision", "int4", "--evaluate-split", "",
+    )
+    assert result.exit_code != 0 and "precision must be one of fp32, fp16" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_evaluate_command_scores_a_bundle_without_torch(bundle, scenes, tmp_path):
     import subprocess
     import sys
