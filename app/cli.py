@@ -7,6 +7,7 @@ can register them; `app_cli` has both, so `python -m app.cli serve|caption` work
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,8 +52,19 @@ def serve(
                                  log_level=log_level)
     app = create_app(settings)
     # The service writes its own JSON access log (with the request id); uvicorn's would duplicate it.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                server_header=False)
+    # On SIGTERM or SIGINT uvicorn stops accepting connections, lets the requests in flight finish
+    # (at most request_timeout_s more), runs the lifespan shutdown and returns.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, server_header=False,
+                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down, which would end the process
+    # with "killed by SIGTERM" after a clean drain: make that re-raise a no-op, so the exit is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # start-up failed (the lifespan logged why), as uvicorn.run exits
 
 
 def caption(
@@ -130,7 +142,9 @@ def caption(
         raise typer.Exit(1)
 
 
-COMMANDS = {"serve": serve, "caption": caption}
+from app.bulk import caption_dir  # noqa: E402  (imports nothing heavy: the engine loads on use)
+
+COMMANDS = {"serve": serve, "caption": caption, "caption-dir": caption_dir}
 
 app_cli = typer.Typer(help="Image captioning service.", no_args_is_help=True, add_completion=False)
 for _name, _fn in COMMANDS.items():
