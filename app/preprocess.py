@@ -108,8 +108,10 @@ def to_array(img: Image.Image, spec: Preprocessing) -> np.ndarray:
         img = _to_rgb(img)
     if img.size != (width, height):
         img = img.resize((width, height), _RESAMPLE[spec.resample])
+    # one float copy of the pixels, normalised in place, then the one transposing copy to [3, H, W]
     arr = np.asarray(img, dtype=np.float32)
     mean = np.asarray(spec.mean, dtype=np.float32) * spec.scale
     inv_std = 1.0 / (np.asarray(spec.std, dtype=np.float32) * spec.scale)
-    arr = (arr - mean) * inv_std
+    arr -= mean
+    arr *= inv_std
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
