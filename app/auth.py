@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Iterable
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 

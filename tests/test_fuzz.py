@@ -95,14 +95,14 @@ def config_values(draw) -> dict:
 
 @fuzz(CONFIG_EXAMPLES)
 @given(values=config_values())
-@example(values=dict(strategy="beam", beam_size=10, num_captions=10, max_length=64, length_penalty=5.0,
-                     no_repeat_ngram_size=10))
-@example(values=dict(strategy="greedy", beam_size=1, num_captions=1, max_length=1, length_penalty=0.0,
-                     no_repeat_ngram_size=0))
-@example(values=dict(strategy="greedy", beam_size=5, num_captions=2, max_length=None, length_penalty=1.0,
-                     no_repeat_ngram_size=0))
-@example(values=dict(strategy="beam", beam_size=3, num_captions=1, max_length=None, length_penalty=float("nan"),
-                     no_repeat_ngram_size=0))
+@example(values={"strategy": "beam", "beam_size": 10, "num_captions": 10, "max_length": 64, "length_penalty": 5.0,
+                 "no_repeat_ngram_size": 10})
+@example(values={"strategy": "greedy", "beam_size": 1, "num_captions": 1, "max_length": 1, "length_penalty": 0.0,
+                 "no_repeat_ngram_size": 0})
+@example(values={"strategy": "greedy", "beam_size": 5, "num_captions": 2, "max_length": None,
+                 "length_penalty": 1.0, "no_repeat_ngram_size": 0})
+@example(values={"strategy": "beam", "beam_size": 3, "num_captions": 1, "max_length": None,
+                 "length_penalty": float("nan"), "no_repeat_ngram_size": 0})
 def test_decoding_config_valid_iff_the_rules_say_so(values):
     valid = is_valid(**values)
     event("valid" if valid else "invalid")
@@ -116,7 +116,7 @@ def test_decoding_config_valid_iff_the_rules_say_so(values):
             DecodingConfig(**values)
 
 
-optional = lambda s: st.one_of(st.none(), s)  # noqa: E731
+optional = lambda s: st.one_of(st.none(), s)
 
 
 @fuzz(OVERRIDE_EXAMPLES)
