@@ -133,6 +133,9 @@ class DynamicBatcher:
     def running_images(self) -> int:
         return self._running_images
 
+    def is_full(self) -> bool:
+        return self._closing or self._queued_images >= self.max_queue_images
+
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained (at least 1)."""
         backlog = self._queued_images + self._running_images
@@ -155,7 +158,7 @@ class DynamicBatcher:
             raise Overloaded("the service is shutting down", 1)
         images = len(arrays)
         if self._queued_images + images > self.max_queue_images:
-            self._count_rejection("queue_full")
+            self.count_rejection("queue_full")
             raise Overloaded(
                 f"the queue is full ({self._queued_images} images waiting, limit {self.max_queue_images}); "
                 "retry later", self.retry_after())
@@ -182,9 +185,9 @@ class DynamicBatcher:
             return job.future.result()
         self._withdraw(job)
         if watcher is not None and watcher in done and watcher.result():
-            self._count_rejection("client_gone")
+            self.count_rejection("client_gone")
             raise ClientGone()
-        self._count_rejection("deadline")
+        self.count_rejection("deadline")
         raise DeadlineExceeded()
 
     @staticmethod
@@ -295,6 +298,6 @@ class DynamicBatcher:
         if self.metrics is not None:
             self.metrics.queue_images.set(self._queued_images)
 
-    def _count_rejection(self, reason: str) -> None:
+    def count_rejection(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.rejected.labels(reason).inc()

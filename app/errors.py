@@ -128,7 +128,9 @@ _DESCRIPTIONS = {
     422: "Invalid request: missing field, empty file, too many files, bad parameter value, or a truncated "
     "or corrupt image.",
     500: "Internal server error (a fault of the server; the body carries no internals).",
-    503: "The model is not loaded and warmed up yet.",
+    503: "The model is not loaded and warmed up yet, the queue is full, or the service is shutting down; "
+    "retry after the Retry-After header's seconds.",
+    504: "The request did not finish within the service's request_timeout_s.",
 }
 
 

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import install_auth, security_openapi
 from app.errors import (
     REQUEST_ID_HEADER,
     PayloadTooLarge,
@@ -110,7 +111,11 @@ class Metrics:
         self.images = Counter("captioner_images_captioned", "Images captioned.", registry=r)
         self.batch_size = Histogram("captioner_batch_size", "Images per engine call.", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.queue = Histogram("captioner_queue_seconds", "Time a request waited for the inference engine.",
+        self.queue_images = Gauge("captioner_queue_images", "Images waiting for the engine (dynamic batcher queue).",
+                                  registry=r)
+        self.rejected = Counter("captioner_rejected_requests", "Requests refused or dropped by the batcher, by reason "
+                                "(queue_full, deadline, client_gone).", ["reason"], registry=r)
+        self.queue = Histogram("captioner_queue_seconds", "Time a request waited in the batcher's queue.",
                                registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.inference = Histogram("captioner_inference_seconds", "Engine time per call (encoder + search).",
                                    registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -123,10 +128,9 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 
-    def observe_inference(self, images: int, queue_s: float, inference_s: float) -> None:
+    def observe_batch(self, images: int, inference_s: float) -> None:
         self.images.inc(images)
         self.batch_size.observe(images)
-        self.queue.observe(queue_s)
         self.inference.observe(inference_s)
 
     def image_error(self, code: str) -> None:
@@ -227,6 +231,28 @@ class RequestContextMiddleware:
             await send(message)
 
         return lifespan_send
+
+
+class OverloadMiddleware:
+    """503 + Retry-After for a captioning request while the batcher's queue is full, answered before
+    the upload is read (so refusing costs next to nothing). The batcher checks again when the job
+    is submitted, with its real size."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        batcher = getattr(self.state, "batcher", None)
+        if (scope["type"] == "http" and batcher is not None and scope.get("method") == "POST"
+                and scope.get("path", "").startswith("/v1/captions") and batcher.is_full()):
+            batcher.count_rejection("queue_full")
+            rid = scope.get("state", {}).get("request_id") or new_request_id()
+            response = error_json(503, "overloaded", "the queue is full; retry later", rid,
+                                  headers={"Retry-After": str(batcher.retry_after()), "Connection": "close"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -335,6 +361,9 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             body["title"] = new
             schemas[new] = body
     schema = _fix_upload_schemas(copy.deepcopy(schema))
+    settings = getattr(app.state, "settings", None)
+    if settings is not None and settings.all_api_keys():  # bearer scheme only when keys are configured
+        security_openapi(schema, settings.metrics_public)
     # Every answer carries X-Request-ID; say so on every documented response.
     for item in schema.get("paths", {}).values():
         for operation in item.values():
@@ -353,6 +382,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
 def _lifespan(settings: Settings):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from app.batcher import DynamicBatcher
         from app.bundle import BundleError, load_bundle
         from app.engine import Engine, EngineError
 
@@ -372,6 +402,14 @@ def _lifespan(settings: Settings):
         state.bundle = bundle
         state.engine = engine
         state.inference_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-inference")
+        state.preprocess_executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers(),
+                                                       thread_name_prefix="captioner-preprocess")
+        state.batcher = DynamicBatcher(
+            engine, state.inference_executor, enabled=settings.batching, max_batch_images=settings.max_batch_images,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0, max_queue_images=settings.max_queue_images,
+            metrics=metrics,
+        )
+        state.batcher.start()
         state.ready = True
         metrics.ready.set(1)
         metrics.model.info({"name": bundle.name, "version": bundle.version, "provider": engine.provider,
@@ -387,9 +425,13 @@ def _lifespan(settings: Settings):
         finally:
             state.ready = False
             metrics.ready.set(0)
-            executor = getattr(state, "inference_executor", None)
-            if executor is not None:
-                await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
+            batcher = getattr(state, "batcher", None)
+            if batcher is not None:  # uvicorn has finished the in-flight requests; this is a backstop
+                await batcher.close(timeout=settings.request_timeout_s)
+            for name in ("inference_executor", "preprocess_executor"):
+                executor = getattr(state, name, None)
+                if executor is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
 
     return lifespan
 
@@ -430,14 +472,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
 
-    from app.routes import captions, health, model
+    from app.routes import attention, captions, demo, health, model
 
+    app.include_router(attention.router)  # before captions: /v1/captions/attention.png stays its own route
     app.include_router(captions.router)
     app.include_router(model.router)
     app.include_router(health.router)
+    app.include_router(demo.router)
 
-    # Added innermost first: RequestContext -> CORS -> BodyLimit -> routes.
+    # Added innermost first: RequestContext -> CORS -> APIKey -> Overload -> BodyLimit -> routes.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(OverloadMiddleware, state=app.state)
+    install_auth(app, settings)  # API keys, when configured: before the body is read
     if settings.cors_origins:
         wildcard = "*" in settings.cors_origins
         app.add_middleware(
@@ -449,7 +495,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=not wildcard,
         )
     known_paths = frozenset(
-        route.path for router in (captions.router, model.router, health.router) for route in router.routes
+        route.path for router in (attention.router, captions.router, model.router, health.router, demo.router)
+        for route in router.routes
     )
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, state=app.state, known_paths=known_paths)
 

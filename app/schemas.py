@@ -77,6 +77,33 @@ class Timings(BaseModel):
     total: float = Field(description="The whole request, as measured inside the service.")
 
 
+class AttentionMap(BaseModel):
+    """Where the model looked for each token of the best caption (`?attention=true`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "grid": [2, 2],
+                "tokens": ["a", "cat", "<end>"],
+                "weights": [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]],
+            }
+        }
+    )
+
+    grid: list[int] = Field(
+        min_length=2, max_length=2,
+        description="[rows, cols] of the encoder's feature grid over the (stretched) image; P = rows * cols.",
+    )
+    tokens: list[str] = Field(
+        description="One label per row of `weights`: the best caption's tokens as generated (special tokens "
+        "such as <unk> included), then <end>."
+    )
+    weights: list[list[float]] = Field(
+        description="Per token, P attention weights (they sum to 1), row-major over the grid: weight "
+        "r * cols + c is grid cell (row r, column c), row 0 at the top of the upright image."
+    )
+
+
 class CaptionResponse(BaseModel):
     """Captions of one image."""
 
@@ -97,6 +124,9 @@ class CaptionResponse(BaseModel):
     model: ModelRef
     timings_ms: Timings
     request_id: str
+    attention: AttentionMap | None = Field(
+        None, description="Only with `?attention=true`: the attention of the best caption (captions[0])."
+    )
 
 
 class BatchItemError(BaseModel):

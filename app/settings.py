@@ -12,11 +12,22 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CAPTIONER_"
 MiB = 1024 * 1024
+MIN_API_KEY_LENGTH = 16
+MAX_API_KEY_LENGTH = 256
+# Settings whose values are secrets: never echoed in an error message.
+SECRET_FIELDS = frozenset({"api_keys"})
 
 log = logging.getLogger("captioner.settings")
 
@@ -69,6 +80,26 @@ class Settings(BaseSettings):
     )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /v1/captions/batch request.")
 
+    # --- dynamic batching and load (README: Performance) ---
+    batching: bool = Field(
+        True, description="Dynamic batching: requests waiting together share one engine call (one encoder call and "
+        "one decoder call per step for all their beams). false: one request per engine call."
+    )
+    max_batch_images: int = Field(32, ge=1, le=1024, description="Most images in one engine call.")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="When the engine is idle, how long the first waiting request may wait "
+        "for others to join its batch (milliseconds)."
+    )
+    max_queue_images: int = Field(
+        256, ge=1, le=100_000, description="Most images waiting for the engine; past it requests get 503 with Retry-After."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="Deadline of a captioning request from its arrival; past it, 504."
+    )
+    preprocess_threads: int | None = Field(
+        None, ge=1, le=256, description="Threads decoding and resizing uploads; unset = the number of CPUs (at most 8)."
+    )
+
     # --- decoding defaults (each can be overridden per request) ---
     default_strategy: Literal["greedy", "beam"] = Field("beam", description="Default decoding strategy.")
     default_beam_size: int = Field(3, description="Default beam size (1-10).")
@@ -79,12 +110,30 @@ class Settings(BaseSettings):
     default_length_penalty: float = Field(0.0, description="Default length penalty (0-5); 0 ranks by total log-probability.")
     default_no_repeat_ngram_size: int = Field(0, description="Default n-gram blocking size (0 = off, up to 10).")
 
+    # --- security (app/auth.py) ---
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys, comma-separated (or a JSON list). When set (here or in api_keys_file), every "
+        "route but /healthz, /readyz, the demo page and the API docs needs `Authorization: Bearer <key>`. "
+        f"Each key: {MIN_API_KEY_LENGTH}-{MAX_API_KEY_LENGTH} visible ASCII characters.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file with more API keys, one per line (blank lines and lines starting with # are "
+        "skipped); read once at start-up, so keys need not sit in the environment.",
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without an API key even when API keys are set (e.g. for a scraper "
+        "on a private network). Off: /metrics needs a key like the API."
+    )
+    _file_api_keys: list[SecretStr] = PrivateAttr(default_factory=list)  # read from api_keys_file
+
     @field_validator("device", "log_level", "default_strategy", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("threads", "default_max_length", mode="before")
+    @field_validator("threads", "default_max_length", "preprocess_threads", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "none", "auto"):
@@ -106,6 +155,47 @@ class Settings(BaseSettings):
             else:
                 value = [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("not a JSON list") from None  # no excerpt: the text holds keys
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _check_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for index, key in enumerate(value):
+            problem = _key_problem(key.get_secret_value())
+            if problem:
+                raise ValueError(f"key #{index + 1} {problem}")
+        return value
+
+    @field_validator("api_keys_file", mode="after")
+    @classmethod
+    def _check_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _read_keys_file(value)  # a clear start-up error for a missing, unreadable or bad file
+        return value
+
+    @model_validator(mode="after")
+    def _load_keys_file(self) -> "Settings":
+        self._file_api_keys = [] if self.api_keys_file is None else _read_keys_file(self.api_keys_file)
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        """Every configured API key (api_keys, then api_keys_file); empty: no authentication."""
+        return [k.get_secret_value() for k in [*self.api_keys, *self._file_api_keys]]
 
     @model_validator(mode="after")
     def _check_decoding_defaults(self) -> "Settings":
@@ -129,9 +219,42 @@ class Settings(BaseSettings):
             no_repeat_ngram_size=self.default_no_repeat_ngram_size,
         )
 
+    def preprocess_workers(self) -> int:
+        return self.preprocess_threads or min(8, os.cpu_count() or 1)
+
     def body_limit(self, files: int = 1) -> int:
         """Largest request body accepted for a request carrying up to `files` uploads."""
         return self.max_upload_bytes * max(1, files) + 64 * 1024
+
+
+def _key_problem(key: str) -> str | None:
+    """Why `key` is not acceptable as an API key (None if it is). Never quotes the key."""
+    if not MIN_API_KEY_LENGTH <= len(key) <= MAX_API_KEY_LENGTH:
+        return f"must be {MIN_API_KEY_LENGTH} to {MAX_API_KEY_LENGTH} characters long (it has {len(key)})"
+    if not all("!" <= ch <= "~" for ch in key):
+        return "may hold only visible ASCII characters (no spaces)"
+    return None
+
+
+def _read_keys_file(path: Path) -> list[SecretStr]:
+    """The keys of an API keys file: one per line; blank lines and `#` comments skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(f"cannot read the API keys file: {reason}") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        problem = _key_problem(key)
+        if problem:
+            raise ValueError(f"the key on line {number} of the API keys file {problem}")
+        keys.append(SecretStr(key))
+    if not keys:
+        raise ValueError("the API keys file holds no key")
+    return keys
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -141,7 +264,8 @@ def _format_errors(exc: ValidationError) -> str:
         field = loc[0] if loc else ""
         name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
         value = error.get("input")
-        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+        secret = field in SECRET_FIELDS
+        shown = "" if secret or isinstance(value, dict) or value is None else f" (got {value!r})"
         message = error.get("msg", "invalid value")
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]

@@ -10,7 +10,10 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartParser
 
+from app.batcher import ClientGone, DeadlineExceeded, Overloaded
+from app.attention import attention_map, require_attention
 from app.decoding import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, DecodingConfig
 from app.errors import APIError, error_responses, request_id_of
 from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
@@ -28,6 +31,10 @@ from app.schemas import (
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["captions"])
+
+# Uploads never touch the disk: Starlette spools a file part over 1 MB to a temporary file, but the
+# body limit (BodyLimitMiddleware) already bounds every request, so keep each part in memory.
+MultiPartParser.spool_max_size = 1 << 62
 
 # ImageDecodeError.code -> HTTP status
 DECODE_STATUS = {
@@ -103,24 +110,34 @@ async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-async def _load_one(upload: UploadFile, settings: Settings, spec) -> tuple[np.ndarray, float, float]:
+async def _load_one(request: Request, upload: UploadFile, settings: Settings, spec) -> tuple[np.ndarray, float, float]:
     data = await _read_upload(upload, settings)
-    return await run_in_threadpool(_prepare, data, settings.max_image_pixels, spec)
-
-
-async def _infer(request: Request, engine, arrays: list[np.ndarray], config: DecodingConfig, metrics):
-    """One engine.caption call on the inference thread; returns (captions, seconds incl. queueing)."""
     loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.preprocess_executor, _prepare, data,
+                                      settings.max_image_pixels, spec)
+
+
+async def _infer(request: Request, engine, arrays: list[np.ndarray], config: DecodingConfig, metrics,
+                 attention: bool = False):
+    """Caption the arrays through the dynamic batcher (app/batcher.py); returns (captions, seconds
+    from submission to result). `attention=True` keeps each caption's attention weights (attention
+    bundles only). Queue full: 503 with Retry-After; past the request's deadline: 504."""
+    settings: Settings = request.app.state.settings
+    start = getattr(request.state, "start_time", None) or time.perf_counter()
     submitted = time.perf_counter()
-
-    def job():
-        started = time.perf_counter()
-        result = engine.caption(arrays, config)
-        return result, started, time.perf_counter()
-
-    result, started, ended = await loop.run_in_executor(request.app.state.inference_executor, job)
-    metrics.observe_inference(len(arrays), queue_s=started - submitted, inference_s=ended - started)
-    return result, ended - submitted
+    try:
+        result = await request.app.state.batcher.submit(
+            arrays, config, attention=attention, deadline=start + settings.request_timeout_s,
+            disconnected=request.is_disconnected,
+        )
+    except Overloaded as exc:
+        raise APIError(503, "overloaded", exc.message, headers={"Retry-After": str(exc.retry_after)}) from None
+    except DeadlineExceeded:
+        raise APIError(504, "deadline_exceeded",
+                       f"the request did not finish within request_timeout_s ({settings.request_timeout_s:g} s)") from None
+    except ClientGone:
+        raise APIError(499, "client_closed_request", "the client disconnected before the captions were ready") from None
+    return result.captions, time.perf_counter() - submitted
 
 
 def _finite(x: float) -> float:
@@ -152,6 +169,7 @@ _SINGLE_ERRORS = {
     "more pixels than max_image_pixels (refused from its header, before decoding).",
     415: f"The upload is not an image, or not one of {IMAGE_FORMATS}.",
     422: "Missing `image` field, empty file, truncated or corrupt image, or an invalid decoding parameter.",
+    409: "`attention=true` but the model has no attention (a Show-and-Tell bundle): code attention_unavailable.",
 }
 
 
@@ -162,7 +180,8 @@ _SINGLE_ERRORS = {
     description=f"Upload one image ({IMAGE_FORMATS}) as the multipart field `image`. Decoding settings "
     "are query parameters; the answer lists the captions best first, with the settings actually used.",
     response_model=CaptionResponse,
-    responses=error_responses(400, 413, 415, 422, 503, descriptions=_SINGLE_ERRORS),
+    response_model_exclude_none=True,
+    responses=error_responses(400, 409, 413, 415, 422, 503, 504, descriptions=_SINGLE_ERRORS),
 )
 async def create_caption(
     request: Request,
@@ -171,16 +190,23 @@ async def create_caption(
     engine: EngineDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    attention: Annotated[
+        bool,
+        Query(description="Also answer `attention`: the best caption's attention weights per token over the "
+              "encoder grid. Needs an attention model (else 409 attention_unavailable)."),
+    ] = False,
 ) -> CaptionResponse:
+    if attention:
+        require_attention(engine)
     spec = engine.bundle.preprocessing
     try:
-        array, t_decode, t_pre = await _load_one(image, settings, spec)
+        array, t_decode, t_pre = await _load_one(request, image, settings, spec)
     except ImageDecodeError as exc:
         metrics.image_error(exc.code)
         status = 413 if exc.code == "file_too_large" else DECODE_STATUS.get(exc.code, 422)
         code = "payload_too_large" if exc.code == "file_too_large" else exc.code
         raise APIError(status, code, exc.message) from None
-    results, t_infer = await _infer(request, engine, [array], config, metrics)
+    results, t_infer = await _infer(request, engine, [array], config, metrics, attention=attention)
     bundle = engine.bundle
     return CaptionResponse(
         captions=_items(results[0]),
@@ -189,6 +215,7 @@ async def create_caption(
         timings_ms=Timings(decode_image=_ms(t_decode), preprocess=_ms(t_pre), inference=_ms(t_infer),
                            total=_elapsed_ms(request)),
         request_id=request_id_of(request),
+        attention=attention_map(results[0][0], bundle) if attention and results[0] else None,
     )
 
 
@@ -208,7 +235,7 @@ _BATCH_ERRORS = {
     "for one that did not (the others still succeed). All good files go through the model together.",
     response_model=BatchResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 413, 422, 503, descriptions=_BATCH_ERRORS),
+    responses=error_responses(400, 413, 422, 503, 504, descriptions=_BATCH_ERRORS),
 )
 async def create_captions_batch(
     request: Request,
@@ -222,7 +249,7 @@ async def create_captions_batch(
         raise APIError(422, "too_many_files",
                        f"{len(images)} files sent; the limit is {settings.max_batch_files} per request")
     spec = engine.bundle.preprocessing
-    loaded = await asyncio.gather(*(_load_one(u, settings, spec) for u in images), return_exceptions=True)
+    loaded = await asyncio.gather(*(_load_one(request, u, settings, spec) for u in images), return_exceptions=True)
 
     arrays: list[np.ndarray] = []
     slots: list[int | BatchItemError] = []
