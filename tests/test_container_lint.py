@@ -159,3 +159,50 @@ def test_dockerignore_keeps_training_code_and_local_state_out():
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     assert {"app", "captioner", "pyproject.toml", "README.md", "models/default"} <= allowed
     assert not {"model_export", "tests", ".venv", ".git", "work"} & allowed
+
+
+def _final_stage(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the last build stage, continuation lines joined."""
+    text = dockerfile.read_text(encoding="utf-8").replace("\\\n", " ")
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        if keyword.upper() == "FROM":
+            instructions = []
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+@pytest.mark.parametrize("dockerfile", _dockerfiles(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_image_runs_as_a_non_root_user(dockerfile: Path):
+    """The final stage switches to a numeric, non-zero uid and gid before the command is set (a
+    numeric USER lets Kubernetes' runAsNonRoot verify it without reading /etc/passwd)."""
+    stage = _final_stage(dockerfile)
+    users = [i for i, (keyword, _) in enumerate(stage) if keyword == "USER"]
+    assert users, f"{dockerfile.name}: no USER in the final stage: the service would run as root"
+    last = users[-1]
+    uid, _, gid = stage[last][1].partition(":")
+    assert uid.isdigit() and int(uid) != 0, stage[last]
+    assert gid.isdigit() and int(gid) != 0, stage[last]
+    for keyword in ("CMD", "ENTRYPOINT"):
+        positions = [i for i, (k, _) in enumerate(stage) if k == keyword]
+        assert positions and positions[-1] > last, f"{keyword} must come after USER"
+    # nothing after USER switches back or needs root
+    assert not [k for k, _ in stage[last + 1:] if k in ("RUN", "USER")]
+
+
+@pytest.mark.parametrize("service,profile", [("captioner", None), ("captioner-cpu", "cpu")])
+def test_compose_read_only_root_non_root_and_api_keys(service: str, profile: str | None):
+    svc = _config(profile, CAPTIONER_API_KEYS_FILE="/run/secrets/captioner_api_keys")["services"][service]
+    assert svc["read_only"] is True, "the root filesystem must be read-only"
+    [tmp] = [t for t in svc["tmpfs"] if t.split(":")[0] == "/tmp"]
+    assert "size=" in tmp, "the writable /tmp is bounded"
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert svc["cap_drop"] == ["ALL"] and not svc.get("cap_add")
+    assert not svc.get("privileged") and svc.get("user") in (None, "10001:10001"), "never root in compose"
+    env = svc["environment"]
+    assert env["CAPTIONER_API_KEYS_FILE"] == "/run/secrets/captioner_api_keys", "API key settings pass through"
+    assert env["CAPTIONER_API_KEYS"] is None and env["CAPTIONER_METRICS_PUBLIC"] is None
