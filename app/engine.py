@@ -87,6 +87,9 @@ class Engine:
         providers, wanted = _providers(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between ops: the service's event loop and image decoding share these cores,
+        # and even alone this was faster (2 cores, default bundle, batch 32: 82 vs 66 images/s).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
