@@ -322,6 +322,7 @@ class BodyLimitMiddleware:
 _BODY_SCHEMA_NAMES = {
     "Body_create_caption": "CaptionUpload",
     "Body_create_captions_batch": "BatchUpload",
+    "Body_create_attention_png": "AttentionUpload",
 }
 
 
@@ -362,6 +363,11 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             schemas[new] = body
     schema = _fix_upload_schemas(copy.deepcopy(schema))
     settings = getattr(app.state, "settings", None)
+    images = schema.get("components", {}).get("schemas", {}).get("BatchUpload", {}).get("properties", {}).get("images")
+    if images is not None:  # a batch carries 1..max_batch_files files
+        images["minItems"] = 1
+        if settings is not None:
+            images["maxItems"] = settings.max_batch_files
     if settings is not None and settings.all_api_keys():  # bearer scheme only when keys are configured
         security_openapi(schema, settings.metrics_public)
     # Every answer carries X-Request-ID; say so on every documented response.
