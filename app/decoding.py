@@ -23,8 +23,9 @@ where the log-probabilities live and copy [rows, k] instead of [rows, vocabulary
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class DecodingConfig:
         if not isinstance(self.no_repeat_ngram_size, int) or not 0 <= self.no_repeat_ngram_size <= 10:
             raise ValueError("no_repeat_ngram_size must be an integer from 0 (off) to 10")
 
-    def with_overrides(self, **given) -> "DecodingConfig":
+    def with_overrides(self, **given) -> DecodingConfig:
         """A request's settings on top of these defaults (None: not given). An unset num_captions is
         1 for greedy; an unset beam_size is the default widened to num_captions. Raises ValueError."""
         chosen = {k: v for k, v in given.items() if v is not None}
@@ -75,7 +76,7 @@ class DecodingConfig:
             chosen["beam_size"] = min(max(self.beam_size, chosen["num_captions"]), MAX_BEAM_SIZE)
         return replace(self, **chosen)
 
-    def resolved(self, bundle_max_length: int | None = None) -> "DecodingConfig":
+    def resolved(self, bundle_max_length: int | None = None) -> DecodingConfig:
         """The settings actually used: greedy means one beam; max_length filled from the bundle."""
         max_length = self.max_length if self.max_length is not None else bundle_max_length
         if self.strategy == "greedy":

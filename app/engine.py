@@ -14,9 +14,10 @@ every step; only token ids go in and [rows, k] candidates come out.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort

@@ -17,8 +17,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from common import SPECIAL, build_model, environment, export_bench_bundle, test_images, timed, torch_batched_beam_search, write_report
+from common import (
+    SPECIAL,
+    build_model,
+    environment,
+    export_bench_bundle,
+    test_images,
+    timed,
+    torch_batched_beam_search,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,8 +29,6 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import numpy as np
-
 from common import REPO, environment, rss_kib, write_report
 from http_load import Service, photo_jpeg
 

@@ -18,10 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import engine_vs_torch
-from common import batcher_rate, build_model, environment, export_bench_bundle, test_images, write_report
+import numpy as np
+from common import (
+    batcher_rate,
+    build_model,
+    environment,
+    export_bench_bundle,
+    test_images,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

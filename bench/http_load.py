@@ -28,9 +28,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
-
 from common import REPO, environment, rss_kib, write_report
+from PIL import Image
 
 BENCH = Path(__file__).resolve().parent
 

@@ -12,9 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
-
 from common import environment, write_report
+from PIL import Image
 
 
 def photo_jpegs(count: int, width: int = 1920, height: int = 1080, seed: int = 0) -> list[bytes]:

@@ -13,7 +13,14 @@ from app.decoding import DecodingConfig
 from app.errors import APIError, error_responses
 from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 from app.routes import EngineDep, MetricsDep, SettingsDep
-from app.routes.captions import DECODE_STATUS, IMAGE_FORMATS, _infer, _read_upload, decoding_config
+from app.routes.captions import (
+    IMAGE_FORMATS,
+    _infer,
+    _read_upload,
+    decoding_config,
+    run_preprocess,
+    upload_error,
+)
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 
@@ -80,12 +87,9 @@ async def create_attention_png(
     spec = engine.bundle.preprocessing
     try:
         data = await _read_upload(image, settings)
-        img, array = await run_in_threadpool(_decode, data, settings.max_image_pixels, spec)
+        img, array = await run_preprocess(request, _decode, data, settings.max_image_pixels, spec)
     except ImageDecodeError as exc:
-        metrics.image_error(exc.code)
-        status = 413 if exc.code == "file_too_large" else DECODE_STATUS.get(exc.code, 422)
-        code = "payload_too_large" if exc.code == "file_too_large" else exc.code
-        raise APIError(status, code, exc.message) from None
+        raise upload_error(exc, metrics) from None
     results, _ = await _infer(request, engine, [array], config, metrics, attention=True)
     if not results or not results[0]:
         raise APIError(422, "no_caption", "the decoding settings left no finished caption to draw")

@@ -9,11 +9,10 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
-from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
-from app.batcher import ClientGone, DeadlineExceeded, Overloaded
 from app.attention import attention_map, require_attention
+from app.batcher import ClientGone, DeadlineExceeded, Overloaded
 from app.decoding import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, DecodingConfig
 from app.errors import APIError, error_responses, request_id_of
 from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
@@ -110,11 +109,22 @@ async def _read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
+def upload_error(exc: ImageDecodeError, metrics) -> APIError:
+    """The API error for an upload that cannot be used (counted in the metrics by its code)."""
+    metrics.image_error(exc.code)
+    if exc.code == "file_too_large":
+        return APIError(413, "payload_too_large", exc.message)
+    return APIError(DECODE_STATUS.get(exc.code, 422), exc.code, exc.message)
+
+
+def run_preprocess(request: Request, fn, *args):
+    """Run `fn(*args)` in the service's image-decoding pool."""
+    return asyncio.get_running_loop().run_in_executor(request.app.state.preprocess_executor, fn, *args)
+
+
 async def _load_one(request: Request, upload: UploadFile, settings: Settings, spec) -> tuple[np.ndarray, float, float]:
     data = await _read_upload(upload, settings)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app.state.preprocess_executor, _prepare, data,
-                                      settings.max_image_pixels, spec)
+    return await run_preprocess(request, _prepare, data, settings.max_image_pixels, spec)
 
 
 async def _infer(request: Request, engine, arrays: list[np.ndarray], config: DecodingConfig, metrics,
@@ -202,10 +212,7 @@ async def create_caption(
     try:
         array, t_decode, t_pre = await _load_one(request, image, settings, spec)
     except ImageDecodeError as exc:
-        metrics.image_error(exc.code)
-        status = 413 if exc.code == "file_too_large" else DECODE_STATUS.get(exc.code, 422)
-        code = "payload_too_large" if exc.code == "file_too_large" else exc.code
-        raise APIError(status, code, exc.message) from None
+        raise upload_error(exc, metrics) from None
     results, t_infer = await _infer(request, engine, [array], config, metrics, attention=attention)
     bundle = engine.bundle
     return CaptionResponse(
