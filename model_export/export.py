@@ -151,7 +151,7 @@ def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Pat
         report[f"step_max_abs_{label}"] = step_diff
         if enc_diff > tolerance or step_diff > tolerance:
             raise ExportError(
-                f"torch vs onnxruntime ({precision}) differ on {label} images: encoder {enc_diff:.2e}, step {step_diff:.2e} "
+                f"torch vs onnxruntime differ on {label} images ({precision}): encoder {enc_diff:.2e}, step {step_diff:.2e} "
                 f"(tolerance {tolerance:.0e})"
             )
     return report

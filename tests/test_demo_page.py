@@ -123,6 +123,9 @@ def _open(page, server) -> None:
 
 
 def _upload(page, path: Path, state: str = "done") -> None:
+    # forget the previous request's state first: waiting for "error" after an error must wait for
+    # this upload's answer, not find the old one
+    page.evaluate("document.body.dataset.state = 'test-pending'")
     page.set_input_files("#file", str(path))
     page.wait_for_selector(f"body[data-state='{state}']", timeout=30_000)
 
