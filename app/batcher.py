@@ -45,6 +45,14 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+class TooLarge(Exception):
+    """The job has more images than the whole queue holds: it could never be accepted."""
+
+    def __init__(self, images: int, limit: int):
+        super().__init__(f"{images} images in one request; this service queues at most {limit}")
+        self.message = str(self)
+
+
 class DeadlineExceeded(Exception):
     """The job did not finish before its deadline."""
 
@@ -152,12 +160,14 @@ class DynamicBatcher:
         deadline: float | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> JobResult:
-        """Queue one job and wait for its captions. Raises Overloaded (queue full, or shutting
-        down), DeadlineExceeded (`deadline`: a time.perf_counter() value), or ClientGone (the
+        """Queue one job and wait for its captions. Raises TooLarge (more images than the queue
+        holds), Overloaded (queue full, or shutting down), DeadlineExceeded (`deadline`: a time.perf_counter() value), or ClientGone (the
         `disconnected` probe said so while the job waited)."""
         if self._closing:
             raise Overloaded("the service is shutting down", 1)
         images = len(arrays)
+        if images > self.max_queue_images:
+            raise TooLarge(images, self.max_queue_images)
         if self._queued_images + images > self.max_queue_images:
             self.count_rejection("queue_full")
             raise Overloaded(

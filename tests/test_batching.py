@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.batcher import ClientGone, DeadlineExceeded, DynamicBatcher, Overloaded
+from app.batcher import ClientGone, DeadlineExceeded, DynamicBatcher, Overloaded, TooLarge
 from app.decoding import DecodingConfig
 from tests.live_server import live_server
 
@@ -115,6 +115,17 @@ def test_without_batching_each_request_is_its_own_engine_call(executor):
 
     run(main())
     assert [len(call) for call in engine.calls] == [1] * 5
+
+
+def test_a_job_bigger_than_the_whole_queue_is_refused_as_too_large(executor):
+    async def main():
+        batcher = DynamicBatcher(FakeEngine(), executor, max_queue_images=3)
+        batcher.start()
+        with pytest.raises(TooLarge):
+            await batcher.submit([image(1.0)] * 4, DecodingConfig())
+        await batcher.close()
+
+    run(main())
 
 
 def test_a_full_queue_refuses_at_once_with_retry_after_and_recovers(executor):
@@ -258,17 +269,16 @@ def test_concurrent_requests_are_batched_and_get_the_captions_they_would_get_alo
     assert 1 <= calls < len(images)  # eight requests, fewer engine calls
 
 
-def test_overload_is_503_with_retry_after_and_the_deadline_is_504(tmp_path):
+def test_a_request_bigger_than_the_queue_is_422_and_the_deadline_is_504(tmp_path):
+    """(503 on a full queue: the unit tests above and tests/test_faults.py.)"""
     data = _jpeg(1)
     with live_server(DEFAULT_BUNDLE, tmp_path / "server.log", max_queue_images=1) as server, server.client() as client:
         files = [("images", ("a.jpg", data, "image/jpeg")), ("images", ("b.jpg", data, "image/jpeg"))]
         refused = client.post("/v1/captions/batch", files=files)
-        assert refused.status_code == 503
-        assert int(refused.headers["Retry-After"]) >= 1
-        assert refused.json()["error"]["code"] == "overloaded"
+        assert refused.status_code == 422  # it could never fit: retrying would not help
+        assert refused.json()["error"]["code"] == "too_many_files"
+        assert "queues at most 1" in refused.json()["error"]["message"]
         assert client.post("/v1/captions", files={"image": ("a.jpg", data, "image/jpeg")}).status_code == 200
-        metrics = client.get("/metrics").text
-        assert _metric(metrics, 'captioner_rejected_requests_total{reason="queue_full"}') == 1
     with live_server(DEFAULT_BUNDLE, tmp_path / "server2.log", request_timeout_s=0.001) as server, server.client() as client:
         late = client.post("/v1/captions", files={"image": ("a.jpg", data, "image/jpeg")})
         assert late.status_code == 504

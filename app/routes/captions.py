@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from starlette.formparsers import MultiPartParser
 
 from app.attention import attention_map, require_attention
-from app.batcher import ClientGone, DeadlineExceeded, Overloaded
+from app.batcher import ClientGone, DeadlineExceeded, Overloaded, TooLarge
 from app.decoding import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, DecodingConfig
 from app.errors import APIError, error_responses, request_id_of
 from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
@@ -140,6 +140,8 @@ async def _infer(request: Request, engine, arrays: list[np.ndarray], config: Dec
             arrays, config, attention=attention, deadline=start + settings.request_timeout_s,
             disconnected=request.is_disconnected,
         )
+    except TooLarge as exc:
+        raise APIError(422, "too_many_files", exc.message + " (max_queue_images)") from None
     except Overloaded as exc:
         raise APIError(503, "overloaded", exc.message, headers={"Retry-After": str(exc.retry_after)}) from None
     except DeadlineExceeded:
