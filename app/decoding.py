@@ -174,10 +174,7 @@ def _candidates(
     forced = t >= max_length  # past max_length only <end>
     banned = [banned_ngram_tokens(r.words, int(n)) if n else set() for r, n in zip(rows, ngram)]
 
-    k = int(need.max()) + len(always_banned) + 1
-    dense = vocab is not None and k >= vocab
-    if not dense:
-        values, ids = out.top(k)
+    def allowed(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
         cand = np.array(values, dtype=np.float64)
         invalid = np.isin(ids, always_banned)
         if t == 0:
@@ -186,17 +183,19 @@ def _candidates(
             if tokens:
                 invalid[i] |= np.isin(ids[i], list(tokens))
         cand[invalid] = NEG_INF
-        short = ~forced & (np.isfinite(cand).sum(axis=1) < need)
-        dense = bool(short.any()) and (vocab is None or k < vocab)
-    if dense:  # too few allowed tokens among the top k (or a tiny vocabulary): read everything
-        cand = np.array(out.full(), dtype=np.float64)
-        ids = np.broadcast_to(np.arange(cand.shape[1]), cand.shape)
-        cand[:, always_banned] = NEG_INF
-        if t == 0:
-            cand[:, end] = NEG_INF
-        for i, tokens in enumerate(banned):
-            if tokens:
-                cand[i, list(tokens)] = NEG_INF
+        return cand
+
+    k = int(need.max()) + len(always_banned) + 1
+    ids = None  # None: read everything (a tiny vocabulary, or the rules removed too many of the top k)
+    if vocab is None or k < vocab:
+        values, ids = out.top(k)
+        cand = allowed(values, ids)
+        if (~forced & (np.isfinite(cand).sum(axis=1) < need)).any():
+            ids = None
+    if ids is None:
+        full = out.full()
+        ids = np.broadcast_to(np.arange(full.shape[1]), full.shape)
+        cand = allowed(full, ids)
     if forced.any():
         end_lp = np.asarray(out.column(end), dtype=np.float64)
         cand[forced] = NEG_INF

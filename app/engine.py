@@ -220,9 +220,10 @@ class Engine:
         if self._has_alpha:
             alpha = buffer([capacity, self._grid_cells])
             decoder.bind_ortvalue_output("alpha", alpha)
-        first = [True]
+        first = True
 
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
+            nonlocal first
             rows = len(tokens)
             host_tokens[:rows], host_tokens[rows:] = tokens, 0
             host_parents[:rows], host_parents[rows:] = parents, 0
@@ -231,10 +232,10 @@ class Engine:
             parents_v.update_inplace(host_parents)
             images_v.update_inplace(host_images)
             self.reorder.run_with_iobinding(reorder)
-            if first[0]:  # from now on the state comes from the decoder's own output buffers
+            if first:  # from now on the state comes from the decoder's own output buffers
                 reorder.bind_ortvalue_input("h", h_out)
                 reorder.bind_ortvalue_input("c", c_out)
-                first[0] = False
+                first = False
             self.decoder.run_with_iobinding(decoder)
             attention = np.array(alpha.numpy()[:rows]) if alpha is not None and keep_attention else None  # a copy: the buffer is reused
             return _Selected(self, log_probs, rows), attention
@@ -264,7 +265,7 @@ class Engine:
         resolved = [c.resolved(self.bundle.max_length) for c in configs]
         keep_attention = self._has_alpha and any(wants)
         if self.io_binding:
-            capacity = max(n, sum(1 if c.strategy == "greedy" else c.beam_size for c in resolved))
+            capacity = sum(c.beam_size for c in resolved)  # resolved: greedy has beam_size 1
             step = self._make_bound_step(batch, capacity, keep_attention)
         else:
             step = self._make_step(self.encode(batch), keep_attention)
