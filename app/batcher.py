@@ -161,8 +161,9 @@ class DynamicBatcher:
         disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> JobResult:
         """Queue one job and wait for its captions. Raises TooLarge (more images than the queue
-        holds), Overloaded (queue full, or shutting down), DeadlineExceeded (`deadline`: a time.perf_counter() value), or ClientGone (the
-        `disconnected` probe said so while the job waited)."""
+        holds), Overloaded (queue full, or shutting down), DeadlineExceeded (`deadline`: a
+        time.perf_counter() value), or ClientGone (the `disconnected` probe said so while the job
+        waited)."""
         if self._closing:
             raise Overloaded("the service is shutting down", 1)
         images = len(arrays)
@@ -257,6 +258,7 @@ class DynamicBatcher:
             if now >= job.deadline:
                 self._queue.popleft()
                 self._queued_images -= job.images
+                self.count_rejection("deadline")
                 job.future.set_exception(DeadlineExceeded())
                 continue
             if batch and (not self.enabled or images + job.images > self.max_batch_images):

@@ -90,7 +90,7 @@ async def create_attention_png(
         img, array = await run_preprocess(request, _decode, data, settings.max_image_pixels, spec)
     except ImageDecodeError as exc:
         raise upload_error(exc, metrics) from None
-    results, _ = await _infer(request, engine, [array], config, metrics, attention=True)
+    results, _ = await _infer(request, [array], config, attention=True)
     if not results or not results[0]:
         raise APIError(422, "no_caption", "the decoding settings left no finished caption to draw")
     best = results[0][0]

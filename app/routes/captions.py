@@ -127,8 +127,7 @@ async def _load_one(request: Request, upload: UploadFile, settings: Settings, sp
     return await run_preprocess(request, _prepare, data, settings.max_image_pixels, spec)
 
 
-async def _infer(request: Request, engine, arrays: list[np.ndarray], config: DecodingConfig, metrics,
-                 attention: bool = False):
+async def _infer(request: Request, arrays: list[np.ndarray], config: DecodingConfig, attention: bool = False):
     """Caption the arrays through the dynamic batcher (app/batcher.py); returns (captions, seconds
     from submission to result). `attention=True` keeps each caption's attention weights (attention
     bundles only). Queue full: 503 with Retry-After; past the request's deadline: 504."""
@@ -215,7 +214,7 @@ async def create_caption(
         array, t_decode, t_pre = await _load_one(request, image, settings, spec)
     except ImageDecodeError as exc:
         raise upload_error(exc, metrics) from None
-    results, t_infer = await _infer(request, engine, [array], config, metrics, attention=attention)
+    results, t_infer = await _infer(request, [array], config, attention=attention)
     bundle = engine.bundle
     return CaptionResponse(
         captions=_items(results[0]),
@@ -279,7 +278,7 @@ async def create_captions_batch(
     captions: list = []
     t_infer = 0.0
     if arrays:
-        captions, t_infer = await _infer(request, engine, arrays, config, metrics)
+        captions, t_infer = await _infer(request, arrays, config)
 
     results = []
     for index, (upload, slot) in enumerate(zip(images, slots, strict=True)):
