@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: one model in both worlds (the same torch weights exported to an
-ONNX bundle), a torch step function for app/decoding.py, test images, timing and reporting.
+ONNX bundle), a batched torch baseline, test images, timing and reporting.
 
 The default bundle's checkpoint is not in the repository, so the benchmarks build the model from
 the architecture in a manifest: the shipped ImageNet EfficientNet-Lite weights and a seeded, randomly
@@ -73,26 +73,6 @@ def export_bench_bundle(model, out_dir: Path, max_length: int = 16) -> Path:
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
-
-
-def torch_step(model, images, device: str = "cpu"):
-    """app/decoding.py's StepFn on the eager torch model (state reordered with index_select)."""
-    import torch
-
-    with torch.no_grad():
-        features, h, c, att_proj = model.encode(images)
-    state = {"h": h, "c": c}
-
-    @torch.no_grad()
-    def step(tokens, parents, row_image):
-        index = torch.from_numpy(parents).to(device)
-        log_probs, h_out, c_out, _ = model.decoder.step(
-            torch.from_numpy(tokens).to(device), state["h"].index_select(0, index), state["c"].index_select(0, index),
-            torch.from_numpy(row_image).to(device), features, att_proj)
-        state["h"], state["c"] = h_out, c_out
-        return log_probs.float().cpu().numpy(), None
-
-    return step
 
 
 def test_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:

@@ -35,19 +35,11 @@ from http_load import Service, photo_jpeg
 DEFAULT_BUNDLE = REPO / "models" / "default"
 
 
-def metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def labelled(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the service's /metrics (0 when absent)."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "") + " "
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(want):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -242,7 +234,7 @@ def disconnect(tmp: Path, image: bytes, bundle: Path, clients: int) -> dict:
 
         long_results = asyncio.run(scenario())
         out["long_job_statuses"] = dict(Counter(str(r["status"]) for r in long_results))
-        out["client_gone"] = labelled(service.url, "captioner_rejected_requests_total", reason="client_gone")
+        out["client_gone"] = metric(service.url, "captioner_rejected_requests_total", reason="client_gone")
         out["queued_images_at_end"] = metric(service.url, "captioner_queue_images")
         out["after_statuses"] = [httpx.post(service.url + "/v1/captions", files=_files(image), timeout=60).status_code]
         out["service_alive"] = service.process.poll() is None
