@@ -45,17 +45,12 @@ def grid_shape(bundle, cells: int | None = None) -> tuple[int, int]:
     return (side, side) if side * side == cells else (1, cells)
 
 
-def has_attention(engine) -> bool:
-    """Whether the engine's model produces attention weights (a Show-Attend-Tell bundle)."""
-    return bool(getattr(engine, "has_attention", False))
-
-
 def require_attention(engine) -> None:
     """409 `attention_unavailable` unless the engine's model produces attention weights."""
-    if not has_attention(engine):
+    if not engine.has_attention:
         from app.errors import APIError
 
-        name = getattr(getattr(engine, "bundle", None), "name", "being served")
+        name = engine.bundle.name
         raise APIError(409, "attention_unavailable",
                        f"the model {name} has no attention (a Show-and-Tell decoder): there are no "
                        "attention weights to show")
