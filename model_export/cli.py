@@ -22,6 +22,7 @@ from model_export.data.errors import DatasetError
 class DataFormat(str, Enum):
     karpathy = "karpathy"
     coco = "coco"
+    flickr8k = "flickr8k"  # the authors' text files: --data is their folder
 
 
 class DecoderKind(str, Enum):
@@ -34,11 +35,18 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def load_dataset(data: Path, images: Path, fmt: DataFormat, val_data: Path | None = None, val_images: Path | None = None):
-    """A Karpathy split file, or COCO captions files (train, plus val if given; else 5 % of train is val)."""
+def load_dataset(data: Path, images: Path | None, fmt: DataFormat, val_data: Path | None = None, val_images: Path | None = None):
+    """A Karpathy split file, COCO captions files (train, plus val if given; else 5 % of train is
+    val), or a Flickr8k folder in its authors' text format (images found in it unless given)."""
     from model_export.data.coco import load_coco_captions
+    from model_export.data.flickr8k import find_flickr8k, load_flickr8k
     from model_export.data.karpathy import CaptionDataset, load_karpathy
 
+    if fmt == DataFormat.flickr8k:
+        text_dir, found_images = find_flickr8k(data)
+        return load_flickr8k(text_dir, images or found_images)
+    if images is None:
+        raise DatasetError(data, "--images (the image root folder) is needed for this format")
     if fmt == DataFormat.karpathy:
         return load_karpathy(data, images)
     train = load_coco_captions(data, images, "train")
@@ -89,8 +97,8 @@ def generate_scenes_cmd(
 
 
 def train_cmd(
-    data: Path = typer.Option(..., help="Karpathy split JSON (dataset_coco.json shape) or COCO captions_*.json"),
-    images: Path = typer.Option(..., help="Image root folder"),
+    data: Path = typer.Option(..., help="Karpathy split JSON (dataset_coco.json shape), COCO captions_*.json, or a Flickr8k folder"),
+    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     out: Path = typer.Option(..., help="Run folder: checkpoints, vocab.json, history.json, feature cache"),
     format: DataFormat = typer.Option(DataFormat.karpathy, help="Format of --data"),
     val_data: Optional[Path] = typer.Option(None, help="COCO only: validation captions JSON"),
@@ -116,11 +124,15 @@ def train_cmd(
         None, min=0.0, max=1.0,
         help="Train on each image's first reference with this probability (unset: all references alike)",
     ),
+    all_references: bool = typer.Option(False, "--all-references", help="Every epoch trains on all references of every image"),
+    label_smoothing: float = typer.Option(0.0, min=0.0, max=0.5),
+    flip_augment: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of a mirrored image (left/right swapped)"),
     seed: int = typer.Option(0),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt"),
     progress: bool = typer.Option(True, help="Progress bars"),
+    cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default OUT/cache; runs on the same images may share one)"),
 ) -> None:
     """Train a captioner (frozen encoder: features cached, fast on CPU; uses CUDA when present)."""
 
@@ -136,10 +148,11 @@ def train_cmd(
         config = TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
-            first_reference_share=first_reference_share,
+            first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
+            flip_augment=flip_augment,
             max_minutes=max_minutes, num_threads=threads, progress=progress, model=model,
         )
-        return Trainer(dataset, out, config).run(resume=resume)
+        return Trainer(dataset, out, config, cache_dir=cache).run(resume=resume)
 
     best = _guard(run)
     typer.echo(f"best checkpoint: {best}")
@@ -148,7 +161,7 @@ def train_cmd(
 def export_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint from `captioner train` (best.pt)"),
     data: Path = typer.Option(..., help="Dataset for the parity check and the evaluation"),
-    images: Path = typer.Option(..., help="Image root folder"),
+    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     out: Path = typer.Option(..., help="Bundle folder to write (replaced atomically)"),
     format: DataFormat = typer.Option(DataFormat.karpathy),
     name: str = typer.Option("captioner", help="Model name in the manifest"),
@@ -180,7 +193,7 @@ def export_cmd(
 def evaluate_cmd(
     bundle: Path = typer.Option(Path("models/default"), help="Model bundle folder"),
     data: Path = typer.Option(..., help="Karpathy split JSON or COCO captions JSON"),
-    images: Path = typer.Option(..., help="Image root folder"),
+    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     format: DataFormat = typer.Option(DataFormat.karpathy),
     split: str = typer.Option("test"),
     limit: Optional[int] = typer.Option(None, help="At most this many images"),

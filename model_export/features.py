@@ -44,9 +44,11 @@ def export_backbone_onnx(backbone: Backbone, path: Path) -> None:
     backbone.eval()
 
 
-def _cache_key(paths: Sequence[Path], backbone: Backbone) -> str:
+def _cache_key(paths: Sequence[Path], backbone: Backbone, flip: bool = False) -> str:
     digest = hashlib.sha256()
     digest.update(f"{backbone.name}|{backbone.image_size}|v1".encode())
+    if flip:
+        digest.update(b"|flipped")
     for path in paths:
         stat = Path(path).stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -60,8 +62,10 @@ def feature_cache(
     batch_size: int = 64,
     progress: bool = True,
     threads: int | None = None,
+    flip: bool = False,
 ) -> np.ndarray:
-    """Feature grids [N, P, D] (float16, memory-mapped) for `paths`, computed once and cached."""
+    """Feature grids [N, P, D] (float16, memory-mapped) for `paths`, computed once and cached.
+    `flip`: of the horizontally mirrored images (for flip augmentation; cached apart)."""
     import onnxruntime as ort
     from tqdm import tqdm
 
@@ -70,7 +74,7 @@ def feature_cache(
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise DatasetError(missing[0], f"image file not found ({len(missing)} of {len(paths)} missing)")
-    key = _cache_key(paths, backbone)
+    key = _cache_key(paths, backbone, flip)
     target = cache_dir / f"features-{key}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
@@ -86,8 +90,10 @@ def feature_cache(
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         partial = Path(tmp) / "features.npy"
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(paths), positions, dim))
-        bar = tqdm(total=len(paths), desc="encoder features", unit="img", disable=not progress)
+        bar = tqdm(total=len(paths), desc="encoder features" + (" (mirrored)" if flip else ""), unit="img", disable=not progress)
         for indices, pixels in iter_batches(list(paths), spec, batch_size):
+            if flip:
+                pixels = np.ascontiguousarray(pixels[:, :, :, ::-1])
             (grid,) = session.run(["grid"], {"image": pixels})
             out[indices.start : indices.stop] = grid.astype(np.float16)
             bar.update(len(indices))
@@ -96,6 +102,6 @@ def feature_cache(
         del out
         os.replace(partial, target)
     (cache_dir / f"features-{key}.json").write_text(
-        json.dumps({"backbone": backbone.name, "image_size": backbone.image_size, "images": len(paths)}, indent=1)
+        json.dumps({"backbone": backbone.name, "image_size": backbone.image_size, "images": len(paths), "flipped": flip}, indent=1)
     )
     return np.load(target, mmap_mode="r")

@@ -49,6 +49,13 @@ class TrainConfig:
     # others uniformly otherwise. With equally likely wordings the model's first words are a
     # coin toss that search cannot improve; a dominant wording lets beam search pay off.
     first_reference_share: float | None = None
+    # True: each epoch trains on every (image, reference) pair (five per Flickr/COCO image) instead
+    # of one reference per image.
+    all_references: bool = False
+    label_smoothing: float = 0.0
+    # Probability of training on the mirrored image (features cached for both) with "left" and
+    # "right" swapped in its caption.
+    flip_augment: float = 0.0
     seed: int = 0
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     num_threads: int | None = None
@@ -83,9 +90,18 @@ def pad_batch(sequences: list[list[int]], pad: int) -> torch.Tensor:
     return out
 
 
-def caption_loss(logits, alphas, targets, pad: int, attention_reg: float):
+MIRRORED_WORDS = {"left": "right", "right": "left", "lefthand": "righthand", "righthand": "lefthand"}
+
+
+def mirror_tokens(tokens: list[str]) -> list[str]:
+    """A caption of the horizontally mirrored image: "left" and "right" swapped."""
+    return [MIRRORED_WORDS.get(t, t) for t in tokens]
+
+
+def caption_loss(logits, alphas, targets, pad: int, attention_reg: float, label_smoothing: float = 0.0):
     """Cross-entropy over real tokens + lambda * sum_p (1 - sum_t alpha_tp)^2 (Xu et al. 2015)."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad,
+                           label_smoothing=label_smoothing)
     if alphas is not None and attention_reg > 0:
         mask = (targets != pad).unsqueeze(2).to(alphas.dtype)
         coverage = (alphas * mask).sum(dim=1)
@@ -99,12 +115,11 @@ def greedy_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
     model.eval()
     feats, h, c, att = model.decoder.init_state(features)
     n = features.shape[0]
-    rows = torch.arange(n, device=features.device)
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
     out = [[] for _ in range(n)]
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_length + 1):
-        log_probs, h, c, _ = model.decoder.step(tokens, h, c, rows, feats, att)
+        log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att)  # one row per image
         for name in ("pad", "start", "unk"):
             log_probs[:, special[name]] = -math.inf
         if t == 0:
@@ -203,12 +218,19 @@ class Trainer:
         self.vocab.save(self.run_dir / "vocab.json")
 
         train_refs = encode_references(self.train_examples, self.vocab, cfg.max_caption_length)
+        mirrored_refs = [[self.vocab.encode(mirror_tokens(r), cfg.max_caption_length) for r in ex.references]
+                         for ex in self.train_examples] if cfg.flip_augment else None
         frozen = mcfg.fine_tune_blocks == 0
+        if cfg.flip_augment and not frozen:
+            raise TrainError("flip augmentation needs a frozen encoder (its features are cached)")
         if frozen:
             # float16 in memory (2.5 GB for 20,000 images); batches are converted to float32
-            train_feats = torch.from_numpy(
-                np.array(feature_cache([e.image_path for e in self.train_examples], model.backbone, self.cache_dir, progress=cfg.progress))
-            )
+            train_paths = [e.image_path for e in self.train_examples]
+            train_feats = torch.from_numpy(np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress)))
+            if cfg.flip_augment:
+                flipped_feats = torch.from_numpy(
+                    np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress, flip=True))
+                )
             val_feats = torch.from_numpy(
                 np.array(feature_cache([e.image_path for e in self.val_examples], model.backbone, self.cache_dir, progress=cfg.progress))
             )
@@ -222,21 +244,38 @@ class Trainer:
                 base = cfg.lr if i == 0 else cfg.encoder_lr
                 group["lr"] = base * cfg.lr_decay**epoch
             rng = np.random.default_rng([cfg.seed, epoch])
-            order = rng.permutation(len(self.train_examples))
-            choice = [pick_reference(rng, len(refs), cfg.first_reference_share) for refs in train_refs]
+            if cfg.all_references:
+                pairs = np.array([(i, j) for i, refs in enumerate(train_refs) for j in range(len(refs))], dtype=np.int64)
+            else:
+                pairs = np.array([(i, pick_reference(rng, len(refs), cfg.first_reference_share)) for i, refs in enumerate(train_refs)],
+                                 dtype=np.int64)
+            pairs = pairs[rng.permutation(len(pairs))]
+            mirrored = rng.random(len(pairs)) < cfg.flip_augment if cfg.flip_augment else np.zeros(len(pairs), dtype=bool)
             model.train()
             total, seen, tick = 0.0, 0, time.monotonic()
-            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", disable=not cfg.progress)
-            for b in range(0, len(order), cfg.batch_size):
-                idx = order[b : b + cfg.batch_size]
-                caps = pad_batch([train_refs[i][choice[i]] for i in idx], pad).to(self.device)
+            bar = tqdm(total=len(pairs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="cap", disable=not cfg.progress)
+            for b in range(0, len(pairs), cfg.batch_size):
+                batch_pairs, batch_mirrored = pairs[b : b + cfg.batch_size], mirrored[b : b + cfg.batch_size]
+                sequences = [(mirrored_refs if m else train_refs)[i][j] for (i, j), m in zip(batch_pairs, batch_mirrored)]
+                # longest first, so each teacher-forcing step runs only the captions still going
+                by_length = np.argsort([-len(q) for q in sequences], kind="stable")
+                batch_pairs, batch_mirrored = batch_pairs[by_length], batch_mirrored[by_length]
+                sequences = [sequences[k] for k in by_length]
+                idx = batch_pairs[:, 0]
+                caps = pad_batch(sequences, pad).to(self.device)
+                lengths = torch.tensor([len(q) - 1 for q in sequences], device=self.device)
                 if frozen:
-                    feats = train_feats[torch.from_numpy(idx)].to(self.device, torch.float32)
+                    rows = torch.from_numpy(idx)
+                    feats = train_feats[rows]
+                    if batch_mirrored.any():
+                        flip_rows = torch.from_numpy(batch_mirrored)
+                        feats[flip_rows] = flipped_feats[rows[flip_rows]]
+                    feats = feats.to(self.device, torch.float32)
                 else:
                     pixels = torch.from_numpy(np.stack([load_pixels(self.train_examples[i].image_path, spec) for i in idx]))
                     feats = model.backbone(pixels.to(self.device))
-                logits, alphas = model.decoder(feats, caps[:, :-1])
-                loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg)
+                logits, alphas = model.decoder(feats, caps[:, :-1], lengths)
+                loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
