@@ -3,7 +3,10 @@
 
 `Engine.caption(images, configs)` encodes the whole batch in one encoder call, then runs the beam
 search with one decoder call per step for all rows of all images, whatever each image's settings.
-The feature grid stays once per image (rows point at their image), so beams never copy it.
+The feature grid stays once per image and beams never copy it: the decoder's rows are laid out in
+image-major blocks of R rows (B = N * R, R = the most live rows any image has; the other rows of a
+block are padding whose outputs are ignored), and each image attends with its own block
+(docs/bundle-format.md). Older bundles whose step takes `row_image` get it for the same layout.
 
 Per step only each row's best few tokens reach the search: a tiny TopK graph (app/select.onnx) runs
 on the decoder's log-probabilities where they are. With IO binding (the default on CUDA) the grid,
@@ -35,7 +38,7 @@ REORDER_GRAPH = Path(__file__).with_name("reorder.onnx")
 SELECT_GRAPH = Path(__file__).with_name("select.onnx")
 
 ENCODER_OUTPUTS = ("features", "h0", "c0", "att_proj")
-DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")
+DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")  # row_image: format 1.0 bundles only
 DECODER_OUTPUTS = ("log_probs", "h_out", "c_out", "alpha")
 
 
@@ -152,32 +155,40 @@ class Engine:
         return dict(zip(ENCODER_OUTPUTS, outputs))
 
     def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool):
-        h, c = encoded["h0"], encoded["c0"]
+        """The step on host arrays: each call lays the live rows out in blocks of R rows per image
+        (R = the most live rows of any image at this step), padding rows zero."""
+        n = encoded["h0"].shape[0]
         static = {name: encoded[name] for name in ("features", "att_proj") if name in self._decoder_inputs}
         outputs = ["log_probs", "h_out", "c_out"] + (["alpha"] if self._has_alpha else [])
-        state = {"h": h, "c": c}
+        # the previous call's outputs, and where each of its live rows sits in them
+        state = {"h": encoded["h0"], "c": encoded["c0"], "slots": np.arange(n)}
 
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
-            feeds = {
-                "tokens": tokens,
-                "h": state["h"][parents],
-                "c": state["c"][parents],
-                **static,
-            }
+            slots, per_block = block_slots(row_image, n)
+            rows = n * per_block
+            source = state["slots"][parents]
+            feeds = {"tokens": np.zeros(rows, dtype=np.int64), **static}
+            feeds["tokens"][slots] = tokens
+            for name in ("h", "c"):
+                padded = np.zeros((rows, state[name].shape[1]), dtype=np.float32)
+                padded[slots] = state[name][source]
+                feeds[name] = padded
             if "row_image" in self._decoder_inputs:
-                feeds["row_image"] = row_image
+                feeds["row_image"] = np.repeat(np.arange(n, dtype=np.int64), per_block)
             result = self.decoder.run(outputs, feeds)
-            state["h"], state["c"] = result[1], result[2]
-            attention = result[3] if self._has_alpha and keep_attention else None
-            return _Selected(self, result[0], len(tokens)), attention
+            state["h"], state["c"], state["slots"] = result[1], result[2], slots
+            attention = result[3][slots] if self._has_alpha and keep_attention else None
+            return _Selected(self, result[0], slots), attention
 
         return step
 
-    def _make_bound_step(self, images: np.ndarray, capacity: int, keep_attention: bool):
+    def _make_bound_step(self, images: np.ndarray, per_block: int, keep_attention: bool):
         """The same step with IO binding. The encoder outputs, h/c and the log-probabilities stay as
-        device OrtValues; every per-step buffer is allocated once for `capacity` rows (the most
-        rows a step can have) and reused, so shapes never change between steps and nothing is
-        allocated in the loop. Rows past the live ones are padding whose outputs are ignored."""
+        device OrtValues; every per-step buffer is allocated once for N blocks of `per_block` rows
+        (the widest beam of the batch) and reused, so shapes never change between steps and nothing
+        is allocated in the loop. Rows past each image's live ones are padding, outputs ignored."""
+        n = images.shape[0]
+        capacity = n * per_block
         device = self.device
         binding = self.encoder.io_binding()
         binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(images, device, 0))
@@ -222,23 +233,27 @@ class Engine:
             decoder.bind_ortvalue_output("alpha", alpha)
         first = True
 
+        host_images[:] = np.repeat(np.arange(n, dtype=np.int64), per_block)  # fixed: block r is image r
+        images_v.update_inplace(host_images)
+        previous_slots = np.arange(n)  # at the first step parents are image indices into h0/c0
+
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
-            nonlocal first
-            rows = len(tokens)
-            host_tokens[:rows], host_tokens[rows:] = tokens, 0
-            host_parents[:rows], host_parents[rows:] = parents, 0
-            host_images[:rows], host_images[rows:] = row_image, 0
+            nonlocal first, previous_slots
+            slots, _ = block_slots(row_image, n, per_block)
+            host_tokens[:], host_parents[:] = 0, 0
+            host_tokens[slots] = tokens
+            host_parents[slots] = previous_slots[parents]
             tokens_v.update_inplace(host_tokens)
             parents_v.update_inplace(host_parents)
-            images_v.update_inplace(host_images)
             self.reorder.run_with_iobinding(reorder)
             if first:  # from now on the state comes from the decoder's own output buffers
                 reorder.bind_ortvalue_input("h", h_out)
                 reorder.bind_ortvalue_input("c", c_out)
                 first = False
             self.decoder.run_with_iobinding(decoder)
-            attention = np.array(alpha.numpy()[:rows]) if alpha is not None and keep_attention else None  # a copy: the buffer is reused
-            return _Selected(self, log_probs, rows), attention
+            previous_slots = slots
+            attention = alpha.numpy()[slots] if alpha is not None and keep_attention else None  # a copy: the buffer is reused
+            return _Selected(self, log_probs, slots), attention
 
         return step
 
@@ -265,8 +280,8 @@ class Engine:
         resolved = [c.resolved(self.bundle.max_length) for c in configs]
         keep_attention = self._has_alpha and any(wants)
         if self.io_binding:
-            capacity = sum(c.beam_size for c in resolved)  # resolved: greedy has beam_size 1
-            step = self._make_bound_step(batch, capacity, keep_attention)
+            widest = max(c.beam_size for c in resolved)  # resolved: greedy has beam_size 1
+            step = self._make_bound_step(batch, widest, keep_attention)
         else:
             step = self._make_step(self.encode(batch), keep_attention)
         hypotheses = beam_search(
@@ -298,15 +313,29 @@ class Engine:
 
 
 
+def block_slots(row_image: np.ndarray, num_images: int, per_block: int | None = None) -> tuple[np.ndarray, int]:
+    """Where the search's live rows go in the decoder's image-major layout: (slot of each row,
+    rows per block). The search keeps an image's rows contiguous and images in order, so row i is
+    the k-th row of its image and sits at `image * per_block + k`. `per_block` defaults to the
+    most live rows of any image."""
+    counts = np.bincount(row_image, minlength=num_images)
+    widest = int(counts.max()) if row_image.size else 1
+    per_block = widest if per_block is None else per_block
+    first = np.cumsum(counts) - counts  # index of each image's first live row
+    within = np.arange(row_image.size) - first[row_image]
+    return row_image * per_block + within, per_block
+
+
 class _Selected:
     """A step's log-probabilities as app/decoding.py's StepOutput: TopK (and the <end> column) run
     by app/select.onnx where the log-probabilities are (device memory with IO binding), so only
-    [rows, k] values and ids are copied to the host; `full()` copies everything (rare)."""
+    [rows, k] values and ids are copied to the host; `full()` copies everything (rare). `slots`
+    says which rows of the decoder's (padded, block) output are the search's live rows, in order."""
 
-    def __init__(self, engine: Engine, log_probs: np.ndarray | ort.OrtValue, rows: int):
+    def __init__(self, engine: Engine, log_probs: np.ndarray | ort.OrtValue, slots: np.ndarray):
         self.engine = engine
         self.log_probs = log_probs
-        self.rows = rows
+        self.slots = slots
         self._end: np.ndarray | None = None
 
     def _select(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -323,8 +352,8 @@ class _Selected:
                 binding.bind_output(name, "cpu")
             engine.select.run_with_iobinding(binding)
             values, ids, end = (v.numpy() for v in binding.get_outputs())
-        self._end = end[: self.rows, 0]
-        return values[: self.rows], ids[: self.rows]
+        self._end = end[self.slots, 0]
+        return values[self.slots], ids[self.slots]
 
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self._select(min(k, self.engine._vocab_out))
@@ -338,4 +367,4 @@ class _Selected:
 
     def full(self) -> np.ndarray:
         array = self.log_probs if isinstance(self.log_probs, np.ndarray) else self.log_probs.numpy()
-        return array[: self.rows]
+        return array[self.slots]

@@ -10,7 +10,9 @@
 
 Both decoders share one interface, which is what the bundle's two graphs export:
 `init_state(features) -> (features, h0, c0, att_proj)` and
-`step(tokens, h, c, row_image, features, att_proj) -> (log_probs, h, c, alpha)`.
+`step(tokens, h, c, features, att_proj) -> (log_probs, h, c, alpha)`, where the step's B rows are
+image-major blocks: B = N * R, rows r*R .. r*R + R-1 belong to image r. Each image attends with its
+own rows (a batched matmul over [N, R, P] x [N, P, D]), so the grid is never copied per row.
 """
 
 from __future__ import annotations
@@ -136,19 +138,41 @@ class AttentionDecoder(nn.Module):
         logits = self.out(self.dropout(h))
         return logits, h, c, alpha
 
-    def step(self, tokens, h, c, row_image, features, att_proj):
-        logits, h, c, alpha = self._core(tokens, h, c, features.index_select(0, row_image), att_proj.index_select(0, row_image))
-        return F.log_softmax(logits.float(), dim=1), h, c, alpha  # float32 even in a float16 graph
+    def step(self, tokens, h, c, features, att_proj):
+        """One step for B = N * R rows in image-major blocks (see the module docstring); the same
+        arithmetic as `_core`, with each image's R rows attending over that image's grid."""
+        n, positions, dim = features.shape
+        hidden = self.hidden_att(h).reshape(n, -1, 1, att_proj.shape[2])  # [N, R, 1, A]
+        energy = self.score(torch.tanh(att_proj.unsqueeze(1) + hidden)).squeeze(3)  # [N, R, P]
+        alpha = torch.softmax(energy, dim=2)
+        context = torch.matmul(alpha, features).reshape(-1, dim)  # [N, R, P] @ [N, P, D] -> [B, D]
+        context = torch.sigmoid(self.gate(h)) * context
+        h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
+        logits = self.out(self.dropout(h))
+        return F.log_softmax(logits.float(), dim=1), h, c, alpha.reshape(-1, positions)  # float32 even in float16
 
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor):
-        """Teacher forcing. inputs [N, T] (starting with <start>) -> logits [N, T, V], alphas [N, T, P]."""
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Teacher forcing. inputs [N, T] (starting with <start>) -> logits [N, T, V], alphas [N, T, P].
+
+        `lengths` (rows sorted longest first): each row's count of real input positions; step t then
+        runs only the rows still that long, and the rest of the output is zeros (padding)."""
         features, h, c, att_proj = self.init_state(features)
+        n = inputs.shape[0]
         logits, alphas = [], []
         for t in range(inputs.shape[1]):
-            step_logits, h, c, alpha = self._core(inputs[:, t], h, c, features, att_proj)
-            logits.append(step_logits)
-            alphas.append(alpha)
-        return torch.stack(logits, 1), torch.stack(alphas, 1)
+            rows = n if lengths is None else int((lengths > t).sum())
+            if rows == 0:
+                break
+            h, c = h[:rows], c[:rows]
+            step_logits, h, c, alpha = self._core(inputs[:rows, t], h, c, features[:rows], att_proj[:rows])
+            logits.append(F.pad(step_logits, (0, 0, 0, n - rows)))
+            alphas.append(F.pad(alpha, (0, 0, 0, n - rows)))
+        steps = len(logits)
+        out_logits, out_alphas = torch.stack(logits, 1), torch.stack(alphas, 1)
+        if steps < inputs.shape[1]:
+            out_logits = F.pad(out_logits, (0, 0, 0, inputs.shape[1] - steps))
+            out_alphas = F.pad(out_alphas, (0, 0, 0, inputs.shape[1] - steps))
+        return out_logits, out_alphas
 
 
 class ShowTellDecoder(nn.Module):
@@ -173,17 +197,19 @@ class ShowTellDecoder(nn.Module):
         placeholder = image.new_zeros(image.shape[0], 1, 1)
         return placeholder, h0, c0, placeholder
 
-    def step(self, tokens, h, c, row_image, features, att_proj):
+    def step(self, tokens, h, c, features, att_proj):
         h, c = self.lstm(self.embed(tokens), (h, c))
         alpha = torch.ones_like(h[:, :1])
         return F.log_softmax(self.out(self.dropout(h)).float(), dim=1), h, c, alpha  # float32 even in float16
 
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor):
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None):
         _, h, c, _ = self.init_state(features)
+        n = inputs.shape[0]
         logits = []
         for t in range(inputs.shape[1]):
-            h, c = self.lstm(self.embed(inputs[:, t]), (h, c))
-            logits.append(self.out(self.dropout(h)))
+            rows = n if lengths is None else max(1, int((lengths > t).sum()))
+            h, c = self.lstm(self.embed(inputs[:rows, t]), (h[:rows], c[:rows]))
+            logits.append(F.pad(self.out(self.dropout(h)), (0, 0, 0, n - rows)))
         return torch.stack(logits, 1), None
 
 
@@ -230,8 +256,8 @@ class StepGraph(nn.Module):
         super().__init__()
         self.decoder = model.decoder
 
-    def forward(self, tokens, h, c, row_image, features, att_proj):
-        return self.decoder.step(tokens, h, c, row_image, features, att_proj)
+    def forward(self, tokens, h, c, features, att_proj):
+        return self.decoder.step(tokens, h, c, features, att_proj)
 
 
 class HalfEncoderGraph(nn.Module):
@@ -253,6 +279,6 @@ class HalfStepGraph(nn.Module):
         super().__init__()
         self.decoder = model16.decoder
 
-    def forward(self, tokens, h, c, row_image, features, att_proj):
-        log_probs, h, c, alpha = self.decoder.step(tokens, h.half(), c.half(), row_image, features.half(), att_proj.half())
+    def forward(self, tokens, h, c, features, att_proj):
+        log_probs, h, c, alpha = self.decoder.step(tokens, h.half(), c.half(), features.half(), att_proj.half())
         return log_probs.float(), h.float(), c.float(), alpha.float()

@@ -46,8 +46,7 @@ def reference_decode(
     for t in range(max_length + 1):
         if not live_tokens:
             break
-        row_image = torch.zeros(len(live_tokens), dtype=torch.long, device=device)
-        log_probs, h, c, _ = model.decoder.step(previous, h, c, row_image, features, att_proj)
+        log_probs, h, c, _ = model.decoder.step(previous, h, c, features, att_proj)  # one image: one block
         log_probs = log_probs.double()
         for name in ("pad", "start", "unk"):
             log_probs[:, special[name]] = float("-inf")

@@ -10,11 +10,14 @@ encoder.onnx
     With ``attention=False`` (show_and_tell) ``features`` and ``att_proj`` are [N, 1, 1] zeros.
 
 decoder.onnx (one step)
-    ``tokens`` [B], ``h``/``c`` [B, hidden], ``row_image`` [B], ``features`` [N, P, D],
-    ``att_proj`` [N, P, A] -> ``log_probs`` [B, V], ``h_out``/``c_out`` [B, hidden], ``alpha`` [B, P].
-    Rows gather their image's grid by ``row_image``; additive attention (softmax over P) gives
-    ``alpha`` and a context vector; an LSTM cell takes [embedding(token), context]; a linear layer
-    and LogSoftmax give the next-token distribution.
+    ``tokens`` [B], ``h``/``c`` [B, hidden], ``features`` [N, P, D], ``att_proj`` [N, P, A] ->
+    ``log_probs`` [B, V], ``h_out``/``c_out`` [B, hidden], ``alpha`` [B, P]. The B = N * R rows
+    are image-major blocks: each image's R rows attend over its own grid with a batched MatMul
+    ([N, R, P] x [N, P, D]); additive attention (softmax over P) gives ``alpha`` and a context
+    vector; an LSTM cell takes [embedding(token), context]; a linear layer and LogSoftmax give the
+    next-token distribution. ``row_layout=True`` builds the older (format 1.0) step instead, whose
+    rows gather their image's grid by an extra ``row_image`` [B] input: the same arithmetic, so the
+    same weights give the same captions either way.
 
 To make captions non-trivial, the weights are random but shaped: one hidden unit is a "clock"
 whose cell value grows by a fixed step each step and drives the ``<end>`` logit, so captions end
@@ -134,9 +137,10 @@ def _build_encoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto
     return _finish(graph, "tiny-encoder")
 
 
-def _build_decoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto:
+def _build_decoder(rng: np.random.Generator, attention: bool, row_layout: bool = False) -> onnx.ModelProto:
     vocab_size = len(VOCAB)
     d, a = (FEAT, ATT) if attention else (1, 1)
+    p = GRID * GRID if attention else 1
 
     embed = _f32(rng, vocab_size, EMBED, scale=1.0)
     w_ha = _f32(rng, HIDDEN, a, scale=1.0 / np.sqrt(HIDDEN))
@@ -184,21 +188,49 @@ def _build_decoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto
         _init("axes_last", np.array([-1], dtype=np.int64)),
         _init("axes_p", np.array([1], dtype=np.int64)),
     ]
+    if not row_layout:
+        inits += [
+            _init("zero", np.array([0], dtype=np.int64)),
+            _init("block_tail", np.array([-1, 1, a], dtype=np.int64)),
+            _init("rows_d", np.array([-1, d], dtype=np.int64)),
+            _init("rows_p", np.array([-1, p], dtype=np.int64)),
+        ]
+    if row_layout:  # format 1.0: rows gather their image's grid
+        attend = [
+            helper.make_node("Gather", ["features", "row_image"], ["row_feat"], axis=0),   # [B, P, D]
+            helper.make_node("Gather", ["att_proj", "row_image"], ["row_att"], axis=0),    # [B, P, A]
+            # additive attention: e = v . tanh(att_proj + h W_ha)
+            helper.make_node("MatMul", ["h", "w_ha"], ["h_att"]),                          # [B, A]
+            helper.make_node("Unsqueeze", ["h_att", "axes_p"], ["h_att3"]),                # [B, 1, A]
+            helper.make_node("Add", ["row_att", "h_att3"], ["att_sum"]),                   # [B, P, A]
+            helper.make_node("Tanh", ["att_sum"], ["att_act"]),
+            helper.make_node("MatMul", ["att_act", "v_att"], ["scores3"]),                 # [B, P, 1]
+            helper.make_node("Squeeze", ["scores3", "axes_last"], ["scores"]),             # [B, P]
+            helper.make_node("Softmax", ["scores"], ["alpha"], axis=-1),                   # [B, P]
+            helper.make_node("Unsqueeze", ["alpha", "axes_last"], ["alpha3"]),             # [B, P, 1]
+            helper.make_node("Mul", ["row_feat", "alpha3"], ["weighted"]),                 # [B, P, D]
+            helper.make_node("ReduceSum", ["weighted", "axes_p"], ["context"], keepdims=0),  # [B, D]
+        ]
+    else:  # image-major blocks of R rows: each image attends with its own rows, nothing is gathered
+        attend = [
+            helper.make_node("Shape", ["features"], ["feature_shape"]),
+            helper.make_node("Gather", ["feature_shape", "zero"], ["n"], axis=0),              # [1]: N
+            helper.make_node("Concat", ["n", "block_tail"], ["block_shape"], axis=0),          # [N, -1, 1, A]
+            helper.make_node("MatMul", ["h", "w_ha"], ["h_att"]),                              # [B, A]
+            helper.make_node("Reshape", ["h_att", "block_shape"], ["h_att4"]),                 # [N, R, 1, A]
+            helper.make_node("Unsqueeze", ["att_proj", "axes_p"], ["att4"]),                   # [N, 1, P, A]
+            helper.make_node("Add", ["att4", "h_att4"], ["att_sum"]),                          # [N, R, P, A]
+            helper.make_node("Tanh", ["att_sum"], ["att_act"]),
+            helper.make_node("MatMul", ["att_act", "v_att"], ["scores4"]),                     # [N, R, P, 1]
+            helper.make_node("Squeeze", ["scores4", "axes_last"], ["scores"]),                 # [N, R, P]
+            helper.make_node("Softmax", ["scores"], ["alpha_block"], axis=-1),                 # [N, R, P]
+            helper.make_node("MatMul", ["alpha_block", "features"], ["context_block"]),        # [N, R, D]
+            helper.make_node("Reshape", ["context_block", "rows_d"], ["context"]),             # [B, D]
+            helper.make_node("Reshape", ["alpha_block", "rows_p"], ["alpha"]),                 # [B, P]
+        ]
     nodes = [
         helper.make_node("Gather", ["embed", "tokens"], ["emb"], axis=0),              # [B, E]
-        helper.make_node("Gather", ["features", "row_image"], ["row_feat"], axis=0),   # [B, P, D]
-        helper.make_node("Gather", ["att_proj", "row_image"], ["row_att"], axis=0),    # [B, P, A]
-        # additive attention: e = v . tanh(att_proj + h W_ha)
-        helper.make_node("MatMul", ["h", "w_ha"], ["h_att"]),                          # [B, A]
-        helper.make_node("Unsqueeze", ["h_att", "axes_p"], ["h_att3"]),                # [B, 1, A]
-        helper.make_node("Add", ["row_att", "h_att3"], ["att_sum"]),                   # [B, P, A]
-        helper.make_node("Tanh", ["att_sum"], ["att_act"]),
-        helper.make_node("MatMul", ["att_act", "v_att"], ["scores3"]),                 # [B, P, 1]
-        helper.make_node("Squeeze", ["scores3", "axes_last"], ["scores"]),             # [B, P]
-        helper.make_node("Softmax", ["scores"], ["alpha"], axis=-1),                   # [B, P]
-        helper.make_node("Unsqueeze", ["alpha", "axes_last"], ["alpha3"]),             # [B, P, 1]
-        helper.make_node("Mul", ["row_feat", "alpha3"], ["weighted"]),                 # [B, P, D]
-        helper.make_node("ReduceSum", ["weighted", "axes_p"], ["context"], keepdims=0),  # [B, D]
+        *attend,
         # LSTM cell on [emb, context]
         helper.make_node("Concat", ["emb", "context"], ["x"], axis=1),                 # [B, E+D]
         helper.make_node("MatMul", ["x", "w_x"], ["gx"]),
@@ -231,7 +263,7 @@ def _build_decoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto
             helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B"]),
             helper.make_tensor_value_info("h", TensorProto.FLOAT, ["B", HIDDEN]),
             helper.make_tensor_value_info("c", TensorProto.FLOAT, ["B", HIDDEN]),
-            helper.make_tensor_value_info("row_image", TensorProto.INT64, ["B"]),
+            *([helper.make_tensor_value_info("row_image", TensorProto.INT64, ["B"])] if row_layout else []),
             helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "P", d]),
             helper.make_tensor_value_info("att_proj", TensorProto.FLOAT, ["N", "P", a]),
         ],
@@ -267,6 +299,7 @@ def make_tiny_bundle(
     name: str | None = None,
     version: str = "0.0.1",
     with_eval: bool = True,
+    row_layout: bool = False,
 ) -> Path:
     """Write a complete bundle into the folder ``path`` (created if needed) and return it.
 
@@ -279,7 +312,7 @@ def make_tiny_bundle(
     rng = np.random.default_rng(seed)
 
     encoder = _build_encoder(rng, attention)
-    decoder = _build_decoder(rng, attention)
+    decoder = _build_decoder(rng, attention, row_layout)
     onnx.save_model(encoder, out / "encoder.onnx")
     onnx.save_model(decoder, out / "decoder.onnx")
     (out / "vocab.json").write_text(json.dumps({"tokens": VOCAB}, indent=1) + "\n", encoding="utf-8")

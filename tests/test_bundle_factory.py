@@ -43,11 +43,12 @@ def test_graph_interface(tmp_path, attention):
     enc, dec = _sessions(bundle)
     assert [i.name for i in enc.get_inputs()] == ["image"]
     assert [o.name for o in enc.get_outputs()] == ["features", "h0", "c0", "att_proj"]
-    assert [i.name for i in dec.get_inputs()] == ["tokens", "h", "c", "row_image", "features", "att_proj"]
+    assert [i.name for i in dec.get_inputs()] == ["tokens", "h", "c", "features", "att_proj"]
     assert [o.name for o in dec.get_outputs()] == ["log_probs", "h_out", "c_out", "alpha"]
-    assert dec.get_inputs()[0].type == "tensor(int64)" and dec.get_inputs()[3].type == "tensor(int64)"
+    assert dec.get_inputs()[0].type == "tensor(int64)"
 
-    n, rows = 3, 7
+    n, per_image = 3, 3
+    rows = n * per_image
     features, h0, c0, att_proj = enc.run(None, {"image": _images(n)})
     p = 49 if attention else 1
     assert features.shape[:2] == (n, p) and att_proj.shape[:2] == (n, p)
@@ -56,11 +57,11 @@ def test_graph_interface(tmp_path, attention):
         assert features.shape == att_proj.shape == (n, 1, 1)
         assert not features.any() and not att_proj.any()
 
-    # rows (beams) point at their image; B != N
-    row_image = np.array([0, 0, 1, 2, 2, 2, 1], dtype=np.int64)
+    # rows (beams) in image-major blocks of 3; B != N
+    row_image = np.repeat(np.arange(n), per_image)
     tokens = np.full(rows, manifest["special_tokens"]["start"], dtype=np.int64)
     log_probs, h, c, alpha = dec.run(None, {"tokens": tokens, "h": h0[row_image], "c": c0[row_image],
-                                            "row_image": row_image, "features": features, "att_proj": att_proj})
+                                            "features": features, "att_proj": att_proj})
     assert log_probs.shape == (rows, len(VOCAB)) == (rows, manifest["architecture"]["vocab_size"])
     assert h.shape == c.shape == (rows, HIDDEN)
     assert alpha.shape == (rows, p)
@@ -70,7 +71,12 @@ def test_graph_interface(tmp_path, attention):
         np.testing.assert_array_equal(alpha, 1.0)
     # rows of the same image with the same input give the same output
     np.testing.assert_allclose(log_probs[0], log_probs[1], atol=1e-6)
-    np.testing.assert_allclose(log_probs[2], log_probs[6], atol=1e-6)
+    np.testing.assert_allclose(log_probs[6], log_probs[8], atol=1e-6)
+    # each block attends over its own image: the same as a step for that image alone
+    alone = dec.run(None, {"tokens": tokens[3:6], "h": h0[[1, 1, 1]], "c": c0[[1, 1, 1]],
+                           "features": features[1:2], "att_proj": att_proj[1:2]})
+    np.testing.assert_allclose(alone[0], log_probs[3:6], atol=1e-5)
+    np.testing.assert_allclose(alone[3], alpha[3:6], atol=1e-6)
     # <pad> and <start> are never likely
     special = manifest["special_tokens"]
     assert (log_probs[:, special["pad"]] < -15).all() and (log_probs[:, special["start"]] < -15).all()
@@ -103,12 +109,11 @@ def _greedy(bundle, images: np.ndarray, steps: int = 16) -> list[list[int]]:
     enc, dec = _sessions(bundle)
     features, h, c, att_proj = enc.run(None, {"image": images})
     n = images.shape[0]
-    rows = np.arange(n, dtype=np.int64)
     tokens = np.full(n, 1, dtype=np.int64)
     out: list[list[int]] = [[] for _ in range(n)]
     done = np.zeros(n, dtype=bool)
     for step in range(steps):
-        log_probs, h, c, _ = dec.run(None, {"tokens": tokens, "h": h, "c": c, "row_image": rows,
+        log_probs, h, c, _ = dec.run(None, {"tokens": tokens, "h": h, "c": c,  # one row per image
                                             "features": features, "att_proj": att_proj})
         log_probs[:, :4 if step == 0 else 2] = -np.inf  # no special token first; never pad/start
         log_probs[:, 3] = -np.inf
@@ -131,3 +136,19 @@ def test_captions_are_not_trivial(tmp_path, attention):
     assert len({t for w in words for t in w}) >= 5  # more than a couple of words in use
     assert sum(cap[-1:] == [2] for cap in captions) >= 4  # most end on their own, before max_length
     assert all(1 <= len(w) for w in words)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_row_layout_is_the_same_model(tmp_path, attention):
+    """`row_layout=True` builds the format-1.0 step (rows gather by `row_image`): the same weights,
+    the same outputs, so tests can prove the engine serves both kinds of bundle alike."""
+    blocks = make_tiny_bundle(tmp_path / "blocks", attention=attention)
+    rows = make_tiny_bundle(tmp_path / "rows", attention=attention, row_layout=True)
+    enc, dec = _sessions(blocks)
+    _, old = _sessions(rows)
+    assert [i.name for i in old.get_inputs()] == ["tokens", "h", "c", "row_image", "features", "att_proj"]
+    features, h0, c0, att_proj = enc.run(None, {"image": _images(2)})
+    row_image = np.array([0, 0, 1, 1], dtype=np.int64)
+    feeds = {"tokens": np.array([1, 5, 1, 7]), "h": h0[row_image], "c": c0[row_image], "features": features, "att_proj": att_proj}
+    for new, legacy in zip(dec.run(None, feeds), old.run(None, {**feeds, "row_image": row_image}), strict=True):
+        np.testing.assert_allclose(new, legacy, atol=1e-5)
