@@ -15,7 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-FORMAT_VERSION = 1
+# 2: the decoder step's rows are image-major blocks (no row_image input); 1: rows gather their
+# image's grid by a row_image input. This service reads both; the exporter writes 2.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 REQUIRED_FILES = ("encoder", "decoder", "vocab")
 
 
@@ -143,8 +146,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not isinstance(raw, dict):
         raise BundleError(manifest_path, "manifest must be a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(manifest_path, f"unsupported format_version {version!r} (this service reads {FORMAT_VERSION})")
+    if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
+        readable = " and ".join(map(str, READABLE_FORMAT_VERSIONS))
+        raise BundleError(manifest_path, f"unsupported format_version {version!r} (this service reads {readable})")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -173,7 +173,6 @@ def torch_batched_beam_search(model, images, beam: int, max_length: int, special
         features, h0, c0, att_proj = model.encode(images)
         n, b = images.shape[0], beam
         h, c = h0.repeat_interleave(b, 0), c0.repeat_interleave(b, 0)
-        row_image = torch.arange(n, device=device).repeat_interleave(b)
         scores = torch.full((n, b), float("-inf"), device=device)
         scores[:, 0] = 0.0
         tokens = torch.full((n * b,), special["start"], dtype=torch.long, device=device)
@@ -186,7 +185,7 @@ def torch_batched_beam_search(model, images, beam: int, max_length: int, special
         base = (torch.arange(n, device=device) * b)[:, None]
         rank = torch.arange(2 * b, device=device)[None, :]
         for t in range(max_length + 1):
-            log_probs, h, c, _ = model.decoder.step(tokens, h, c, row_image, features, att_proj)
+            log_probs, h, c, _ = model.decoder.step(tokens, h, c, features, att_proj)  # blocks of b rows per image
             log_probs = log_probs.float()
             vocab = log_probs.shape[1]
             log_probs[:, banned] = float("-inf")

@@ -172,17 +172,27 @@ def export_cmd(
     evaluate_limit: Optional[int] = typer.Option(None, help="Evaluate at most this many images"),
     progress: bool = typer.Option(True),
     precision: str = typer.Option("fp32", help="fp32, or fp16 (half the size, faster on GPUs; its own parity tolerance)"),
+    decoding: Optional[Path] = typer.Option(
+        None, help="JSON from `captioner tune-decoding`: its chosen length penalty and n-gram blocking become the bundle's recommendation"
+    ),
 ) -> None:
     """Export a checkpoint to a model bundle; it proves parity before anything is written."""
 
     def run():
+        from model_export.data.karpathy import read_json_file
         from model_export.export import export_bundle
 
         dataset = load_dataset(data, images, format)
+        chosen = None
+        if decoding:
+            tuned = read_json_file(decoding)
+            if not isinstance(tuned, dict) or not isinstance(tuned.get("chosen"), dict):
+                raise DatasetError(decoding, "not a `captioner tune-decoding` result (no 'chosen' object)")
+            chosen = tuned["chosen"]
         return export_bundle(
             checkpoint, out, dataset, name=name, version=version, parity_split=parity_split, parity_images=parity_images,
             evaluate_split=evaluate_split or None, evaluate_limit=evaluate_limit, progress=progress,
-            precision=precision,
+            precision=precision, decoding=chosen,
         )
 
     path = _guard(run)
@@ -218,11 +228,43 @@ def evaluate_cmd(
         typer.echo(f"wrote {out}", err=True)
 
 
+def tune_decoding_cmd(
+    bundle: Path = typer.Option(Path("models/default"), help="Model bundle folder"),
+    data: Path = typer.Option(..., help="Karpathy split JSON, COCO captions JSON or a Flickr8k folder"),
+    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
+    format: DataFormat = typer.Option(DataFormat.karpathy),
+    split: str = typer.Option("val", help="Choose on this split (never the test split)"),
+    limit: Optional[int] = typer.Option(None, help="At most this many images"),
+    out: Optional[Path] = typer.Option(None, help="Write every setting's scores as JSON here (input of export --decoding)"),
+    device: str = typer.Option("auto"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Choose the length penalty and n-gram blocking (and see beam sizes) on the validation split."""
+
+    def run():
+        from model_export.evaluate import tune_decoding
+
+        dataset = load_dataset(data, images, format)
+        return tune_decoding(bundle, dataset, split=split, limit=limit, device=device, progress=progress)
+
+    result = _guard(run)
+    for row in result["grid_beam3"] + result["beam_sizes"]:
+        typer.echo(
+            f"beam {row['beam_size']}  length_penalty {row['length_penalty']:<4} no_repeat_ngram {row['no_repeat_ngram_size']}  "
+            f"BLEU-4 {row['BLEU-4']:.4f}  CIDEr {row['CIDEr']:.4f}  repeats {row['repeated_bigram_share']:.3f}  words {row['mean_words']:.1f}"
+        )
+    typer.echo(f"chosen: {json.dumps(result['chosen'])}")
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {out}", err=True)
+
+
 COMMANDS = {
     "generate-scenes": generate_scenes_cmd,
     "train": train_cmd,
     "export": export_cmd,
     "evaluate": evaluate_cmd,
+    "tune-decoding": tune_decoding_cmd,
 }
 
 

@@ -1,13 +1,19 @@
 """`captioner evaluate`: score a model bundle on a dataset split through onnxruntime (no torch).
 
-Greedy and beam-3 captions from the serving engine itself (`app.engine`), then BLEU-1..4, METEOR,
-ROUGE-L and CIDEr via pycocoevalcap; on generated scenes also the attribute check (every object's
-colour and shape named).
+Greedy, beam-3 and beam-5 captions from the serving engine itself (`app.engine`), then BLEU-1..4,
+METEOR, ROUGE-L and CIDEr via pycocoevalcap; on generated scenes also the attribute check (every
+object's colour and shape named). The rows share the other decoding settings (length penalty,
+n-gram blocking): the bundle's recommended ones unless given.
+
+`tune_decoding` (`captioner tune-decoding`) is how those recommendations are chosen: on the
+validation split, a grid of length penalty and n-gram blocking at beam 3, then beam sizes at the
+best of them, scored by CIDEr and BLEU-4 (plus how many captions repeat a word pair).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from app.bundle import load_bundle
@@ -21,8 +27,42 @@ from model_export.metrics import coco_scores
 STRATEGIES = {
     "greedy": DecodingConfig(strategy="greedy"),
     "beam3": DecodingConfig(strategy="beam", beam_size=3),
+    "beam5": DecodingConfig(strategy="beam", beam_size=5),
 }
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def recommended_decoding(bundle) -> DecodingConfig:
+    """The bundle's recommended length penalty and n-gram blocking (manifest `decoding`), else none."""
+    chosen = bundle.manifest.get("decoding") or {}
+    return DecodingConfig(length_penalty=float(chosen.get("length_penalty", 0.0)),
+                          no_repeat_ngram_size=int(chosen.get("no_repeat_ngram_size", 0)))
+
+
+def _strategies(base: DecodingConfig) -> dict[str, DecodingConfig]:
+    return {name: replace(config, length_penalty=base.length_penalty, no_repeat_ngram_size=base.no_repeat_ngram_size)
+            for name, config in STRATEGIES.items()}
+
+
+def caption_split(engine: Engine, paths: list[Path], configs: dict[str, DecodingConfig], batch_size: int = 32,
+                  progress: bool = True, desc: str = "captioning") -> dict[str, dict[int, list[str]]]:
+    """The best caption's words for every image, per named decoding config (one pass over the images)."""
+    from tqdm import tqdm
+
+    predictions: dict[str, dict[int, list[str]]] = {name: {} for name in configs}
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
+    for indices, pixels in iter_batches(paths, engine.bundle.preprocessing, batch_size):
+        for name, config in configs.items():
+            for i, captions in zip(indices, engine.caption(pixels, config)):
+                predictions[name][i] = captions[0].tokens if captions else []
+        bar.update(len(indices))
+    bar.close()
+    return predictions
+
+
+def repeats_a_bigram(words: list[str]) -> bool:
+    pairs = list(zip(words, words[1:]))
+    return len(pairs) != len(set(pairs))
 
 
 def evaluate_bundle(
@@ -34,40 +74,88 @@ def evaluate_bundle(
     device: str = "auto",
     threads: int | None = None,
     progress: bool = True,
+    decoding: DecodingConfig | None = None,
 ) -> dict:
-    from tqdm import tqdm
-
+    """Scores of greedy, beam 3 and beam 5 on `split`; `decoding` gives the length penalty and
+    n-gram blocking of all three (default: the bundle's recommendation)."""
     started = time.monotonic()
     bundle = load_bundle(bundle_dir)
     engine = Engine(bundle, device=device, threads=threads)
+    base = decoding or recommended_decoding(bundle)
+    strategies = _strategies(base)
     examples = dataset.split(split)[: limit or None]
     paths = [e.image_path for e in examples]
-    predictions: dict[str, dict[int, list[str]]] = {name: {} for name in STRATEGIES}
-    bar = tqdm(total=len(paths), desc=f"captioning {split}", unit="img", disable=not progress)
-    for indices, pixels in iter_batches(paths, bundle.preprocessing, batch_size):
-        for name, config in STRATEGIES.items():
-            for i, captions in zip(indices, engine.caption(pixels, config)):
-                predictions[name][i] = captions[0].tokens if captions else []
-        bar.update(len(indices))
-    bar.close()
+    predictions = caption_split(engine, paths, strategies, batch_size, progress, desc=f"captioning {split}")
     references = {i: e.references for i, e in enumerate(examples)}
     has_scenes = all("scene" in e.extra for e in examples)
     result: dict = {
         "bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle_dir)},
         "dataset": {"name": dataset.name, "source": str(dataset.source), "split": split, "images": len(examples)},
         "provider": engine.provider,
+        "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram_size": base.no_repeat_ngram_size},
     }
-    for name in STRATEGIES:
+    for name in strategies:
         scores = coco_scores(predictions[name], references)
         if has_scenes:
             scores["attributes"] = attribute_accuracy({e.image_id: predictions[name][i] for i, e in enumerate(examples)}, dataset)
+        scores["repeated_bigram_share"] = sum(map(repeats_a_bigram, predictions[name].values())) / max(len(examples), 1)
         result[name] = scores
     result["samples"] = [
-        {"image": str(e.image_path), "reference": " ".join(e.references[0]), **{n: " ".join(predictions[n][i]) for n in STRATEGIES}}
+        {"image": str(e.image_path), "reference": " ".join(e.references[0]), **{n: " ".join(predictions[n][i]) for n in strategies}}
         for i, e in enumerate(examples[:10])
     ]
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
+
+
+def tune_decoding(
+    bundle_dir: Path,
+    dataset: CaptionDataset,
+    split: str = "val",
+    length_penalties: tuple[float, ...] = (0.0, 0.5, 1.0),
+    ngram_sizes: tuple[int, ...] = (0, 2, 3),
+    beam_sizes: tuple[int, ...] = (1, 2, 3, 5, 7),
+    limit: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Choose the length penalty and n-gram blocking on `split` (beam 3, best validation CIDEr),
+    then score beam sizes with them. Returns every setting tried with its scores."""
+    from model_export.metrics import quick_scores
+
+    started = time.monotonic()
+    engine = Engine(load_bundle(bundle_dir), device=device)
+    examples = dataset.split(split)[: limit or None]
+    paths = [e.image_path for e in examples]
+    references = {i: e.references for i, e in enumerate(examples)}
+
+    def score(configs: dict[str, DecodingConfig]) -> list[dict]:
+        predictions = caption_split(engine, paths, configs, progress=progress, desc=f"{len(configs)} settings on {split}")
+        rows = []
+        for name, config in configs.items():
+            scores = quick_scores(predictions[name], references)
+            rows.append({
+                "beam_size": config.beam_size if config.strategy == "beam" else 1,
+                "length_penalty": config.length_penalty,
+                "no_repeat_ngram_size": config.no_repeat_ngram_size,
+                **scores,
+                "repeated_bigram_share": sum(map(repeats_a_bigram, predictions[name].values())) / max(len(examples), 1),
+                "mean_words": sum(map(len, predictions[name].values())) / max(len(examples), 1),
+            })
+        return rows
+
+    grid = score({f"lp{lp}-ng{n}": DecodingConfig(beam_size=3, length_penalty=lp, no_repeat_ngram_size=n)
+                  for lp in length_penalties for n in ngram_sizes})
+    best = max(grid, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
+    beams = score({f"beam{b}": DecodingConfig(strategy="greedy" if b == 1 else "beam", beam_size=b,
+                                             length_penalty=best["length_penalty"], no_repeat_ngram_size=best["no_repeat_ngram_size"])
+                   for b in beam_sizes})
+    return {
+        "split": split, "images": len(examples),
+        "chosen": {"length_penalty": best["length_penalty"], "no_repeat_ngram_size": best["no_repeat_ngram_size"],
+                   "chosen_on": f"{dataset.name} {split} ({len(examples)} images), beam 3, best CIDEr"},
+        "grid_beam3": grid, "beam_sizes": beams, "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def format_table(result: dict) -> str:

@@ -196,7 +196,10 @@ def export_bundle(
     evaluate_limit: int | None = None,
     progress: bool = True,
     precision: str = "fp32",
+    decoding: dict | None = None,
 ) -> Path:
+    """`decoding`: the recommended length penalty and n-gram blocking (`captioner tune-decoding`
+    on validation), written to the manifest; the evaluation uses them."""
     from model_export.evaluate import evaluate_bundle, format_table
 
     started = time.monotonic()
@@ -236,6 +239,7 @@ def export_bundle(
             "special_tokens": special,
             "max_length": max_length,
             "precision": precision,
+            **({"decoding": decoding} if decoding else {}),
             "files": {},
             "training": {
                 "data": state.get("data"),
@@ -266,7 +270,8 @@ def export_bundle(
                 "split": evaluate_split,
                 "images": result["dataset"]["images"],
                 "dataset": result["dataset"]["name"],
-                **{k: result[k] for k in ("greedy", "beam3")},
+                "decoding": result["decoding"],
+                **{k: result[k] for k in ("greedy", "beam3", "beam5")},
             }
         manifest["export_seconds"] = round(time.monotonic() - started, 1)
         write_manifest()

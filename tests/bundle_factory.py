@@ -1,4 +1,4 @@
-"""Build a tiny but real model bundle (docs/bundle-format.md, format version 1) without torch.
+"""Build a tiny but real model bundle (docs/bundle-format.md, format version 2; 1 with ``row_layout``) without torch.
 
 The graphs are written with ``onnx.helper`` and filled with seeded random weights, so the same
 ``seed`` always gives byte-identical files. They follow the bundle contract exactly:
@@ -329,7 +329,7 @@ def make_tiny_bundle(
         "beam3": {"BLEU-4": 0.02, "CIDEr": 0.03},
     }
     manifest = {
-        "format_version": 1,
+        "format_version": 1 if row_layout else 2,
         "model": {
             "name": name or ("tiny-sat" if attention else "tiny-st"),
             "version": version,

@@ -85,7 +85,7 @@ def test_graph_interface(tmp_path, attention):
 def test_manifest_and_files(tmp_path):
     bundle = make_tiny_bundle(tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     for entry in manifest["files"].values():
         data = (bundle / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]

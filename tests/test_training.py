@@ -151,7 +151,7 @@ def test_resume_with_another_vocabulary_is_a_clear_error(scenes, trained, tmp_pa
 
 def test_export_writes_a_bundle_that_proved_parity(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["model"] == {**manifest["model"], "name": "tiny", "version": "0.0.1"}
     assert manifest["architecture"]["decoder"] == "show_attend_tell" and manifest["architecture"]["grid_size"] == [7, 7]
     assert manifest["preprocessing"]["image_size"] == [224, 224] and manifest["preprocessing"]["mean"] == [0.5] * 3
@@ -334,3 +334,99 @@ def test_reference_choice():
     weighted = np.bincount([pick_reference(rng, 4, 0.5) for _ in range(4000)], minlength=4) / 4000
     assert abs(weighted[0] - 0.5) < 0.03 and np.all(np.abs(weighted[1:] - 0.5 / 3) < 0.03)
     assert pick_reference(rng, 1, 0.5) == 0
+
+
+# ---- the Flickr8k recipe's options and the block-layout step ----------------------------------
+
+def test_teacher_forcing_over_each_length_equals_the_padded_run():
+    from model_export.model import AttentionDecoder, ShowTellDecoder
+
+    torch.manual_seed(0)
+    features = torch.randn(4, 49, 32)
+    inputs = torch.randint(4, 30, (4, 7))
+    lengths = torch.tensor([7, 5, 5, 2])  # longest first
+    for cls in (AttentionDecoder, ShowTellDecoder):
+        decoder = cls(30, 32, 8, 16, 8, dropout=0.0).eval()
+        full_logits, full_alphas = decoder(features, inputs)
+        logits, alphas = decoder(features, inputs, lengths)
+        for row, length in enumerate(lengths.tolist()):
+            torch.testing.assert_close(logits[row, :length], full_logits[row, :length])
+            if alphas is not None:
+                torch.testing.assert_close(alphas[row, :length], full_alphas[row, :length])
+                assert not alphas[row, length:].any()
+
+
+def test_block_step_is_the_training_arithmetic():
+    """decoder.step (image-major blocks, what decoder.onnx runs) equals the per-row `_core` that
+    training uses, for every row of every block."""
+    from model_export.model import AttentionDecoder
+
+    torch.manual_seed(1)
+    decoder = AttentionDecoder(30, 32, 8, 16, 8, dropout=0.0).eval()
+    features, h0, c0, att_proj = decoder.init_state(torch.randn(3, 49, 32))
+    per_image = 4
+    rows = torch.arange(3).repeat_interleave(per_image)
+    tokens = torch.randint(4, 30, (rows.numel(),))
+    h, c = torch.randn(rows.numel(), 16), torch.randn(rows.numel(), 16)
+    with torch.no_grad():
+        log_probs, h1, c1, alpha = decoder.step(tokens, h, c, features, att_proj)
+        logits, h2, c2, alpha2 = decoder._core(tokens, h, c, features[rows], att_proj[rows])
+    torch.testing.assert_close(log_probs, torch.log_softmax(logits, dim=1))
+    torch.testing.assert_close(h1, h2)
+    torch.testing.assert_close(c1, c2)
+    torch.testing.assert_close(alpha, alpha2)
+
+
+def test_mirrored_captions_swap_left_and_right():
+    from model_export.train import mirror_tokens
+
+    assert mirror_tokens(["a", "dog", "to", "the", "left", "of", "a", "man", "on", "the", "right"]) == \
+        ["a", "dog", "to", "the", "right", "of", "a", "man", "on", "the", "left"]
+
+
+def test_flickr_recipe_options_train(scenes, tmp_path):
+    run = tmp_path / "run"
+    result = train(scenes, run, "--epochs", "1", "--all-references", "--label-smoothing", "0.1", "--flip-augment", "0.5",
+                   "--cache", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    settings = state["train_config"]
+    assert settings["all_references"] is True and settings["label_smoothing"] == 0.1 and settings["flip_augment"] == 0.5
+    flags = [json.loads(p.read_text()).get("flipped") for p in (tmp_path / "cache").glob("features-*.json")]
+    assert sorted(flags) == [False, False, True]  # train, val, and train mirrored
+    assert not (run / "cache").exists()  # --cache was used instead
+
+
+def test_flip_augmentation_needs_the_frozen_encoder(scenes, tmp_path):
+    result = train(scenes, tmp_path / "run", "--epochs", "1", "--flip-augment", "0.5", "--fine-tune-blocks", "1")
+    assert result.exit_code == 1
+    assert "flip augmentation needs a frozen encoder" in result.output
+
+
+def test_tune_decoding_then_export_with_its_choice(bundle, trained, scenes, tmp_path):
+    tuned = tmp_path / "decoding.json"
+    result = invoke("tune-decoding", "--bundle", bundle, "--data", scenes / "dataset.json", "--images", scenes,
+                    "--split", "val", "--out", tuned, "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(tuned.read_text())
+    assert report["split"] == "val" and report["images"] == 16
+    assert len(report["grid_beam3"]) == 9 and [r["beam_size"] for r in report["beam_sizes"]] == [1, 2, 3, 5, 7]
+    best = max(report["grid_beam3"], key=lambda r: (r["CIDEr"], r["BLEU-4"]))
+    chosen = report["chosen"]
+    assert (chosen["length_penalty"], chosen["no_repeat_ngram_size"]) == (best["length_penalty"], best["no_repeat_ngram_size"])
+
+    out = tmp_path / "tuned-bundle"
+    result = invoke("export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+                    "--out", out, "--decoding", tuned, "--parity-split", "test", "--evaluate-limit", "20", "--no-progress")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decoding"] == chosen
+    evaluation = manifest["evaluation"]
+    assert evaluation["decoding"] == {k: chosen[k] for k in ("length_penalty", "no_repeat_ngram_size")}
+    assert set(evaluation) >= {"greedy", "beam3", "beam5"}
+
+    bad = tmp_path / "not-tuned.json"
+    bad.write_text("[]")
+    result = invoke("export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
+                    "--out", tmp_path / "x", "--decoding", bad, "--no-progress")
+    assert result.exit_code == 1 and "not a `captioner tune-decoding` result" in result.output
