@@ -660,6 +660,7 @@ def caption_dir(
             engine = Engine(load_bundle(settings.bundle), device=settings.device, threads=settings.threads)
         except (BundleError, EngineError) as exc:
             fail(f"cannot load the model: {exc}")
+        config = settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(**decoding)
         size = batch_size
 
         def captioner(items):

@@ -89,6 +89,14 @@ class ModelId(_Model):
     version: str
 
 
+class RecommendedDecoding(_Model):
+    """The decoding settings chosen for this model on its validation split (`captioner
+    tune-decoding`); the service uses them where its own defaults are unset."""
+
+    length_penalty: float = Field(0.0, ge=0.0, le=5.0)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=10)
+
+
 class Manifest(_Model):
     format_version: int
     model: ModelId
@@ -97,6 +105,7 @@ class Manifest(_Model):
     special_tokens: SpecialTokens
     max_length: int = Field(gt=0)
     files: dict[str, FileEntry]
+    decoding: RecommendedDecoding | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -122,6 +131,7 @@ class Bundle:
         self.preprocessing = manifest.preprocessing
         self.encoder_path = path / manifest.files["encoder"].path
         self.decoder_path = path / manifest.files["decoder"].path
+        self.recommended_decoding = manifest.decoding or RecommendedDecoding()
 
     def words(self, token_ids: list[int]) -> list[str]:
         """Token strings for ids, special tokens left out."""

@@ -86,11 +86,14 @@ def caption(
     from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 
     settings = _settings_or_exit(bundle=bundle, device=device, threads=threads)
-    try:
-        config = settings.decoding_defaults().with_overrides(
+    def decoding(recommended=None):
+        return settings.decoding_defaults(recommended).with_overrides(
             strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
             length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         )
+
+    try:
+        config = decoding()  # checked before the model loads; then again with its recommendation
     except ValueError as exc:
         typer.echo(f"captioner: invalid decoding settings: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -100,6 +103,7 @@ def caption(
     except (BundleError, EngineError) as exc:
         typer.echo(f"captioner: cannot load the model: {exc}", err=True)
         raise typer.Exit(2) from None
+    config = decoding(loaded.recommended_decoding)
 
     spec = loaded.preprocessing
     arrays, good, failed = [], [], 0

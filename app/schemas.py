@@ -58,7 +58,7 @@ class DecodingSettings(BaseModel):
 class ModelRef(BaseModel):
     """Which model answered."""
 
-    model_config = ConfigDict(json_schema_extra={"example": {"name": "scenes-sat-lite0", "version": "1.0.0"}})
+    model_config = ConfigDict(json_schema_extra={"example": {"name": "flickr8k-sat-lite0", "version": "2.0.0"}})
 
     name: str
     version: str
@@ -207,10 +207,10 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "name": "scenes-sat-lite0",
-                "version": "1.0.0",
-                "created": "2026-11-26T15:00:00Z",
-                "format_version": 1,
+                "name": "flickr8k-sat-lite0",
+                "version": "2.0.0",
+                "created": "2026-12-01T09:00:00Z",
+                "format_version": 2,
                 "architecture": {
                     "encoder": "efficientnet-lite0",
                     "decoder": "show_attend_tell",
@@ -218,7 +218,7 @@ class ModelInfo(BaseModel):
                     "grid_size": [7, 7],
                     "feature_dim": 1280,
                     "hidden_dim": 512,
-                    "vocab_size": 54,
+                    "vocab_size": 2575,
                 },
                 "preprocessing": {
                     "image_size": [224, 224],
@@ -232,7 +232,7 @@ class ModelInfo(BaseModel):
                     "dtype": "float32",
                 },
                 "special_tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
-                "vocab_size": 54,
+                "vocab_size": 2575,
                 "max_length": 24,
                 "attention": True,
                 "evaluation": {"split": "test", "images": 1000, "greedy": {"BLEU-4": 0.71, "CIDEr": 4.1}},
@@ -273,7 +273,7 @@ class Readiness(BaseModel):
     """The model is loaded and warmed up."""
 
     model_config = ConfigDict(
-        json_schema_extra={"example": {"status": "ready", "model": {"name": "scenes-sat-lite0", "version": "1.0.0"}}}
+        json_schema_extra={"example": {"status": "ready", "model": {"name": "flickr8k-sat-lite0", "version": "2.0.0"}}}
     )
 
     status: Literal["ready"] = "ready"

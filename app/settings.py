@@ -107,8 +107,12 @@ class Settings(BaseSettings):
     default_max_length: int | None = Field(
         None, description="Default most words per caption (1-64); unset = the bundle's max_length."
     )
-    default_length_penalty: float = Field(0.0, description="Default length penalty (0-5); 0 ranks by total log-probability.")
-    default_no_repeat_ngram_size: int = Field(0, description="Default n-gram blocking size (0 = off, up to 10).")
+    default_length_penalty: float | None = Field(
+        None, description="Default length penalty (0-5); 0 ranks by total log-probability; unset = the bundle's recommendation (else 0)."
+    )
+    default_no_repeat_ngram_size: int | None = Field(
+        None, description="Default n-gram blocking size (0 = off, up to 10); unset = the bundle's recommendation (else 0)."
+    )
 
     # --- security (app/auth.py) ---
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -133,7 +137,8 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("threads", "default_max_length", "preprocess_threads", mode="before")
+    @field_validator("threads", "default_max_length", "preprocess_threads", "default_length_penalty",
+                     "default_no_repeat_ngram_size", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "none", "auto"):
@@ -206,17 +211,24 @@ class Settings(BaseSettings):
             raise ValueError(f"invalid decoding defaults: {exc}") from None
         return self
 
-    def decoding_defaults(self):
-        """The default `DecodingConfig` (raises ValueError if the defaults are inconsistent)."""
+    def decoding_defaults(self, recommended=None):
+        """The default `DecodingConfig` (raises ValueError if the defaults are inconsistent).
+        `recommended`: the bundle's recommended decoding (`Bundle.recommended_decoding`), used for
+        the length penalty and n-gram blocking where these settings are unset."""
         from app.decoding import DecodingConfig
+
+        def chosen(value, name: str, fallback):
+            if value is not None:
+                return value
+            return getattr(recommended, name) if recommended is not None else fallback
 
         return DecodingConfig(
             strategy=self.default_strategy,
             beam_size=self.default_beam_size,
             num_captions=self.default_num_captions,
             max_length=self.default_max_length,
-            length_penalty=self.default_length_penalty,
-            no_repeat_ngram_size=self.default_no_repeat_ngram_size,
+            length_penalty=chosen(self.default_length_penalty, "length_penalty", 0.0),
+            no_repeat_ngram_size=chosen(self.default_no_repeat_ngram_size, "no_repeat_ngram_size", 0),
         )
 
     def preprocess_workers(self) -> int:

@@ -300,6 +300,7 @@ def make_tiny_bundle(
     version: str = "0.0.1",
     with_eval: bool = True,
     row_layout: bool = False,
+    decoding: dict | None = None,
 ) -> Path:
     """Write a complete bundle into the folder ``path`` (created if needed) and return it.
 
@@ -359,6 +360,7 @@ def make_tiny_bundle(
         },
         "special_tokens": dict(SPECIAL),
         "max_length": max_length,
+        **({"decoding": decoding} if decoding else {}),
         "files": files,
         "training": {"dataset": "random weights (tests/bundle_factory.py)", "seed": seed, "epochs": 0},
         "evaluation": evaluation,

@@ -62,3 +62,19 @@ def test_http_load_benchmark(tmp_path, loadgen):
         assert set(point["latency_ms"]) == {"p50", "p90", "p95", "p99"}
     assert report["memory_kib_idle"]["VmRSS"] > 0
     assert len(report["ratios"]) == 2
+
+
+def test_bundles_benchmark_compares_two_bundles(tmp_path):
+    from tests.bundle_factory import make_tiny_bundle
+
+    blocks = make_tiny_bundle(tmp_path / "blocks")
+    rows = make_tiny_bundle(tmp_path / "rows", row_layout=True)
+    report_path = tmp_path / "bundles.json"
+    run_script("bundles.py", "--bundles", str(blocks), str(rows), "--images", "4", "--batch", "2", "--repeat", "3",
+               "--runs", "1", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert [b["format_version"] for b in report["bundles"]] == [2, 1]
+    for result in report["bundles"]:
+        assert result["batch2_images_per_s"] > 0 and result["one_image_ms"]["p50"] > 0
+        assert result["decoding"]["beam_size"] == 3
+    assert set(report["ratios"]) == {"batch2_images_per_s: first / second", "one_image_p50: first / second"}

@@ -51,6 +51,7 @@ IMAGE_FORMATS = "JPEG, PNG, GIF (first frame), WebP, BMP or TIFF"
 
 def decoding_config(
     settings: SettingsDep,
+    engine: EngineDep,
     strategy: Annotated[
         Literal["greedy", "beam"],
         Query(description="Decoding strategy; greedy is beam search with one beam. Default: the service's "
@@ -68,14 +69,15 @@ def decoding_config(
         int, Query(ge=1, le=MAX_LENGTH_LIMIT, description="Most words per caption. Default: the model's max_length.")
     ] = None,
     length_penalty: Annotated[
-        float, Query(ge=0.0, le=5.0, description="Ranking divides the score by length ** length_penalty. Default: the service's default_length_penalty (0).")
+        float, Query(ge=0.0, le=5.0, description="Ranking divides the score by length ** length_penalty. Default: the service's default_length_penalty, else the model's recommendation.")
     ] = None,
     no_repeat_ngram_size: Annotated[
-        int, Query(ge=0, le=10, description="Never repeat an n-gram of this size (0 = off).")
+        int, Query(ge=0, le=10, description="Never repeat an n-gram of this size (0 = off). Default: the service's "
+                   "default_no_repeat_ngram_size, else the model's recommendation.")
     ] = None,
 ) -> DecodingConfig:
     try:
-        return settings.decoding_defaults().with_overrides(
+        return settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(
             strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
             length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         )

@@ -50,7 +50,7 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         evaluation=evaluation if isinstance(evaluation, dict) else None,
         provider=engine.provider,
         device="cuda" if engine.device == "cuda" else "cpu",
-        decoding_defaults=decoding_settings(settings.decoding_defaults(), bundle.max_length),
+        decoding_defaults=decoding_settings(settings.decoding_defaults(bundle.recommended_decoding), bundle.max_length),
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
