@@ -127,6 +127,12 @@ def train_cmd(
     all_references: bool = typer.Option(False, "--all-references", help="Every epoch trains on all references of every image"),
     label_smoothing: float = typer.Option(0.0, min=0.0, max=0.5),
     flip_augment: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of a mirrored image (left/right swapped)"),
+    self_critical: bool = typer.Option(
+        False, "--self-critical", help="Self-critical training: reward each sampled caption's CIDEr-D over the greedy one's"
+    ),
+    init_checkpoint: Optional[Path] = typer.Option(
+        None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before --self-critical)"
+    ),
     seed: int = typer.Option(0),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -149,7 +155,8 @@ def train_cmd(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
-            flip_augment=flip_augment,
+            flip_augment=flip_augment, self_critical=self_critical,
+            init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
             max_minutes=max_minutes, num_threads=threads, progress=progress, model=model,
         )
         return Trainer(dataset, out, config, cache_dir=cache).run(resume=resume)

@@ -56,6 +56,14 @@ class TrainConfig:
     # Probability of training on the mirrored image (features cached for both) with "left" and
     # "right" swapped in its caption.
     flip_augment: float = 0.0
+    # Self-critical sequence training (Rennie et al., 2017): after cross-entropy has converged,
+    # maximise each sampled caption's CIDEr-D against the image's references, with the greedy
+    # caption's CIDEr-D as the baseline. One sample per image per epoch.
+    self_critical: bool = False
+    # Start from this checkpoint's weights (same vocabulary and model settings), with a fresh
+    # optimizer: how a self-critical stage continues a cross-entropy run.
+    init_checkpoint: str | None = None
+    sample_max_length: int = 16
     seed: int = 0
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     num_threads: int | None = None
@@ -107,6 +115,39 @@ def caption_loss(logits, alphas, targets, pad: int, attention_reg: float, label_
         coverage = (alphas * mask).sum(dim=1)
         loss = loss + attention_reg * ((1.0 - coverage) ** 2).mean()
     return loss
+
+
+def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int):
+    """One caption sampled per image (the model in training mode, dropout on), with the same token
+    rules as decoding. Returns (word ids per image, [N, T] log-probabilities of the sampled tokens,
+    zero after each caption's <end>)."""
+    feats, h, c, att = model.decoder.init_state(features)
+    n = features.shape[0]
+    tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
+    banned = torch.tensor([special["pad"], special["start"], special["unk"]], device=features.device)
+    alive = torch.ones(n, dtype=torch.bool, device=features.device)
+    out: list[list[int]] = [[] for _ in range(n)]
+    chosen_log_probs = []
+    for t in range(max_length + 1):
+        log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att)  # one row per image
+        log_probs = log_probs.index_fill(1, banned, -math.inf)
+        if t == 0:
+            log_probs = log_probs.index_fill(1, torch.tensor([special["end"]], device=features.device), -math.inf)
+        if t >= max_length:  # only <end> is left
+            keep = torch.full_like(log_probs, -math.inf)
+            keep[:, special["end"]] = 0.0
+            log_probs = log_probs + keep
+        log_probs = torch.log_softmax(log_probs, dim=1)  # over the allowed tokens
+        sampled = torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
+        chosen_log_probs.append(log_probs.gather(1, sampled[:, None]).squeeze(1) * alive)
+        for i, token in enumerate(sampled.tolist()):
+            if alive[i] and token != special["end"]:
+                out[i].append(token)
+        alive = alive & (sampled != special["end"])
+        tokens = sampled
+        if not alive.any():
+            break
+    return out, torch.stack(chosen_log_probs, 1)
 
 
 @torch.no_grad()
@@ -214,6 +255,17 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, best, history, bad_epochs = state["epoch"], state["best_cider"], state["history"], state["bad_epochs"]
             torch.set_rng_state(state["torch_rng"])
+        elif cfg.init_checkpoint:
+            init = Path(cfg.init_checkpoint)
+            if not init.is_file():
+                raise TrainError(f"{init}: checkpoint not found")
+            state = torch.load(init, map_location="cpu", weights_only=False)
+            if state["vocab"] != self.vocab.itos or state["model_config"] != mcfg.to_dict():
+                raise TrainError(f"{init}: its vocabulary or model settings differ from this run's; start from a checkpoint "
+                                 "trained on the same data with the same --min-count and sizes")
+            model.decoder.load_state_dict(state["decoder"])
+            if state.get("backbone"):
+                model.backbone.load_state_dict(state["backbone"])
         model.to(self.device)
         self.vocab.save(self.run_dir / "vocab.json")
 
@@ -223,6 +275,14 @@ class Trainer:
         frozen = mcfg.fine_tune_blocks == 0
         if cfg.flip_augment and not frozen:
             raise TrainError("flip augmentation needs a frozen encoder (its features are cached)")
+        scorer = None
+        if cfg.self_critical:
+            from model_export.reward import CiderD
+
+            # references as the vocabulary sees them (rare words are <unk>, dropped like in a caption)
+            reward_refs = [[self.vocab.decode(r) for r in refs] for refs in train_refs]
+            mirrored_reward_refs = [[self.vocab.decode(r) for r in refs] for refs in mirrored_refs] if mirrored_refs else None
+            scorer = CiderD(reward_refs)
         if frozen:
             # float16 in memory (2.5 GB for 20,000 images); batches are converted to float32
             train_paths = [e.image_path for e in self.train_examples]
@@ -244,7 +304,9 @@ class Trainer:
                 base = cfg.lr if i == 0 else cfg.encoder_lr
                 group["lr"] = base * cfg.lr_decay**epoch
             rng = np.random.default_rng([cfg.seed, epoch])
-            if cfg.all_references:
+            if cfg.self_critical:  # one sample per image; the reward reads all its references
+                pairs = np.array([(i, 0) for i in range(len(train_refs))], dtype=np.int64)
+            elif cfg.all_references:
                 pairs = np.array([(i, j) for i, refs in enumerate(train_refs) for j in range(len(refs))], dtype=np.int64)
             else:
                 pairs = np.array([(i, pick_reference(rng, len(refs), cfg.first_reference_share)) for i, refs in enumerate(train_refs)],
@@ -253,6 +315,7 @@ class Trainer:
             mirrored = rng.random(len(pairs)) < cfg.flip_augment if cfg.flip_augment else np.zeros(len(pairs), dtype=bool)
             model.train()
             total, seen, tick = 0.0, 0, time.monotonic()
+            rewards = {"sample": 0.0, "greedy": 0.0}
             bar = tqdm(total=len(pairs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="cap", disable=not cfg.progress)
             for b in range(0, len(pairs), cfg.batch_size):
                 batch_pairs, batch_mirrored = pairs[b : b + cfg.batch_size], mirrored[b : b + cfg.batch_size]
@@ -274,8 +337,20 @@ class Trainer:
                 else:
                     pixels = torch.from_numpy(np.stack([load_pixels(self.train_examples[i].image_path, spec) for i in idx]))
                     feats = model.backbone(pixels.to(self.device))
-                logits, alphas = model.decoder(feats, caps[:, :-1], lengths)
-                loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg, cfg.label_smoothing)
+                if scorer is not None:
+                    refs = [(mirrored_reward_refs if m else reward_refs)[i] for i, m in zip(idx, batch_mirrored)]
+                    baseline = greedy_batch(model, feats, special, cfg.sample_max_length)
+                    model.train()
+                    sampled, chosen = sample_batch(model, feats, special, cfg.sample_max_length)
+                    sample_reward = scorer.scores([self.vocab.decode(s) for s in sampled], refs)
+                    greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
+                    advantage = torch.tensor(sample_reward, device=self.device) - torch.tensor(greedy_reward, device=self.device)
+                    loss = -(advantage[:, None] * chosen).sum() / (chosen != 0).sum().clamp(min=1)
+                    rewards["sample"] += sum(sample_reward)
+                    rewards["greedy"] += sum(greedy_reward)
+                else:
+                    logits, alphas = model.decoder(feats, caps[:, :-1], lengths)
+                    loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
@@ -302,6 +377,9 @@ class Trainer:
                 {k: e.references for k, e in enumerate(self.val_examples)},
             )
             record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "seconds": round(time.monotonic() - started, 1)}
+            if scorer is not None:
+                record["stage"] = "self_critical"
+                record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()})
             history.append(record)
             improved = scores["CIDEr"] > best
             if improved:

@@ -430,3 +430,38 @@ def test_tune_decoding_then_export_with_its_choice(bundle, trained, scenes, tmp_
     result = invoke("export", "--checkpoint", trained / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
                     "--out", tmp_path / "x", "--decoding", bad, "--no-progress")
     assert result.exit_code == 1 and "not a `captioner tune-decoding` result" in result.output
+
+
+def test_cider_d_reward_equals_pycocoevalcap_on_its_own_corpus():
+    """With the corpus = the scored images' references, corpus document frequencies are exactly what
+    pycocoevalcap computes per call: the two must agree per image."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from model_export.reward import CiderD
+
+    refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
+            [["two", "children", "play", "in", "the", "water"], ["kids", "splash", "in", "a", "pool"]],
+            [["a", "man", "rides", "a", "bike"], ["a", "cyclist", "on", "a", "dirt", "road"], ["a", "man", "on", "a", "bike"]]]
+    candidates = [["a", "dog", "is", "running", "on", "the", "grass"], ["children", "in", "the", "water"], ["a", "dog"]]
+    _, expected = Cider().compute_score({i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)},
+                                        {i: [" ".join(c)] for i, c in enumerate(candidates)})
+    got = CiderD(refs).scores(candidates, refs)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[0] > got[2]  # the right caption beats the wrong one
+
+
+def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_path):
+    run = tmp_path / "scst"
+    result = train(scenes, run, "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt", "--lr", "5e-5",
+                   "--flip-augment", "0.5", "--cache", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    record = state["history"][-1]
+    assert record["stage"] == "self_critical" and record["train_cider_sample"] >= 0 and record["train_cider_greedy"] >= 0
+    start = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)
+    assert any(not torch.equal(state["decoder"][k], start["decoder"][k]) for k in start["decoder"])  # it trained
+    # a checkpoint of other model settings is refused with a clear message
+    other = tmp_path / "other"
+    assert train(scenes, other, "--epochs", "1", "--hidden-dim", "64").exit_code == 0
+    result = train(scenes, tmp_path / "bad", "--epochs", "1", "--self-critical", "--init-checkpoint", other / "best.pt")
+    assert result.exit_code == 1 and "vocabulary or model settings differ" in result.output
