@@ -50,7 +50,7 @@ default-model: install
 	$(CAPTIONER) export --checkpoint $(WORK)/run/best.pt --format flickr8k --data $(FLICKR8K) --out models/default \
 		--name $(NAME) --version $(VERSION) --decoding $(WORK)/decoding.json --parity-split val --no-progress
 
-# The scene model (the default until 2.0; a copy lives in tests/artifacts/scenes-sat-lite0), from
+# The scene model (the default until 2.0; a copy lives in tests/fixtures/scenes-sat-lite0), from
 # generated data: no download needed.
 scenes-model: install
 	rm -rf $(WORK)-scenes

@@ -2,7 +2,7 @@
 
     python bench/bundles.py --json bench/results/bundles.json
 
-For each bundle (default: models/default and the scene bundle tests/artifacts/scenes-sat-lite0),
+For each bundle (default: models/default and the scene bundle tests/fixtures/scenes-sat-lite0),
 through the serving engine on this machine's CPU, with the service's default decoding (beam 3 and
 the bundle's recommended length penalty and n-gram blocking):
 - one image at a time, the same photo: latency p50 / p95 over `--repeat` captions (after warm-up);
@@ -65,7 +65,7 @@ def measure(bundle_dir: Path, images: np.ndarray, batch: int, repeat: int, runs:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundles", type=Path, nargs="+",
-                        default=[REPO / "models" / "default", REPO / "tests" / "artifacts" / "scenes-sat-lite0"])
+                        default=[REPO / "models" / "default", REPO / "tests" / "fixtures" / "scenes-sat-lite0"])
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=60, help="one-image captions timed")

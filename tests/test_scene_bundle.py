@@ -1,4 +1,4 @@
-"""The scene bundle (the default model until 2.0, kept under tests/artifacts): a real trained model
+"""The scene bundle (the default model until 2.0, kept under tests/fixtures): a real trained model
 that tests can rely on. It is intact, its recorded parity and quality still hold, it really captions
 scenes it has never seen, and, being a format-1.0 bundle (its step takes `row_image`), it proves
 that older bundles keep serving with the same captions they always gave."""
@@ -18,7 +18,7 @@ from app.engine import Engine
 from app.preprocess import to_array
 from model_export.data.scenes import caption_objects, render_scene
 
-DEFAULT = Path(__file__).resolve().parent / "artifacts" / "scenes-sat-lite0"
+DEFAULT = Path(__file__).resolve().parent / "fixtures" / "scenes-sat-lite0"
 
 
 @pytest.fixture(scope="module")
