@@ -130,6 +130,7 @@ def train_cmd(
     self_critical: bool = typer.Option(
         False, "--self-critical", help="Self-critical training: reward each sampled caption's CIDEr-D over the greedy one's"
     ),
+    sample_temperature: float = typer.Option(0.5, min=0.05, max=2.0, help="Self-critical: sampling temperature"),
     init_checkpoint: Optional[Path] = typer.Option(
         None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before --self-critical)"
     ),
@@ -155,7 +156,7 @@ def train_cmd(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
-            flip_augment=flip_augment, self_critical=self_critical,
+            flip_augment=flip_augment, self_critical=self_critical, sample_temperature=sample_temperature,
             init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
             max_minutes=max_minutes, num_threads=threads, progress=progress, model=model,
         )

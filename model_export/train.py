@@ -64,6 +64,11 @@ class TrainConfig:
     # optimizer: how a self-critical stage continues a cross-entropy run.
     init_checkpoint: str | None = None
     sample_max_length: int = 16
+    # Sampling temperature of the self-critical stage. A label-smoothed model spreads a tenth of its
+    # mass over the whole vocabulary, so at temperature 1 most sampled captions hold a stray word and
+    # score far below the greedy one (measured: CIDEr-D 0.12 vs 0.55 on Flickr8k train); the policy
+    # trained is the tempered one, whose sharpening greedy and beam search then share.
+    sample_temperature: float = 0.5
     seed: int = 0
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     num_threads: int | None = None
@@ -117,10 +122,11 @@ def caption_loss(logits, alphas, targets, pad: int, attention_reg: float, label_
     return loss
 
 
-def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int):
-    """One caption sampled per image (the model in training mode, dropout on), with the same token
-    rules as decoding. Returns (word ids per image, [N, T] log-probabilities of the sampled tokens,
-    zero after each caption's <end>)."""
+def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int,
+                 temperature: float = 1.0):
+    """One caption sampled per image from the model's distribution at `temperature`, with the same
+    token rules as decoding (run it in eval mode: no dropout, gradients on). Returns (word ids per
+    image, [N, T] log-probabilities of the sampled tokens, zero after each caption's <end>)."""
     feats, h, c, att = model.decoder.init_state(features)
     n = features.shape[0]
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
@@ -137,7 +143,7 @@ def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
             keep = torch.full_like(log_probs, -math.inf)
             keep[:, special["end"]] = 0.0
             log_probs = log_probs + keep
-        log_probs = torch.log_softmax(log_probs, dim=1)  # over the allowed tokens
+        log_probs = torch.log_softmax(log_probs / temperature, dim=1)  # over the allowed tokens
         sampled = torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
         chosen_log_probs.append(log_probs.gather(1, sampled[:, None]).squeeze(1) * alive)
         for i, token in enumerate(sampled.tolist()):
@@ -339,9 +345,8 @@ class Trainer:
                     feats = model.backbone(pixels.to(self.device))
                 if scorer is not None:
                     refs = [(mirrored_reward_refs if m else reward_refs)[i] for i, m in zip(idx, batch_mirrored)]
-                    baseline = greedy_batch(model, feats, special, cfg.sample_max_length)
-                    model.train()
-                    sampled, chosen = sample_batch(model, feats, special, cfg.sample_max_length)
+                    baseline = greedy_batch(model, feats, special, cfg.sample_max_length)  # eval mode
+                    sampled, chosen = sample_batch(model, feats, special, cfg.sample_max_length, cfg.sample_temperature)
                     sample_reward = scorer.scores([self.vocab.decode(s) for s in sampled], refs)
                     greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
                     advantage = torch.tensor(sample_reward, device=self.device) - torch.tensor(greedy_reward, device=self.device)
