@@ -179,7 +179,7 @@ def export_cmd(
     evaluate_split: Optional[str] = typer.Option("test", help="Split to evaluate into the manifest ('' to skip)"),
     evaluate_limit: Optional[int] = typer.Option(None, help="Evaluate at most this many images"),
     progress: bool = typer.Option(True),
-    precision: str = typer.Option("fp32", help="fp32, or fp16 (half the size, faster on GPUs; its own parity tolerance)"),
+    precision: str = typer.Option("fp32", help="fp32; fp16 (half the size, for GPUs); int8 (an int8 decoder, for CPUs); each with its parity rules"),
     decoding: Optional[Path] = typer.Option(
         None, help="JSON from `captioner tune-decoding`: its chosen length penalty and n-gram blocking become the bundle's recommendation"
     ),
@@ -219,7 +219,7 @@ def evaluate_cmd(
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
     progress: bool = typer.Option(True),
 ) -> None:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) for greedy and beam 3, through onnxruntime."""
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) for greedy, beam 3 and beam 5, through onnxruntime."""
 
     def run():
         from model_export.evaluate import evaluate_bundle
@@ -259,7 +259,7 @@ def tune_decoding_cmd(
     for row in result["grid_beam3"] + result["beam_sizes"]:
         typer.echo(
             f"beam {row['beam_size']}  length_penalty {row['length_penalty']:<4} no_repeat_ngram {row['no_repeat_ngram_size']}  "
-            f"BLEU-4 {row['BLEU-4']:.4f}  CIDEr {row['CIDEr']:.4f}  repeats {row['repeated_bigram_share']:.3f}  words {row['mean_words']:.1f}"
+            f"BLEU-4 {row['BLEU-4']:.4f}  METEOR {row['METEOR']:.4f}  CIDEr {row['CIDEr']:.4f}  repeats {row['repeated_bigram_share']:.3f}  words {row['mean_words']:.1f}"
         )
     typer.echo(f"chosen: {json.dumps(result['chosen'])}")
     if out:

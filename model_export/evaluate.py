@@ -7,7 +7,7 @@ n-gram blocking): the bundle's recommended ones unless given.
 
 `tune_decoding` (`captioner tune-decoding`) is how those recommendations are chosen: on the
 validation split, a grid of length penalty and n-gram blocking at beam 3, then beam sizes at the
-best of them, scored by CIDEr and BLEU-4 (plus how many captions repeat a word pair).
+best of them, every COCO metric, chosen by CIDEr (plus how many captions repeat a word pair).
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def tune_decoding(
     progress: bool = True,
 ) -> dict:
     """Choose the length penalty and n-gram blocking on `split` (beam 3, best validation CIDEr),
-    then score beam sizes with them. Returns every setting tried with its scores."""
-    from model_export.metrics import quick_scores
+    then score beam sizes with them. Returns every setting tried with its scores (all the COCO
+    metrics, as `evaluate` computes them)."""
 
     started = time.monotonic()
     engine = Engine(load_bundle(bundle_dir), device=device)
@@ -133,7 +133,7 @@ def tune_decoding(
         predictions = caption_split(engine, paths, configs, progress=progress, desc=f"{len(configs)} settings on {split}")
         rows = []
         for name, config in configs.items():
-            scores = quick_scores(predictions[name], references)
+            scores = coco_scores(predictions[name], references)
             rows.append({
                 "beam_size": config.beam_size if config.strategy == "beam" else 1,
                 "length_penalty": config.length_penalty,

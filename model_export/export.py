@@ -11,6 +11,11 @@ moved into place:
 half the size; faster on GPUs). They are checked against the float32 torch model with their own
 tolerance: differences <= 5% of each output's largest magnitude (at least 1), and at least 90% of
 the greedy and beam-3 captions identical (the rest may differ where two words were nearly tied).
+`--precision int8` keeps the encoder in float32 and quantizes the decoder step's weights to int8
+(onnxruntime's dynamic quantization: int8 weights per output channel, activations quantized per
+call): a quarter of the decoder's size and its matrix products in integer arithmetic, for CPU
+serving (onnxruntime's CUDA provider covers few int8 kernels: serve fp32 or fp16 on a GPU). It is
+checked with fp16's rules.
 A failed check raises ExportError and leaves nothing behind. Then, optionally, `captioner evaluate`
 runs on the new bundle and its metrics go into the manifest and eval.json.
 """
@@ -43,7 +48,8 @@ TOLERANCE = 1e-4
 OPSET = 17
 FP16_RELATIVE_TOLERANCE = 0.05
 FP16_MIN_IDENTICAL = 0.9
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+APPROXIMATE = ("fp16", "int8")  # checked with a relative tolerance and FP16_MIN_IDENTICAL
 
 
 class ExportError(Exception):
@@ -95,6 +101,12 @@ def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tup
         dynamo=False,
     )
     model.eval()  # the exporter restores the wrappers' mode; make sure nothing was left training
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized = out_dir / "decoder.int8.onnx"
+        quantize_dynamic(str(decoder_path), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
+        quantized.replace(decoder_path)
     return encoder_path, decoder_path
 
 
@@ -103,9 +115,9 @@ def _max_diff(a, b) -> float:
 
 
 def _diff(ref, got, precision: str) -> float:
-    """fp32: the max abs difference; fp16: the same relative to the output's scale (max |ref|, >= 1)."""
+    """fp32: the max abs difference; fp16/int8: the same relative to the output's scale (max |ref|, >= 1)."""
     diff = _max_diff(ref, got)
-    if precision == "fp16":
+    if precision in APPROXIMATE:
         scale = max(1.0, float(np.max(np.abs(np.asarray(ref, dtype=np.float64))))) if np.size(ref) else 1.0
         return diff / scale
     return diff
@@ -114,7 +126,7 @@ def _diff(ref, got, precision: str) -> float:
 def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Path, real_images: np.ndarray, seed: int = 0,
                          precision: str = "fp32") -> dict:
     """Encoder outputs and step outputs, torch vs onnxruntime, on random and real images."""
-    tolerance = FP16_RELATIVE_TOLERANCE if precision == "fp16" else TOLERANCE
+    tolerance = FP16_RELATIVE_TOLERANCE if precision in APPROXIMATE else TOLERANCE
     encoder = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(decoder_path), providers=["CPUExecutionProvider"])
     decoder_inputs = {i.name for i in decoder.get_inputs()}
@@ -160,7 +172,7 @@ def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Pat
 def check_caption_parity(model: Captioner, engine: Engine, images: np.ndarray, special: dict, max_length: int,
                          precision: str = "fp32") -> dict:
     """Greedy and beam-3 captions of the torch reference and of the engine must be identical
-    (fp16: at least FP16_MIN_IDENTICAL of them)."""
+    (fp16, int8: at least FP16_MIN_IDENTICAL of them)."""
     report = {}
     for label, beam in (("greedy", 1), ("beam3", 3)):
         config = DecodingConfig(strategy="greedy" if beam == 1 else "beam", beam_size=beam)
@@ -174,7 +186,7 @@ def check_caption_parity(model: Captioner, engine: Engine, images: np.ndarray, s
                 mismatches.append((i, ref_tokens, got))
             elif precision == "fp32" and ref and abs(ref[0].score - engine_out[i][0].score) > 1e-3:
                 mismatches.append((i, f"score {ref[0].score}", f"score {engine_out[i][0].score}"))
-        allowed = int(len(images) * (1 - FP16_MIN_IDENTICAL)) if precision == "fp16" else 0
+        allowed = int(len(images) * (1 - FP16_MIN_IDENTICAL)) if precision in APPROXIMATE else 0
         if len(mismatches) > allowed:
             first = "; ".join(f"image {i}: torch {r} vs onnx {g}" for i, r, g in mismatches[:3])
             raise ExportError(f"{label}: {len(mismatches)} of {len(images)} captions differ between torch and ONNX "
@@ -242,7 +254,8 @@ def export_bundle(
             **({"decoding": decoding} if decoding else {}),
             "files": {},
             "training": {
-                "data": state.get("data"),
+                # the data's terms travel with the model (the export's dataset knows them too)
+                "data": {**(state.get("data") or {}), **({"terms": dataset.terms} if dataset.terms else {})},
                 "epochs": state["epoch"],
                 "best_val_cider": state["best_cider"],
                 "history": state["history"],

@@ -69,6 +69,7 @@ def test_loads_the_authors_layout(tmp_path: Path) -> None:
     summary = dataset.summary()
     assert summary["splits"]["train"] == {"images": 2, "captions": 4}
     assert summary["dropped_images"] == 1
+    assert "research purposes" in summary["terms"] and "Hodosh" in summary["terms"]
 
 
 def test_text_folder_named_text_and_images_folder(tmp_path: Path) -> None:

@@ -29,6 +29,10 @@ TOKEN_FILE = "Flickr8k.token.txt"
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
 # Where the images are, tried in order, relative to the dataset folder.
 IMAGE_FOLDERS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images", "Images", ".")
+TERMS = ("Flickr8k is distributed by its authors (University of Illinois) for research purposes; the photographs "
+         "remain their Flickr owners' copyright, and a model trained on it inherits these terms. Cite: M. Hodosh, "
+         "P. Young, J. Hockenmaier, 'Framing Image Description as a Ranking Task: Data, Models and Evaluation Metrics', "
+         "JAIR 47, 2013.")
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -102,4 +106,4 @@ def load_flickr8k(text_dir: str | PathLike[str], image_dir: str | PathLike[str])
             continue
         references = [tokens for _, tokens in sorted(numbered, key=lambda item: item[0])]
         examples.append(Example(path, split_of.get(name, "restval"), references, name))
-    return CaptionDataset("flickr8k", examples, token_path, dropped_images=dropped)
+    return CaptionDataset("flickr8k", examples, token_path, dropped_images=dropped, terms=TERMS)

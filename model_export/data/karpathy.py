@@ -68,6 +68,7 @@ class CaptionDataset:
     examples: list[Example]
     source: Path
     dropped_images: int = 0  # images left out while loading (COCO: images without captions)
+    terms: str | None = None  # the data's terms of use, where the loader knows them (carried into bundles)
 
     def split(self, name: str) -> list[Example]:
         """The examples of split ``name``; ``"train"`` includes ``"restval"`` (as Karpathy does).
@@ -95,6 +96,7 @@ class CaptionDataset:
             "images": len(self.examples),
             "captions": sum(c["captions"] for c in splits.values()),
             "dropped_images": self.dropped_images,
+            **({"terms": self.terms} if self.terms else {}),
         }
 
 

@@ -1,0 +1,90 @@
+"""The committed default bundle (models/default, flickr8k-sat-lite0 2.0.0): intact and within its
+size budget, trained as the model card says, its export proved parity, its recorded test scores
+meet the targets it was built for (above Show, Attend and Tell's Flickr8k row), and the captions the
+README shows for scikit-image's photos are the ones it gives."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from app.bundle import load_bundle
+from app.engine import Engine
+from app.preprocess import to_array
+from model_export.evaluate import recommended_decoding
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "models" / "default"
+# Show, Attend and Tell (Xu et al., 2015), Table 1, Flickr8k, hard attention: BLEU-4 0.213, METEOR 0.2030
+TARGETS = {"BLEU-4": 0.215, "METEOR": 0.205}
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(DEFAULT)  # checks every file's sha256
+
+
+def test_bundle_is_complete_and_small(bundle):
+    size = sum(p.stat().st_size for p in DEFAULT.iterdir())
+    assert size <= 60 * 1000 * 1000
+    manifest = bundle.manifest
+    assert (bundle.name, bundle.version) == ("flickr8k-sat-lite0", "2.0.0")
+    assert manifest["format_version"] == 2
+    assert manifest["architecture"]["encoder"] == "efficientnet-lite0"
+    assert manifest["architecture"]["decoder"] == "show_attend_tell" and bundle.attention
+    engine = Engine(bundle, device="cpu")
+    assert "row_image" not in [i.name for i in engine.decoder.get_inputs()]  # rows attend in blocks
+
+
+def test_trained_on_flickr8k_train_and_restval_with_its_terms(bundle):
+    data = bundle.manifest["training"]["data"]
+    assert data["name"] == "flickr8k"
+    assert data["splits"]["train"]["images"] == 6000 and data["splits"]["restval"]["images"] == 91
+    assert data["splits"]["val"]["images"] == 1000 and data["splits"]["test"]["images"] == 1000
+    assert "research purposes" in data["terms"]
+    assert bundle.manifest["training"]["best_val_cider"] > 0
+
+
+def test_export_proved_parity(bundle):
+    parity = bundle.manifest["parity"]
+    assert max(parity[k] for k in parity if k.endswith(("_random", "_real"))) <= 1e-4
+    assert parity["greedy_identical"] >= 50 and parity["beam3_identical"] >= 50
+    assert parity["split"] == "val"  # the test split is for the evaluation only
+
+
+def test_decoding_was_chosen_on_validation(bundle):
+    decoding = bundle.manifest["decoding"]
+    assert "val" in decoding["chosen_on"]
+    assert recommended_decoding(bundle).no_repeat_ngram_size == decoding["no_repeat_ngram_size"]
+
+
+def test_recorded_scores_meet_the_targets(bundle):
+    evaluation = bundle.manifest["evaluation"]
+    assert evaluation["split"] == "test" and evaluation["images"] == 1000 and evaluation["dataset"] == "flickr8k"
+    beside = json.loads((DEFAULT / "eval.json").read_text())
+    for name in ("greedy", "beam3", "beam5"):
+        assert evaluation[name] == beside[name]
+    for metric, target in TARGETS.items():
+        assert evaluation["beam3"][metric] >= target, (metric, evaluation["beam3"][metric])
+    assert evaluation["decoding"] == {k: bundle.manifest["decoding"][k] for k in ("length_penalty", "no_repeat_ngram_size")}
+
+
+def _readme_captions() -> dict[str, str]:
+    text = (REPO / "README.md").read_text()
+    found = dict(re.findall(r"^\| `(\w+)` \| .*? \| \"([^\"]+)\" \|$", text, flags=re.M))
+    return {name: found.get(name) for name in PHOTOS}
+
+
+def test_readme_shows_the_captions_it_gives(bundle):
+    engine = Engine(bundle, device="cpu")
+    images = np.stack([to_array(Image.fromarray(getattr(skdata, name)()), bundle.preprocessing) for name in PHOTOS])
+    captions = engine.caption(images, recommended_decoding(bundle))  # beam 3, the service's default decoding
+    got = {name: c[0].text for name, c in zip(PHOTOS, captions, strict=True)}
+    assert _readme_captions() == got
