@@ -9,7 +9,7 @@ the bundle's recommended length penalty and n-gram blocking):
 - batches of `--batch` distinct photos (scikit-image's, cropped and flipped): images per second,
   best of `--runs` passes over `--images` images; the mean caption length is reported beside it,
   since every word is a decoder step.
-Ratios are the first bundle's figures over the second's, from the same run.
+Ratios are each bundle's figures over the last bundle's (the reference), from the same run.
 """
 
 from __future__ import annotations
@@ -79,11 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "bundles"},
                     "bundles": results}
     if len(results) >= 2:
-        first, second = results[0], results[1]
-        key = f"batch{args.batch}_images_per_s"
+        reference, key = results[-1], f"batch{args.batch}_images_per_s"
         report["ratios"] = {
-            f"{key}: first / second": round(first[key] / second[key], 2),
-            "one_image_p50: first / second": round(first["one_image_ms"]["p50"] / second["one_image_ms"]["p50"], 2),
+            f"{r['model']} / {reference['model']}": {
+                key: round(r[key] / reference[key], 2),
+                "one_image_p50": round(r["one_image_ms"]["p50"] / reference["one_image_ms"]["p50"], 2),
+            }
+            for r in results[:-1]
         }
     write_report(args.json, report)
     return report

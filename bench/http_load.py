@@ -104,7 +104,8 @@ def engine_rate(bundle: Path, image: Path, batch: int, seconds: float) -> float:
     engine = Engine(b, device="cpu")
     array = to_array(decode_image(image.read_bytes(), 10**8, draft_size(b.preprocessing)), b.preprocessing)
     arrays = np.stack([array] * batch)
-    config = DecodingConfig(beam_size=3)
+    rec = b.recommended_decoding  # what the service decodes with by default (beam 3 and the bundle's recommendation)
+    config = DecodingConfig(beam_size=3, length_penalty=rec.length_penalty, no_repeat_ngram_size=rec.no_repeat_ngram_size)
     engine.caption(arrays, config)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

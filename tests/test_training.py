@@ -209,7 +209,7 @@ def test_fp16_export_is_half_the_size_and_proves_its_own_parity(bundle, trained,
 
 def test_int8_export_quantizes_the_decoder_within_its_tolerance(bundle, trained, scenes, tmp_path):
     """The int8 graphs: the encoder as in float32, the decoder's matrix products in integers, a
-    fraction of its size, within fp16's relative tolerance of torch; the engine serves it. (The tiny
+    fraction of its size, within its relative tolerance (10%) of torch. (The tiny
     two-epoch model's captions are near-ties between two words, so its caption check is not asked
     here; the default model's int8 export passed it: docs/performance.md.)"""
     import onnx
@@ -228,7 +228,7 @@ def test_int8_export_quantizes_the_decoder_within_its_tolerance(bundle, trained,
     spec = preprocessing_for(model.backbone)
     images = np.stack([load_pixels(p, spec) for p in sorted((scenes / "images" / "val").glob("*.jpg"))[:4]])
     report = check_numeric_parity(model, encoder, decoder, images, precision="int8")
-    assert report["tolerance"] == 0.05 and report["step_max_abs_real"] <= 0.05
+    assert report["tolerance"] == 0.1 and report["step_max_abs_real"] <= 0.1
 
 
 def test_unknown_precision_is_a_clear_error(trained, scenes, tmp_path):
