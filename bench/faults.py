@@ -66,7 +66,7 @@ async def _fire(url: str, image: bytes, count: int, path: str = "/v1/captions", 
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
-def overload(tmp: Path, image: bytes, capacity: int, bundle: Path) -> dict:
+def overload(tmp: Path, image: bytes, capacity: int, bundle: Path, deadline_s: float = 1.0, deadline_requests: int = 6) -> dict:
     """`4 x capacity` single-image requests at once against max_queue_images=capacity."""
     out: dict = {"queue_capacity_images": capacity, "requests": 4 * capacity}
     service = Service(bundle, tmp / "overload.log", max_queue_images=capacity, max_batch_images=4,
@@ -89,14 +89,15 @@ def overload(tmp: Path, image: bytes, capacity: int, bundle: Path) -> dict:
     finally:
         service.close()
 
-    # the deadline: a burst the engine cannot finish within request_timeout_s
-    service = Service(bundle, tmp / "deadline.log", max_queue_images=100_000, request_timeout_s=1.0)
+    # the deadline: a burst the engine cannot finish within request_timeout_s (size both to the
+    # engine's speed: 16 images a request, so the burst is deadline_requests * 16 images)
+    service = Service(bundle, tmp / "deadline.log", max_queue_images=100_000, request_timeout_s=deadline_s)
     try:
-        results = asyncio.run(_fire(service.url, image, 6, path="/v1/captions/batch", per_request=16))
+        results = asyncio.run(_fire(service.url, image, deadline_requests, path="/v1/captions/batch", per_request=16))
         statuses = Counter(str(r["status"]) for r in results)
         late = [r for r in results if r["status"] == 504]
         out["deadline"] = {
-            "request_timeout_s": 1.0, "requests": 6, "images_each": 16, "statuses": dict(statuses),
+            "request_timeout_s": deadline_s, "requests": deadline_requests, "images_each": 16, "statuses": dict(statuses),
             "timed_out_seconds_max": round(max((r["seconds"] for r in late), default=0.0), 3),
             "after_statuses": [httpx.post(service.url + "/v1/captions", files=_files(image), timeout=60).status_code],
         }
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scenario", choices=["all", "overload", "soak", "sigterm", "disconnect"], default="all")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--queue-capacity", type=int, default=16)
+    parser.add_argument("--deadline-s", type=float, default=1.0, help="request_timeout_s of the deadline scenario")
+    parser.add_argument("--deadline-requests", type=int, default=6, help="batch requests of 16 images in its burst")
     parser.add_argument("--soak-requests", type=int, default=20_000)
     parser.add_argument("--soak-warmup", type=int, default=2_000)
     parser.add_argument("--soak-concurrency", type=int, default=8)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in wanted:
             started = time.perf_counter()
             if name == "overload":
-                report[name] = overload(tmp, image, args.queue_capacity, args.bundle)
+                report[name] = overload(tmp, image, args.queue_capacity, args.bundle, args.deadline_s, args.deadline_requests)
             elif name == "soak":
                 report[name] = soak(tmp, image, args.soak_requests, args.soak_concurrency, min(args.soak_warmup, args.soak_requests // 2))
             elif name == "sigterm":
