@@ -38,7 +38,7 @@ REORDER_GRAPH = Path(__file__).with_name("reorder.onnx")
 SELECT_GRAPH = Path(__file__).with_name("select.onnx")
 
 ENCODER_OUTPUTS = ("features", "h0", "c0", "att_proj")
-DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")  # row_image: format 1.0 bundles only
+DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")  # row_image: format 1 bundles only
 DECODER_OUTPUTS = ("log_probs", "h_out", "c_out", "alpha")
 
 

@@ -96,16 +96,15 @@ def load(url: str, image: Path, concurrency: int, duration: float, loadgen: str)
 
 def engine_rate(bundle: Path, image: Path, batch: int, seconds: float) -> float:
     from app.bundle import load_bundle
-    from app.decoding import DecodingConfig
     from app.engine import Engine
     from app.preprocess import decode_image, draft_size, to_array
+    from model_export.evaluate import recommended_decoding
 
     b = load_bundle(bundle)
     engine = Engine(b, device="cpu")
     array = to_array(decode_image(image.read_bytes(), 10**8, draft_size(b.preprocessing)), b.preprocessing)
     arrays = np.stack([array] * batch)
-    rec = b.recommended_decoding  # what the service decodes with by default (beam 3 and the bundle's recommendation)
-    config = DecodingConfig(beam_size=3, length_penalty=rec.length_penalty, no_repeat_ngram_size=rec.no_repeat_ngram_size)
+    config = recommended_decoding(b)  # what the service decodes with by default
     engine.caption(arrays, config)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -33,10 +33,10 @@ METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 
 
 def recommended_decoding(bundle) -> DecodingConfig:
-    """The bundle's recommended length penalty and n-gram blocking (manifest `decoding`), else none."""
-    chosen = bundle.manifest.get("decoding") or {}
-    return DecodingConfig(length_penalty=float(chosen.get("length_penalty", 0.0)),
-                          no_repeat_ngram_size=int(chosen.get("no_repeat_ngram_size", 0)))
+    """Beam 3 with the bundle's recommended length penalty and n-gram blocking (`Bundle.recommended_decoding`,
+    read and checked with the manifest), as the service decodes by default."""
+    chosen = bundle.recommended_decoding
+    return DecodingConfig(length_penalty=chosen.length_penalty, no_repeat_ngram_size=chosen.no_repeat_ngram_size)
 
 
 def _strategies(base: DecodingConfig) -> dict[str, DecodingConfig]:

@@ -122,6 +122,13 @@ def caption_loss(logits, alphas, targets, pad: int, attention_reg: float, label_
     return loss
 
 
+def allowed_log_probs(log_probs: torch.Tensor, special: dict[str, int], t: int) -> torch.Tensor:
+    """Step `t`'s log-probabilities under the decoding rules: <pad>, <start> and <unk> never, <end>
+    not as the first token (a new tensor: gradients flow through the rest)."""
+    banned = [special["pad"], special["start"], special["unk"]] + ([special["end"]] if t == 0 else [])
+    return log_probs.index_fill(1, torch.tensor(banned, device=log_probs.device), -math.inf)
+
+
 def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int,
                  temperature: float = 1.0):
     """One caption sampled per image from the model's distribution at `temperature`, with the same
@@ -130,15 +137,12 @@ def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
     feats, h, c, att = model.decoder.init_state(features)
     n = features.shape[0]
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
-    banned = torch.tensor([special["pad"], special["start"], special["unk"]], device=features.device)
     alive = torch.ones(n, dtype=torch.bool, device=features.device)
     out: list[list[int]] = [[] for _ in range(n)]
     chosen_log_probs = []
     for t in range(max_length + 1):
         log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att)  # one row per image
-        log_probs = log_probs.index_fill(1, banned, -math.inf)
-        if t == 0:
-            log_probs = log_probs.index_fill(1, torch.tensor([special["end"]], device=features.device), -math.inf)
+        log_probs = allowed_log_probs(log_probs, special, t)
         if t >= max_length:  # only <end> is left
             keep = torch.full_like(log_probs, -math.inf)
             keep[:, special["end"]] = 0.0
@@ -167,10 +171,7 @@ def greedy_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_length + 1):
         log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att)  # one row per image
-        for name in ("pad", "start", "unk"):
-            log_probs[:, special[name]] = -math.inf
-        if t == 0:
-            log_probs[:, special["end"]] = -math.inf
+        log_probs = allowed_log_probs(log_probs, special, t)
         if t >= max_length:
             break
         tokens = log_probs.argmax(dim=1)
