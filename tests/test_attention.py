@@ -23,8 +23,8 @@ from app.attention import (
     token_labels,
 )
 from app.settings import load_settings
-from tests.bundle_factory import VOCAB, make_tiny_bundle
-from tests.live_server import REPO, image_bytes
+from tests.support.bundle_factory import VOCAB, make_tiny_bundle
+from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.live_server import REPO, LiveServer, image_bytes, live_server
+from tests.support.live_server import REPO, LiveServer, image_bytes, live_server
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.batcher import ClientGone, DeadlineExceeded, DynamicBatcher, Overloaded, TooLarge
 from app.decoding import DecodingConfig
-from tests.live_server import live_server
+from tests.support.live_server import live_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "models" / "default"

@@ -65,7 +65,7 @@ def test_http_load_benchmark(tmp_path, loadgen):
 
 
 def test_bundles_benchmark_compares_two_bundles(tmp_path):
-    from tests.bundle_factory import make_tiny_bundle
+    from tests.support.bundle_factory import make_tiny_bundle
 
     blocks = make_tiny_bundle(tmp_path / "blocks")
     rows = make_tiny_bundle(tmp_path / "rows", row_layout=True)

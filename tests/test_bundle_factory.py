@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.bundle_factory import HIDDEN, VOCAB, make_tiny_bundle
+from tests.support.bundle_factory import HIDDEN, VOCAB, make_tiny_bundle
 
 
 def _sessions(bundle):

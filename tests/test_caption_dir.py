@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from app.bulk import retry_after_seconds, sniff_image
 from captioner.cli import cli
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import REPO, image_bytes, live_server
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import REPO, image_bytes, live_server
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -7,7 +7,7 @@ What runs (about 1 minute warm, 3 to 4 cold, on 2 cores):
   that plus Python from apt (`localhost/captioner-ci-python:bookworm-*`, stands in for
   python:*-slim in docker/Dockerfile.cpu). Both are cached by tag in podman's store.
 * Both images built with `--build-arg BASE=...` from a staged copy of the build context that holds a
-  tiny bundle (tests/bundle_factory.py) as models/default, so the tests never wait for the real
+  tiny bundle (tests/support/bundle_factory.py) as models/default, so the tests never wait for the real
   model; podman's layer cache makes rebuilds take seconds.
 * The images hold no torch and no model_export; their sizes are printed (and written into
   docs/containers.md with UPDATE_CONTAINER_DOCS=1).
@@ -308,7 +308,7 @@ def bases() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A tiny real bundle, readable by the service's uid in the containers."""
-    from tests.bundle_factory import make_tiny_bundle
+    from tests.support.bundle_factory import make_tiny_bundle
 
     path = make_tiny_bundle(tmp_path_factory.mktemp("container-bundle") / "bundle")
     path.chmod(0o755)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from model_export.data import DatasetError, load_coco_captions, tokenize
-from tests.edits import DELETE, changed
+from tests.support.edits import DELETE, changed
 
 
 def _fixture() -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from model_export.data import CaptionDataset, DatasetError, check_images, load_karpathy, tokenize
-from tests.edits import DELETE, changed
+from tests.support.edits import DELETE, changed
 
 
 def _sentence(tokens: list[str], imgid: int, sentid: int) -> dict[str, Any]:

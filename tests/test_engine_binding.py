@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from app.bundle import load_bundle
 from app.decoding import DecodingConfig
 from app.engine import REORDER_GRAPH, SELECT_GRAPH, Engine, EngineError
-from tests.bundle_factory import make_tiny_bundle
+from tests.support.bundle_factory import make_tiny_bundle
 
 
 def build_reorder_model() -> onnx.ModelProto:

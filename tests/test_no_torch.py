@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import REPO, image_bytes, service_env
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import REPO, image_bytes, service_env
 
 skimage_data = pytest.importorskip("skimage.data")
 

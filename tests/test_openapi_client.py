@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import image_bytes, live_server
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import image_bytes, live_server
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from app.bundle import BundleError, load_bundle
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import REPO, image_bytes, live_server, service_env
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import REPO, image_bytes, live_server, service_env
 
 RECOMMENDED = {"length_penalty": 1.0, "no_repeat_ngram_size": 2, "chosen_on": "tiny test split"}
 

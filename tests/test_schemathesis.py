@@ -32,8 +32,8 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import CHECKS, load_all_checks  # noqa: E402
 from schemathesis.config import SchemathesisConfig  # noqa: E402
 
-from tests.bundle_factory import make_tiny_bundle  # noqa: E402
-from tests.live_server import live_server  # noqa: E402
+from tests.support.bundle_factory import make_tiny_bundle  # noqa: E402
+from tests.support.live_server import live_server  # noqa: E402
 
 load_all_checks()
 ALL_CHECKS = list(CHECKS.get_all())  # every check schemathesis has

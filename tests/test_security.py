@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import REPO, LiveServer, image_bytes, live_server
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import REPO, LiveServer, image_bytes, live_server
 
 KEYS = ["env-key-0123456789abcdef", "env-key-2-FEDCBA9876543210"]
 FILE_KEY = "file-key-Zm9vYmFyYmF6cXV4cXV1eA"

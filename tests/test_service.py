@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import REPO, image_bytes, live_server, service_env
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import REPO, image_bytes, live_server, service_env
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bundle_factory import make_tiny_bundle
-from tests.live_server import REPO, free_port, service_env
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import REPO, free_port, service_env
 
 SECRET = "tiny-secret"  # an API key too short to accept: the message must not echo it
 TIMES: dict[str, float] = {}

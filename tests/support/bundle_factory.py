@@ -282,7 +282,7 @@ def _finish(graph: onnx.GraphProto, producer: str) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="tests.bundle_factory",
+        producer_name="tests.support.bundle_factory",
         producer_version="1",
     )
     model.ir_version = IR_VERSION
@@ -362,7 +362,7 @@ def make_tiny_bundle(
         "max_length": max_length,
         **({"decoding": decoding} if decoding else {}),
         "files": files,
-        "training": {"dataset": "random weights (tests/bundle_factory.py)", "seed": seed, "epochs": 0},
+        "training": {"dataset": "random weights (tests/support/bundle_factory.py)", "seed": seed, "epochs": 0},
         "evaluation": evaluation,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -371,7 +371,7 @@ def make_tiny_bundle(
     return out
 
 
-if __name__ == "__main__":  # python -m tests.bundle_factory OUT_DIR [--no-attention]
+if __name__ == "__main__":  # python -m tests.support.bundle_factory OUT_DIR [--no-attention]
     import sys
 
     args = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: a live uvicorn server, a tiny bundle built without torch, dict edits."""
