@@ -4,14 +4,15 @@
 JSON-able `{grid, tokens, weights}` the API answers. `render_attention_png(image, tokens, weights,
 grid)` draws the picture `POST /v1/captions/attention.png` answers: one panel per token (the words,
 then `<end>`), each the upright image with that token's weights as a heatmap, titled with the token.
-Pillow and numpy only (no matplotlib), and no state: both are pure functions.
+Pillow and numpy only (no matplotlib), and no state: both are pure functions (the API's 409 for a
+model without attention is `app.pipeline.require_attention`).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -34,7 +35,8 @@ def grid_shape(bundle, cells: int | None = None) -> tuple[int, int]:
     """The encoder's feature grid [rows, cols]: the manifest's `architecture.grid_size`, unless that
     does not match the number of weights per token (`cells`), when a shape is derived from `cells`
     (square if it can be, else one row)."""
-    grid = (bundle.manifest.get("architecture") or {}).get("grid_size") if hasattr(bundle, "manifest") else None
+    manifest = getattr(bundle, "manifest", None)
+    grid = manifest.architecture.grid_size if manifest is not None else None
     if isinstance(grid, (list, tuple)) and len(grid) == 2:
         rows, cols = int(grid[0]), int(grid[1])
         if cells is None or rows * cols == cells:
@@ -43,17 +45,6 @@ def grid_shape(bundle, cells: int | None = None) -> tuple[int, int]:
         raise ValueError("the bundle's manifest names no grid_size")
     side = math.isqrt(cells)
     return (side, side) if side * side == cells else (1, cells)
-
-
-def require_attention(engine) -> None:
-    """409 `attention_unavailable` unless the engine's model produces attention weights."""
-    if not engine.has_attention:
-        from app.errors import APIError
-
-        name = engine.bundle.name
-        raise APIError(409, "attention_unavailable",
-                       f"the model {name} has no attention (a Show-and-Tell decoder): there are no "
-                       "attention weights to show")
 
 
 def token_labels(token_ids: Sequence[int], vocab: Sequence[str], end_id: int) -> list[str]:

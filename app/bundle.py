@@ -1,9 +1,11 @@
 """What a model bundle is, and how the serving side reads and checks one.
 
-The bundle folder (manifest.json, vocab.json, encoder.onnx, decoder.onnx) is the only contract
-between the training side and this service; docs/bundle-format.md describes it in full.
-`load_bundle` validates the manifest, checks every file's sha256 and the vocabulary, and raises
-`BundleError` (naming the file and the problem) for anything missing or altered.
+The bundle folder (manifest.json, vocab.json, encoder.onnx, decoder.onnx) is what the training side
+hands to this service; docs/bundle-format.md describes it in full. `Manifest` is the one definition
+of manifest.json: `load_bundle` reads it, and `captioner export` (model_export/export.py) and the
+tests' bundle factory write it (`Manifest.to_json`). `load_bundle` validates the manifest, checks
+every file's sha256 and the vocabulary, and raises `BundleError` (naming the file and the problem)
+for anything missing or altered.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.decoding import MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM_SIZE
 
 # 2: the decoder step's rows are image-major blocks (no row_image input); 1: rows gather their
 # image's grid by a row_image input. This service reads both; the exporter writes 2.
@@ -32,7 +36,11 @@ class BundleError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # extra="allow": keys from a newer exporter are kept, not refused; every key this project
+    # writes is a typed field (unknown_keys() lists the rest). Fields whose JSON names are not
+    # identifiers ("BLEU-4") have an alias and are read and written under it.
+    model_config = ConfigDict(extra="allow", frozen=True, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True, ser_json_inf_nan="constants")
 
 
 class Preprocessing(_Model):
@@ -62,13 +70,17 @@ class Preprocessing(_Model):
 
 
 class Architecture(_Model):
-    encoder: str
+    encoder: str = Field(description="backbone name")
     decoder: Literal["show_attend_tell", "show_and_tell"]
-    attention: bool
-    grid_size: tuple[int, int]
+    attention: bool = Field(description="decoder.onnx has an `alpha` output")
+    grid_size: tuple[int, int] = Field(description="[rows, cols] of the feature grid: P = rows * cols")
     feature_dim: int
+    # optional so that bundles written before they were recorded still load; the exporter writes them
+    embed_dim: int | None = None
     hidden_dim: int
+    attention_dim: int | None = None
     vocab_size: int
+    encoder_fine_tuned_blocks: int | None = Field(None, description="backbone blocks trained with the decoder (0: frozen)")
 
 
 class SpecialTokens(_Model):
@@ -87,25 +99,153 @@ class FileEntry(_Model):
 class ModelId(_Model):
     name: str
     version: str
+    created: str | None = Field(None, description="when it was exported, UTC, YYYY-MM-DDTHH:MM:SSZ")
 
 
 class RecommendedDecoding(_Model):
     """The decoding settings chosen for this model on its validation split (`captioner
-    tune-decoding`); the service uses them where its own defaults are unset."""
+    tune-decoding`); the service uses them where its own defaults are unset. (The evaluation
+    block records the settings it decoded with in the same shape, without `chosen_on`.)"""
 
-    length_penalty: float = Field(0.0, ge=0.0, le=5.0)
-    no_repeat_ngram_size: int = Field(0, ge=0, le=10)
+    length_penalty: float = Field(0.0, ge=0.0, le=MAX_LENGTH_PENALTY)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE)
+    chosen_on: str | None = Field(None, description="what the choice was made on (dataset, split, images, criterion)")
+
+
+# ---- what the service does not need: how the model was trained, proved and scored -------------
+# Every field of these blocks is optional, so that they can never stop a bundle from loading; the
+# exporter writes all of them.
+
+
+class SplitCounts(_Model):
+    images: int | None = None
+    captions: int | None = None
+
+
+class TrainingData(_Model):
+    """The training data set (`CaptionDataset.summary()`, plus its terms of use)."""
+
+    name: str | None = None
+    source: str | None = None
+    splits: dict[str, SplitCounts] | None = None
+    images: int | None = None
+    captions: int | None = None
+    dropped_images: int | None = None
+    terms: str | None = Field(None, description="the data's terms of use, which a model trained on it inherits")
+
+
+class EpochRecord(_Model):
+    """One epoch of the training history (validation scores: greedy captions on the val split)."""
+
+    epoch: int | None = None
+    train_loss: float | None = None
+    bleu4: float | None = Field(None, alias="BLEU-4")
+    cider: float | None = Field(None, alias="CIDEr")
+    seconds: float | None = None
+    stage: str | None = Field(None, description="'self_critical' for epochs of self-critical (CIDEr reward) training")
+    train_cider_sample: float | None = None
+    train_cider_greedy: float | None = None
+
+
+class Training(_Model):
+    data: TrainingData | None = None
+    epochs: int | None = None
+    best_val_cider: float | None = None
+    history: list[EpochRecord] | None = None
+    settings: dict[str, Any] | None = Field(None, description="the training run's settings (model_export's TrainConfig)")
+    checkpoint: str | None = None
+
+
+class Parity(_Model):
+    """What `captioner export` proved before it wrote the bundle: torch vs onnxruntime."""
+
+    tolerance: float | None = None
+    precision: Literal["fp32", "fp16", "int8"] | None = None
+    encoder_max_abs_random: float | None = None
+    step_max_abs_random: float | None = None
+    encoder_max_abs_real: float | None = None
+    step_max_abs_real: float | None = None
+    greedy_identical: int | None = None
+    beam3_identical: int | None = None
+    images: int | None = None
+    split: str | None = None
+
+
+class Accuracy(_Model):
+    images: int | None = None
+    correct: int | None = None
+    accuracy: float | None = None
+
+
+class AttributeAccuracy(_Model):
+    """Synthetic scenes only: captions naming exactly the scene's (colour, shape) objects."""
+
+    all: Accuracy | None = None
+    by_objects: dict[str, Accuracy] | None = None
+
+
+class Scores(_Model):
+    bleu1: float | None = Field(None, alias="BLEU-1")
+    bleu2: float | None = Field(None, alias="BLEU-2")
+    bleu3: float | None = Field(None, alias="BLEU-3")
+    bleu4: float | None = Field(None, alias="BLEU-4")
+    meteor: float | None = Field(None, alias="METEOR")
+    rouge_l: float | None = Field(None, alias="ROUGE-L")
+    cider: float | None = Field(None, alias="CIDEr")
+    repeated_bigram_share: float | None = None
+    attributes: AttributeAccuracy | None = None
+
+
+class Evaluation(_Model):
+    """`captioner evaluate` on the new bundle (its full output is eval.json)."""
+
+    split: str | None = None
+    images: int | None = None
+    dataset: str | None = Field(None, description="the evaluation data set's name")
+    decoding: RecommendedDecoding | None = None
+    greedy: Scores | None = None
+    beam3: Scores | None = None
+    beam5: Scores | None = None
 
 
 class Manifest(_Model):
+    """manifest.json: read by `load_bundle`, written (`to_json`) by `captioner export` and the tests' bundle factory."""
+
     format_version: int
     model: ModelId
     architecture: Architecture
     preprocessing: Preprocessing
     special_tokens: SpecialTokens
     max_length: int = Field(gt=0)
-    files: dict[str, FileEntry]
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     decoding: RecommendedDecoding | None = None
+    files: dict[str, FileEntry]
+    training: Training | None = None
+    parity: Parity | None = None
+    evaluation: Evaluation | None = None
+    export_seconds: float | None = None
+
+    def to_json(self) -> str:
+        """The manifest.json text: fields in declaration order, unset optional blocks left out."""
+        return self.model_dump_json(indent=2, exclude_none=True) + "\n"
+
+
+def unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys in `model` (and the models inside it) that no field describes."""
+    found = [f"{prefix}{key}" for key in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        found += _unknown_in(getattr(model, name), f"{prefix}{name}")
+    return found
+
+
+def _unknown_in(value: Any, path: str) -> list[str]:
+    if isinstance(value, BaseModel):
+        return unknown_keys(value, f"{path}.")
+    if isinstance(value, dict):
+        return [k for key, item in value.items() for k in _unknown_in(item, f"{path}.{key}")]
+    if isinstance(value, (list, tuple)):
+        return [k for i, item in enumerate(value) for k in _unknown_in(item, f"{path}[{i}]")]
+    return []
 
 
 def sha256_file(path: Path) -> str:
@@ -117,11 +257,12 @@ def sha256_file(path: Path) -> str:
 
 
 class Bundle:
-    """A checked bundle: the parsed manifest, the vocabulary and the paths of the two graphs."""
+    """A checked bundle: the parsed manifest (`manifest`, a `Manifest`), the vocabulary and the
+    paths of the two graphs."""
 
-    def __init__(self, path: Path, manifest: Manifest, raw: dict, vocab: list[str]):
+    def __init__(self, path: Path, manifest: Manifest, vocab: list[str]):
         self.path = path
-        self.manifest = raw
+        self.manifest = manifest
         self.vocab = vocab
         self.name = manifest.model.name
         self.version = manifest.model.version
@@ -195,4 +336,4 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for name, index in manifest.special_tokens.model_dump().items():
         if not 0 <= index < len(tokens):
             raise BundleError(manifest_path, f"special token {name} id {index} is outside the vocabulary")
-    return Bundle(root, manifest, raw, tokens)
+    return Bundle(root, manifest, tokens)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -27,15 +26,12 @@ import onnxruntime as ort
 
 from app.bundle import Bundle
 from app.decoding import DecodingConfig, Hypothesis, beam_search
+from app.engine_graphs import REORDER_GRAPH, SELECT_GRAPH
 
 log = logging.getLogger("captioner.engine")
 
-# A two-node graph (Gather h and c by parent row) that reorders beam state where it lives, so with
-# IO binding h and c never leave the device. Built by tests/test_engine_binding.py, which checks it.
-REORDER_GRAPH = Path(__file__).with_name("reorder.onnx")
-# TopK over the log-probabilities (values, token ids) plus the <end> column, for StepOutput.
-# Built by tests/test_engine_binding.py, which checks it.
-SELECT_GRAPH = Path(__file__).with_name("select.onnx")
+# REORDER_GRAPH reorders beam state where it lives; SELECT_GRAPH runs TopK for StepOutput
+# (app/engine_graphs.py builds both).
 
 ENCODER_OUTPUTS = ("features", "h0", "c0", "att_proj")
 DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")  # row_image: format 1 bundles only
@@ -117,7 +113,7 @@ class Engine:
         self._has_alpha = bundle.attention and "alpha" in [o.name for o in self.decoder.get_outputs()]
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self._vocab_out = len(bundle.vocab)  # load_bundle checked it against the manifest
-        grid = bundle.manifest["architecture"].get("grid_size") or [0, 0]
+        grid = bundle.manifest.architecture.grid_size
         self._grid_cells = int(grid[0]) * int(grid[1])
         self.select = ort.InferenceSession(str(SELECT_GRAPH), options, providers=self.decoder.get_providers())
         self._end = np.array([bundle.special["end"]], dtype=np.int64)
@@ -362,6 +358,7 @@ class _Selected:
         if token == int(self.engine._end[0]):
             if self._end is None:
                 self._select(1)
+            assert self._end is not None
             return self._end
         return self.full()[:, token]
 

@@ -50,9 +50,9 @@ def measure(bundle_dir: Path, images: np.ndarray, batch: int, repeat: int, runs:
     return {
         "bundle": str(bundle_dir),
         "model": f"{bundle.name} {bundle.version}",
-        "format_version": bundle.manifest["format_version"],
+        "format_version": bundle.manifest.format_version,
         "vocab_size": len(bundle.vocab),
-        "hidden_dim": bundle.manifest["architecture"]["hidden_dim"],
+        "hidden_dim": bundle.manifest.architecture.hidden_dim,
         "decoding": {"beam_size": config.beam_size, "length_penalty": config.length_penalty,
                      "no_repeat_ngram_size": config.no_repeat_ngram_size},
         "one_image_ms": {"p50": round(statistics.median(latencies), 2),

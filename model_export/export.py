@@ -34,8 +34,24 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from pydantic import ValidationError
 
-from app.bundle import FORMAT_VERSION, load_bundle, sha256_file
+from app.bundle import (
+    FORMAT_VERSION,
+    Architecture,
+    Evaluation,
+    FileEntry,
+    Manifest,
+    ModelId,
+    Parity,
+    RecommendedDecoding,
+    SpecialTokens,
+    Training,
+    TrainingData,
+    load_bundle,
+    sha256_file,
+    unknown_keys,
+)
 from app.decoding import DecodingConfig
 from app.engine import Engine
 from model_export.data.karpathy import CaptionDataset
@@ -217,6 +233,7 @@ def export_bundle(
     from model_export.evaluate import evaluate_bundle, format_table
 
     started = time.monotonic()
+    recommended = _recommended_decoding(decoding)
     model, vocab, state = load_checkpoint(checkpoint)
     special = vocab.special_ids
     max_length = max_length or state["train_config"]["max_caption_length"]
@@ -234,68 +251,88 @@ def export_bundle(
         encoder_path, decoder_path = export_onnx(model, tmp, precision)
         vocab.save(tmp / "vocab.json")
         numeric = check_numeric_parity(model, encoder_path, decoder_path, images[:8], precision=precision)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "model": {"name": name, "version": version, "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
-            "architecture": {
-                "encoder": model.config.backbone,
-                "decoder": model.config.decoder,
-                "attention": model.attention,
-                "grid_size": [model.backbone.grid, model.backbone.grid],
-                "feature_dim": model.backbone.feature_dim,
-                "embed_dim": model.config.embed_dim,
-                "hidden_dim": model.config.hidden_dim,
-                "attention_dim": model.config.attention_dim,
-                "vocab_size": len(vocab),
-                "encoder_fine_tuned_blocks": model.config.fine_tune_blocks,
-            },
-            "preprocessing": spec.model_dump(mode="json"),
-            "special_tokens": special,
-            "max_length": max_length,
-            "precision": precision,
-            **({"decoding": decoding} if decoding else {}),
-            "files": {},
-            "training": {
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model=ModelId(name=name, version=version, created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
+            architecture=Architecture(
+                encoder=model.config.backbone,
+                decoder=model.config.decoder,
+                attention=model.attention,
+                grid_size=(model.backbone.grid, model.backbone.grid),
+                feature_dim=model.backbone.feature_dim,
+                embed_dim=model.config.embed_dim,
+                hidden_dim=model.config.hidden_dim,
+                attention_dim=model.config.attention_dim,
+                vocab_size=len(vocab),
+                encoder_fine_tuned_blocks=model.config.fine_tune_blocks,
+            ),
+            preprocessing=spec,
+            special_tokens=SpecialTokens(**special),
+            max_length=max_length,
+            precision=precision,
+            decoding=recommended,
+            files={},
+            training=Training(
                 # the data's terms travel with the model (the export's dataset knows them too)
-                "data": {**(state.get("data") or {}), **({"terms": dataset.terms} if dataset.terms else {})},
-                "epochs": state["epoch"],
-                "best_val_cider": state["best_cider"],
-                "history": state["history"],
-                "settings": state["train_config"],
-                "checkpoint": Path(checkpoint).name,
-            },
-        }
+                data=TrainingData(**{**(state.get("data") or {}), **({"terms": dataset.terms} if dataset.terms else {})}),
+                epochs=state["epoch"],
+                best_val_cider=state["best_cider"],
+                history=state["history"],
+                settings=state["train_config"],
+                checkpoint=Path(checkpoint).name,
+            ),
+        )
 
-        def write_manifest() -> None:
-            manifest["files"] = {
-                key: {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        def write_manifest(**update) -> None:
+            files = {
+                key: FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
                 for key, path in (("encoder", encoder_path), ("decoder", decoder_path), ("vocab", tmp / "vocab.json"))
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            written = manifest.model_copy(update={**update, "files": files})
+            unknown = unknown_keys(written)
+            if unknown:  # every key the exporter writes is a Manifest field (docs/bundle-format.md)
+                raise ExportError(f"the manifest has keys app/bundle.py's Manifest does not describe: {', '.join(unknown)}")
+            (tmp / "manifest.json").write_text(written.to_json())
 
         write_manifest()  # provisional, inside the temporary folder only: the engine reads bundles
         engine = Engine(load_bundle(tmp), device="cpu")
         captions = check_caption_parity(model, engine, images, special, max_length, precision)
-        manifest["parity"] = {**numeric, **captions, "images": len(images), "split": parity_split}
+        final = {"parity": Parity(**numeric, **captions, images=len(images), split=parity_split)}
         if evaluate_split:
             result = evaluate_bundle(tmp, dataset, split=evaluate_split, limit=evaluate_limit, device="cpu", progress=progress)
             print(format_table(result), flush=True)
             (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            manifest["evaluation"] = {
-                "split": evaluate_split,
-                "images": result["dataset"]["images"],
-                "dataset": result["dataset"]["name"],
-                "decoding": result["decoding"],
+            final["evaluation"] = Evaluation(
+                split=evaluate_split,
+                images=result["dataset"]["images"],
+                dataset=result["dataset"]["name"],
+                decoding=result["decoding"],
                 **{k: result[k] for k in ("greedy", "beam3", "beam5")},
-            }
-        manifest["export_seconds"] = round(time.monotonic() - started, 1)
-        write_manifest()
+            )
+        final["export_seconds"] = round(time.monotonic() - started, 1)
+        write_manifest(**final)
         load_bundle(tmp)  # the final bundle must read back
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _recommended_decoding(decoding: dict | None) -> RecommendedDecoding | None:
+    """The manifest's `decoding` block, checked before the export starts."""
+    if not decoding:
+        return None
+    try:
+        recommended = RecommendedDecoding.model_validate(decoding)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ExportError(f"decoding: {problems}") from None
+    unknown = unknown_keys(recommended)
+    if unknown:
+        raise ExportError(f"decoding: unknown key(s) {', '.join(unknown)} "
+                          f"(a recommendation has {', '.join(RecommendedDecoding.model_fields)})")
+    return recommended
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -23,7 +23,7 @@ from app.attention import (
     token_labels,
 )
 from app.settings import load_settings
-from tests.support.bundle_factory import VOCAB, make_tiny_bundle
+from tests.support.bundle_factory import VOCAB
 from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -104,7 +104,7 @@ def test_render_png_and_its_checks():
 
 
 def test_grid_shape_and_labels():
-    bundle = SimpleNamespace(manifest={"architecture": {"grid_size": [7, 7]}})
+    bundle = SimpleNamespace(manifest=SimpleNamespace(architecture=SimpleNamespace(grid_size=(7, 7))))
     assert grid_shape(bundle) == (7, 7)
     assert grid_shape(bundle, 49) == (7, 7)
     assert grid_shape(bundle, 16) == (4, 4)  # the manifest disagrees with the weights: derived
@@ -114,7 +114,7 @@ def test_grid_shape_and_labels():
 
 
 def test_attention_map_lines_up_rows_and_tokens():
-    bundle = SimpleNamespace(manifest={"architecture": {"grid_size": [1, 2]}},
+    bundle = SimpleNamespace(manifest=SimpleNamespace(architecture=SimpleNamespace(grid_size=(1, 2))),
                              vocab=["<pad>", "<start>", "<end>", "<unk>", "a"], special={"end": 2})
     caption = SimpleNamespace(token_ids=[4, 3], attention=np.array([[0.5, 0.5], [0.9, 0.1], [np.nan, 1.0]]))
     out = attention_map(caption, bundle)
@@ -133,16 +133,14 @@ def _client(bundle: Path) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def sat(tmp_path_factory):
-    bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "sat", attention=True, max_length=10)
-    with _client(bundle) as client:
+def sat(tiny_bundles):
+    with _client(tiny_bundles(attention=True, max_length=10)) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def st(tmp_path_factory):
-    bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "st", attention=False, max_length=10)
-    with _client(bundle) as client:
+def st(tiny_bundles):
+    with _client(tiny_bundles(attention=False, max_length=10)) as client:
         yield client
 
 

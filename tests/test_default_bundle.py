@@ -38,44 +38,45 @@ def test_bundle_is_complete_and_small(bundle):
     assert size <= 60 * 1000 * 1000
     manifest = bundle.manifest
     assert (bundle.name, bundle.version) == ("flickr8k-sat-lite0", "2.0.0")
-    assert manifest["format_version"] == 2
-    assert manifest["architecture"]["encoder"] == "efficientnet-lite0"
-    assert manifest["architecture"]["decoder"] == "show_attend_tell" and bundle.attention
+    assert manifest.format_version == 2
+    assert manifest.architecture.encoder == "efficientnet-lite0"
+    assert manifest.architecture.decoder == "show_attend_tell" and bundle.attention
     engine = Engine(bundle, device="cpu")
     assert "row_image" not in [i.name for i in engine.decoder.get_inputs()]  # rows attend in blocks
 
 
 def test_trained_on_flickr8k_train_and_restval_with_its_terms(bundle):
-    data = bundle.manifest["training"]["data"]
-    assert data["name"] == "flickr8k"
-    assert data["splits"]["train"]["images"] == 6000 and data["splits"]["restval"]["images"] == 91
-    assert data["splits"]["val"]["images"] == 1000 and data["splits"]["test"]["images"] == 1000
-    assert "research purposes" in data["terms"]
-    assert bundle.manifest["training"]["best_val_cider"] > 0
+    data = bundle.manifest.training.data
+    assert data.name == "flickr8k"
+    assert data.splits["train"].images == 6000 and data.splits["restval"].images == 91
+    assert data.splits["val"].images == 1000 and data.splits["test"].images == 1000
+    assert "research purposes" in data.terms
+    assert bundle.manifest.training.best_val_cider > 0
 
 
 def test_export_proved_parity(bundle):
-    parity = bundle.manifest["parity"]
-    assert max(parity[k] for k in parity if k.endswith(("_random", "_real"))) <= 1e-4
-    assert parity["greedy_identical"] >= 50 and parity["beam3_identical"] >= 50
-    assert parity["split"] == "val"  # the test split is for the evaluation only
+    parity = bundle.manifest.parity
+    assert max(v for k, v in parity if k.endswith(("_random", "_real"))) <= 1e-4
+    assert parity.greedy_identical >= 50 and parity.beam3_identical >= 50
+    assert parity.split == "val"  # the test split is for the evaluation only
 
 
 def test_decoding_was_chosen_on_validation(bundle):
-    decoding = bundle.manifest["decoding"]
-    assert "val" in decoding["chosen_on"]
-    assert recommended_decoding(bundle).no_repeat_ngram_size == decoding["no_repeat_ngram_size"]
+    decoding = bundle.manifest.decoding
+    assert "val" in decoding.chosen_on
+    assert recommended_decoding(bundle).no_repeat_ngram_size == decoding.no_repeat_ngram_size
 
 
 def test_recorded_scores_meet_the_targets(bundle):
-    evaluation = bundle.manifest["evaluation"]
-    assert evaluation["split"] == "test" and evaluation["images"] == 1000 and evaluation["dataset"] == "flickr8k"
+    evaluation = bundle.manifest.evaluation
+    assert evaluation.split == "test" and evaluation.images == 1000 and evaluation.dataset == "flickr8k"
     beside = json.loads((DEFAULT / "eval.json").read_text())
     for name in ("greedy", "beam3", "beam5"):
-        assert evaluation[name] == beside[name]
+        assert getattr(evaluation, name).model_dump(exclude_unset=True) == beside[name]
+    beam3 = evaluation.beam3.model_dump()  # by the metrics' names ("BLEU-4")
     for metric, target in TARGETS.items():
-        assert evaluation["beam3"][metric] >= target, (metric, evaluation["beam3"][metric])
-    assert evaluation["decoding"] == {k: bundle.manifest["decoding"][k] for k in ("length_penalty", "no_repeat_ngram_size")}
+        assert beam3[metric] >= target, (metric, beam3[metric])
+    assert evaluation.decoding.model_dump(exclude_unset=True) == bundle.manifest.decoding.model_dump(exclude={"chosen_on"})
 
 
 def _readme_captions() -> dict[str, str]:

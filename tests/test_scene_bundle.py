@@ -29,9 +29,9 @@ def bundle():
 def test_bundle_is_complete_and_small(bundle):
     size = sum(p.stat().st_size for p in DEFAULT.iterdir())
     assert size <= 30 * 1024 * 1024
-    assert bundle.manifest["architecture"]["encoder"] == "efficientnet-lite0"
-    assert bundle.manifest["architecture"]["decoder"] == "show_attend_tell"
-    assert bundle.manifest["training"]["data"]["splits"]["train"]["images"] >= 20000
+    assert bundle.manifest.architecture.encoder == "efficientnet-lite0"
+    assert bundle.manifest.architecture.decoder == "show_attend_tell"
+    assert bundle.manifest.training.data.splits["train"].images >= 20000
 
 
 def test_is_an_older_row_layout_bundle(bundle):
@@ -40,22 +40,22 @@ def test_is_an_older_row_layout_bundle(bundle):
 
 
 def test_export_proved_parity(bundle):
-    parity = bundle.manifest["parity"]
-    assert max(parity[k] for k in parity if k.endswith(("_random", "_real"))) <= 1e-4
-    assert parity["greedy_identical"] >= 50 and parity["beam3_identical"] >= 50
+    parity = bundle.manifest.parity
+    assert max(v for k, v in parity if k.endswith(("_random", "_real"))) <= 1e-4
+    assert parity.greedy_identical >= 50 and parity.beam3_identical >= 50
 
 
 def test_recorded_quality_meets_the_bar(bundle):
-    evaluation = bundle.manifest["evaluation"]
-    assert evaluation["split"] == "test" and evaluation["images"] >= 1000
+    evaluation = bundle.manifest.evaluation
+    assert evaluation.split == "test" and evaluation.images >= 1000
     beside = json.loads((DEFAULT / "eval.json").read_text())
     for name in ("greedy", "beam3"):
-        assert evaluation[name] == beside[name]
-        assert evaluation[name]["BLEU-4"] >= 0.5
-    assert evaluation["beam3"]["CIDEr"] >= evaluation["greedy"]["CIDEr"]
-    attributes = evaluation["beam3"]["attributes"]  # beam 3 is the service's default decoding
-    assert attributes["by_objects"]["1"]["accuracy"] >= 0.9
-    assert attributes["all"]["accuracy"] >= 0.7
+        assert getattr(evaluation, name).model_dump(exclude_unset=True) == beside[name]
+        assert getattr(evaluation, name).bleu4 >= 0.5
+    assert evaluation.beam3.cider >= evaluation.greedy.cider
+    attributes = evaluation.beam3.attributes  # beam 3 is the service's default decoding
+    assert attributes.by_objects["1"].accuracy >= 0.9
+    assert attributes.all.accuracy >= 0.7
 
 
 def test_captions_unseen_scenes(bundle):

@@ -11,19 +11,6 @@ from app.schemas import DecodingSettings, Limits, ModelInfo
 router = APIRouter(prefix="/v1", tags=["model"])
 
 
-def decoding_settings(config, bundle_max_length: int) -> DecodingSettings:
-    """The DecodingSettings schema of a DecodingConfig, as actually used."""
-    used = config.resolved(bundle_max_length)
-    return DecodingSettings(
-        strategy=used.strategy,
-        beam_size=used.beam_size,
-        num_captions=used.num_captions,
-        max_length=used.max_length if used.max_length is not None else bundle_max_length,
-        length_penalty=float(used.length_penalty),
-        no_repeat_ngram_size=used.no_repeat_ngram_size,
-    )
-
-
 @router.get(
     "/model",
     operation_id="get_model_info",
@@ -34,23 +21,23 @@ def decoding_settings(config, bundle_max_length: int) -> DecodingSettings:
 async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
     bundle = engine.bundle
     manifest = bundle.manifest
-    model = manifest.get("model", {})
-    evaluation = manifest.get("evaluation")
+    evaluation = manifest.evaluation
+    # the blocks as manifest.json has them (exclude_unset: keys it leaves out stay out)
     return ModelInfo(
         name=bundle.name,
         version=bundle.version,
-        created=str(model["created"]) if model.get("created") is not None else None,
-        format_version=int(manifest.get("format_version", 1)),
-        architecture=dict(manifest.get("architecture", {})),
-        preprocessing=dict(manifest.get("preprocessing", {})),
+        created=manifest.model.created,
+        format_version=manifest.format_version,
+        architecture=manifest.architecture.model_dump(mode="json", exclude_unset=True),
+        preprocessing=manifest.preprocessing.model_dump(mode="json", exclude_unset=True),
         special_tokens=dict(bundle.special),
         vocab_size=len(bundle.vocab),
         max_length=bundle.max_length,
         attention=bool(bundle.attention),
-        evaluation=evaluation if isinstance(evaluation, dict) else None,
+        evaluation=evaluation.model_dump(mode="json", exclude_unset=True) if evaluation is not None else None,
         provider=engine.provider,
         device="cuda" if engine.device == "cuda" else "cpu",
-        decoding_defaults=decoding_settings(settings.decoding_defaults(bundle.recommended_decoding), bundle.max_length),
+        decoding_defaults=DecodingSettings.of(settings.decoding_defaults(bundle.recommended_decoding), bundle.max_length),
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,

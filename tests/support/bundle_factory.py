@@ -36,6 +36,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from app.bundle import (
+    Architecture,
+    Evaluation,
+    FileEntry,
+    Manifest,
+    ModelId,
+    Preprocessing,
+    RecommendedDecoding,
+    SpecialTokens,
+    Training,
+    TrainingData,
+)
+
 OPSET = 17
 IR_VERSION = 8  # readable by every onnxruntime >= 1.14
 
@@ -321,7 +334,7 @@ def make_tiny_bundle(
     files = {}
     for key, fname in (("encoder", "encoder.onnx"), ("decoder", "decoder.onnx"), ("vocab", "vocab.json")):
         fpath = out / fname
-        files[key] = {"path": fname, "sha256": _sha256(fpath), "bytes": fpath.stat().st_size}
+        files[key] = FileEntry(path=fname, sha256=_sha256(fpath), bytes=fpath.stat().st_size)
 
     evaluation = {
         "split": "test",
@@ -329,43 +342,31 @@ def make_tiny_bundle(
         "greedy": {"BLEU-4": 0.01, "CIDEr": 0.02},
         "beam3": {"BLEU-4": 0.02, "CIDEr": 0.03},
     }
-    manifest = {
-        "format_version": 1 if row_layout else 2,
-        "model": {
-            "name": name or ("tiny-sat" if attention else "tiny-st"),
-            "version": version,
-            "created": "2026-01-01T00:00:00Z",
-        },
-        "architecture": {
-            "encoder": "avgpool-conv1x1",
-            "decoder": "show_attend_tell" if attention else "show_and_tell",
-            "attention": attention,
-            "grid_size": [GRID, GRID] if attention else [1, 1],
-            "feature_dim": FEAT if attention else 1,
-            "embed_dim": EMBED,
-            "hidden_dim": HIDDEN,
-            "attention_dim": ATT if attention else 1,
-            "vocab_size": len(VOCAB),
-        },
-        "preprocessing": {
-            "image_size": [IMAGE_SIZE, IMAGE_SIZE],
-            "resize": "stretch",
-            "resample": "bilinear",
-            "color": "RGB",
-            "scale": 255.0,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "layout": "NCHW",
-            "dtype": "float32",
-        },
-        "special_tokens": dict(SPECIAL),
-        "max_length": max_length,
-        **({"decoding": decoding} if decoding else {}),
-        "files": files,
-        "training": {"dataset": "random weights (tests/support/bundle_factory.py)", "seed": seed, "epochs": 0},
-        "evaluation": evaluation,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest = Manifest(
+        format_version=1 if row_layout else 2,
+        model=ModelId(name=name or ("tiny-sat" if attention else "tiny-st"), version=version, created="2026-01-01T00:00:00Z"),
+        architecture=Architecture(
+            encoder="avgpool-conv1x1",
+            decoder="show_attend_tell" if attention else "show_and_tell",
+            attention=attention,
+            grid_size=(GRID, GRID) if attention else (1, 1),
+            feature_dim=FEAT if attention else 1,
+            embed_dim=EMBED,
+            hidden_dim=HIDDEN,
+            attention_dim=ATT if attention else 1,
+            vocab_size=len(VOCAB),
+        ),
+        preprocessing=Preprocessing(image_size=(IMAGE_SIZE, IMAGE_SIZE), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        special_tokens=SpecialTokens(**SPECIAL),
+        max_length=max_length,
+        # not validated here: tests write out-of-range recommendations for load_bundle to refuse
+        decoding=RecommendedDecoding.model_construct(**decoding) if decoding else None,
+        files=files,
+        training=Training(data=TrainingData(name="random weights (tests/support/bundle_factory.py)"), epochs=0,
+                          settings={"seed": seed}),
+        evaluation=Evaluation.model_validate(evaluation),
+    )
+    (out / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     if with_eval:
         (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
     return out
