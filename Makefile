@@ -21,7 +21,7 @@ SCST_RECIPE = --self-critical --init-checkpoint $(WORK)/xe/best.pt --sample-temp
 NAME ?= flickr8k-sat-lite0
 VERSION ?= 2.0.0
 
-.PHONY: default-model scenes-model install install-serve serve test
+.PHONY: default-model scenes-model install install-serve serve test lint
 
 # Everything: serving (CPU onnxruntime), training (CPU torch 2.13) and test tools.
 install:
@@ -42,6 +42,12 @@ serve: install-serve
 # Install everything and run every test.
 test: install
 	$(PYTHON) -m pytest -q
+
+# ruff (pyflakes, pycodestyle, import order, pyupgrade) on the whole project; mypy on the serving side.
+# Settings: pyproject.toml. `.venv/bin/ruff check --fix .` applies the mechanical fixes.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 default-model: install
 	@test -n "$(FLICKR8K)" || { echo "usage: make default-model FLICKR8K=<folder with Flickr8k.token.txt, the split lists and the images>"; exit 2; }

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import error_json, new_request_id
+from app.middleware import BODY_METHODS
 
 # Routes that never need a key.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
@@ -35,7 +36,6 @@ PUBLIC_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
 
 UNAUTHORIZED_MESSAGE = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
-_BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 def _digest(key: str | bytes) -> bytes:
@@ -100,7 +100,7 @@ class APIKeyMiddleware:
             return
         rid = scope.get("state", {}).get("request_id") or new_request_id()
         headers = {"WWW-Authenticate": "Bearer"}
-        if scope.get("method") in _BODY_METHODS:
+        if scope.get("method") in BODY_METHODS:
             headers["Connection"] = "close"  # the body is never read: do not wait for it
         response = error_json(401, "unauthorized", UNAUTHORIZED_MESSAGE, rid, headers=headers)
         await response(scope, receive, send)

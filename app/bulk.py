@@ -36,13 +36,26 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Annotated, Any, NoReturn
 
 import typer
+
+from app.cli_options import (
+    BeamSizeOption,
+    BundleOption,
+    DeviceOption,
+    LengthPenaltyOption,
+    MaxLengthOption,
+    NoRepeatNgramOption,
+    NumCaptionsOption,
+    StrategyOption,
+    ThreadsOption,
+)
 
 FORMATS = ("jsonl", "csv")
 CSV_COLUMNS = ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message"]
@@ -141,7 +154,9 @@ def caption_dicts(captions: Iterable[Any]) -> list[dict[str, Any]]:
     """Engine Captions (or API caption dicts) -> {text, score, normalized_score} dicts."""
     out = []
     for c in captions:
-        get = c.get if isinstance(c, dict) else (lambda key, c=c: getattr(c, key))
+        def get(key: str, c: Any = c) -> Any:
+            return c.get(key) if isinstance(c, dict) else getattr(c, key)
+
         score, norm = float(get("score")), float(get("normalized_score"))
         out.append({"text": get("text"), "score": round(score, 6) if math.isfinite(score) else None,
                     "normalized_score": round(norm, 6) if math.isfinite(norm) else None})
@@ -424,7 +439,8 @@ class ServiceClient:
             body = None
         if status != 200:
             err = body.get("error") if isinstance(body, dict) else None
-            detail = f"{err.get('code')}: {err.get('message')}" if isinstance(err, dict) else payload[:200]
+            detail = (f"{err.get('code')}: {err.get('message')}" if isinstance(err, dict)
+                      else payload[:200].decode("utf-8", "replace"))
             raise BulkError(f"{method} {self.base}{path} answered HTTP {status} ({detail})")
         if not isinstance(body, dict):
             raise BulkError(f"{method} {self.base}{path} did not answer a JSON object")
@@ -541,7 +557,7 @@ def run(
         if fresh_unreadable:
             records = [error_record(rel, "unreadable_file", msg) for rel, msg in fresh_unreadable]
             output.write(records)
-            summary.failed += [(r.path, f"unreadable_file: {r.error['message']}") for r in records]
+            summary.failed += [(r.path, f"unreadable_file: {msg}") for (_, msg), r in zip(fresh_unreadable, records)]
         bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True,
                    desc="captioning")
         try:
@@ -584,10 +600,10 @@ def caption_dir(
     folder: Annotated[Path, typer.Argument(help="Folder to caption (recursively; images found by content).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file; appended to, and resumed from.")] = Path(
         "captions.jsonl"),
-    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: csv if --out ends in "
+    fmt: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: csv if --out ends in "
                                                                 ".csv, else jsonl)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call (or per request with --url)")] = 16,
-    url: Annotated[Optional[str], typer.Option(help="Send the images to a running service (e.g. "
+    url: Annotated[str | None, typer.Option(help="Send the images to a running service (e.g. "
                                                     "http://127.0.0.1:8000) instead of loading the model")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="With --url: requests in flight at once")] = 2,
     retries: Annotated[int, typer.Option(min=0, max=100, help="With --url: retries of a request that got "
@@ -595,17 +611,15 @@ def caption_dir(
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Drop the output's error records first, "
                                                                       "so those files are tried again")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar")] = True,
-    strategy: Annotated[Optional[str], typer.Option(help="greedy or beam")] = None,
-    beam_size: Annotated[Optional[int], typer.Option(help="Beams per image (1-10)")] = None,
-    num_captions: Annotated[Optional[int], typer.Option(help="Captions per image, best first")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Most words per caption")] = None,
-    length_penalty: Annotated[Optional[float], typer.Option(help="Length penalty (0-5)")] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help="Block repeated n-grams of this size")] = None,
-    bundle: Annotated[Optional[Path], typer.Option(help="Model bundle folder (env CAPTIONER_BUNDLE; default "
-                                                        "models/default)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cuda or cpu (env CAPTIONER_DEVICE)")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per session (env "
-                                                        "CAPTIONER_THREADS)")] = None,
+    strategy: StrategyOption = None,
+    beam_size: BeamSizeOption = None,
+    num_captions: NumCaptionsOption = None,
+    max_length: MaxLengthOption = None,
+    length_penalty: LengthPenaltyOption = None,
+    no_repeat_ngram_size: NoRepeatNgramOption = None,
+    bundle: BundleOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Caption every image in a folder into a JSON-lines or CSV file (resumable; locally or via --url).
 
@@ -615,7 +629,7 @@ def caption_dir(
                 "max_length": max_length, "length_penalty": length_penalty,
                 "no_repeat_ngram_size": no_repeat_ngram_size}
 
-    def fail(message: str) -> None:
+    def fail(message: str) -> NoReturn:
         typer.echo(f"captioner: {message}", err=True)
         raise typer.Exit(2)
 

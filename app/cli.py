@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from app.settings import SettingsError, load_settings
+from app.cli_options import (
+    BeamSizeOption,
+    BundleOption,
+    DeviceOption,
+    LengthPenaltyOption,
+    MaxLengthOption,
+    NoRepeatNgramOption,
+    NumCaptionsOption,
+    StrategyOption,
+    ThreadsOption,
+)
+from app.settings import Settings, SettingsError, load_settings
 
-_Device = Annotated[Optional[str], typer.Option(help="auto, cuda or cpu (env CAPTIONER_DEVICE; default auto)")]
-_Bundle = Annotated[
-    Optional[Path], typer.Option(help="Model bundle folder (env CAPTIONER_BUNDLE; default models/default)")
-]
-_Threads = Annotated[Optional[int], typer.Option(help="onnxruntime threads per session (env CAPTIONER_THREADS)")]
 
-
-def _settings_or_exit(**overrides):
+def _settings_or_exit(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
     except SettingsError as exc:
@@ -32,15 +37,15 @@ def _settings_or_exit(**overrides):
 
 
 def serve(
-    bundle: _Bundle = None,
+    bundle: BundleOption = None,
     host: Annotated[
-        Optional[str], typer.Option(help="Interface to bind (env CAPTIONER_HOST; default 127.0.0.1)")
+        str | None, typer.Option(help="Interface to bind (env CAPTIONER_HOST; default 127.0.0.1)")
     ] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (env CAPTIONER_PORT; default 8000)")] = None,
-    device: _Device = None,
-    threads: _Threads = None,
+    port: Annotated[int | None, typer.Option(help="Port (env CAPTIONER_PORT; default 8000)")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     log_level: Annotated[
-        Optional[str], typer.Option(help="critical|error|warning|info|debug (env CAPTIONER_LOG_LEVEL)")
+        str | None, typer.Option(help="critical|error|warning|info|debug (env CAPTIONER_LOG_LEVEL)")
     ] = None,
 ) -> None:
     """Run the HTTP service (uvicorn) on the model bundle. Options override CAPTIONER_* variables."""
@@ -69,15 +74,15 @@ def serve(
 
 def caption(
     images: Annotated[list[Path], typer.Argument(help="Image files to caption.", exists=False)],
-    strategy: Annotated[Optional[str], typer.Option(help="greedy or beam")] = None,
-    beam_size: Annotated[Optional[int], typer.Option(help="Beams per image (1-10)")] = None,
-    num_captions: Annotated[Optional[int], typer.Option(help="Captions per image, best first")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Most words per caption")] = None,
-    length_penalty: Annotated[Optional[float], typer.Option(help="Length penalty (0-5)")] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help="Block repeated n-grams of this size")] = None,
-    bundle: _Bundle = None,
-    device: _Device = None,
-    threads: _Threads = None,
+    strategy: StrategyOption = None,
+    beam_size: BeamSizeOption = None,
+    num_captions: NumCaptionsOption = None,
+    max_length: MaxLengthOption = None,
+    length_penalty: LengthPenaltyOption = None,
+    no_repeat_ngram_size: NoRepeatNgramOption = None,
+    bundle: BundleOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image")] = False,
 ) -> None:
     """Caption image files locally (no server): load the bundle, run the engine, print the captions."""
@@ -148,7 +153,7 @@ def caption(
 
 from app.bulk import caption_dir  # noqa: E402  (imports nothing heavy: the engine loads on use)
 
-COMMANDS = {"serve": serve, "caption": caption, "caption-dir": caption_dir}
+COMMANDS: dict[str, Callable[..., None]] = {"serve": serve, "caption": caption, "caption-dir": caption_dir}
 
 app_cli = typer.Typer(help="Image captioning service.", no_args_is_help=True, add_completion=False)
 for _name, _fn in COMMANDS.items():
@@ -160,4 +165,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

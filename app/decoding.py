@@ -29,8 +29,15 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-MAX_BEAM_SIZE = 10
-MAX_LENGTH_LIMIT = 64
+# The limits of every decoding setting, named once: DecodingConfig checks them, and the HTTP query
+# parameters, the service's settings, the bundle's recommended decoding and the CLI options take
+# their bounds from here.
+MAX_BEAM_SIZE = 10  # beam_size and num_captions: 1..MAX_BEAM_SIZE
+MAX_LENGTH_LIMIT = 64  # max_length: 1..MAX_LENGTH_LIMIT words
+MAX_LENGTH_PENALTY = 5.0  # length_penalty: 0..MAX_LENGTH_PENALTY
+MAX_NO_REPEAT_NGRAM_SIZE = 10  # no_repeat_ngram_size: 0 (off)..MAX_NO_REPEAT_NGRAM_SIZE
+STRATEGIES = ("greedy", "beam")
+Strategy = Literal["greedy", "beam"]
 NEG_INF = -np.inf
 
 
@@ -38,7 +45,7 @@ NEG_INF = -np.inf
 class DecodingConfig:
     """Every decoding setting, validated once at construction."""
 
-    strategy: Literal["greedy", "beam"] = "beam"
+    strategy: Strategy = "beam"
     beam_size: int = 3
     num_captions: int = 1
     max_length: int | None = None  # None: the bundle's max_length
@@ -46,7 +53,7 @@ class DecodingConfig:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("greedy", "beam"):
+        if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be 'greedy' or 'beam', not {self.strategy!r}")
         if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= MAX_BEAM_SIZE:
             raise ValueError(f"beam_size must be an integer from 1 to {MAX_BEAM_SIZE}")
@@ -60,10 +67,11 @@ class DecodingConfig:
             )
         if self.max_length is not None and (not isinstance(self.max_length, int) or not 1 <= self.max_length <= MAX_LENGTH_LIMIT):
             raise ValueError(f"max_length must be an integer from 1 to {MAX_LENGTH_LIMIT}")
-        if not (0.0 <= float(self.length_penalty) <= 5.0) or np.isnan(self.length_penalty):
-            raise ValueError("length_penalty must be between 0 and 5")
-        if not isinstance(self.no_repeat_ngram_size, int) or not 0 <= self.no_repeat_ngram_size <= 10:
-            raise ValueError("no_repeat_ngram_size must be an integer from 0 (off) to 10")
+        if not (0.0 <= float(self.length_penalty) <= MAX_LENGTH_PENALTY) or np.isnan(self.length_penalty):
+            raise ValueError(f"length_penalty must be between 0 and {MAX_LENGTH_PENALTY:g}")
+        if (not isinstance(self.no_repeat_ngram_size, int)
+                or not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM_SIZE):
+            raise ValueError(f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NO_REPEAT_NGRAM_SIZE}")
 
     def with_overrides(self, **given) -> DecodingConfig:
         """A request's settings on top of these defaults (None: not given). An unset num_captions is
@@ -144,7 +152,9 @@ class DenseLogProbs:
 
 
 class StepFn(Protocol):
-    def __call__(self, tokens: np.ndarray, rows: np.ndarray, row_image: np.ndarray) -> tuple[StepOutput | np.ndarray, np.ndarray | None]:
+    def __call__(
+        self, tokens: np.ndarray, rows: np.ndarray, row_image: np.ndarray
+    ) -> tuple[StepOutput | np.ndarray, np.ndarray | None]:
         """One decoder step for the live rows.
 
         tokens: [B] int64 previous tokens; rows: [B] int64 indices of the rows' state (the search

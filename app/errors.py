@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -230,7 +231,8 @@ async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _validation_handler)
-    app.add_exception_handler(APIError, _api_error_handler)
-    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    # Starlette types a handler as taking any Exception; each of these takes the class it is registered for.
+    app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(APIError, _api_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_handler)

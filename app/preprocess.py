@@ -25,7 +25,8 @@ _RESAMPLE = {
 
 class ImageDecodeError(Exception):
     """An upload that is not a usable image. `code` is one of: empty_file, unsupported_media_type,
-    corrupt_image, image_too_large."""
+    corrupt_image, image_too_large (raised here), file_too_large (raised by app/pipeline.py, which
+    reads the upload)."""
 
     def __init__(self, code: str, message: str):
         self.code = code
@@ -65,7 +66,7 @@ def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError("unsupported_media_type", "the upload is not an image in a supported format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -6,7 +6,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.decoding import DecodingConfig, Strategy
+
 _RID = "9f1c2b7e4d6a4e0f8a1b2c3d4e5f6a7b"
+
+
+def _example(model: type[BaseModel]) -> dict[str, Any]:
+    """The `example` a model's json_schema_extra documents (reused by the models that contain it)."""
+    extra = model.model_config.get("json_schema_extra")
+    assert isinstance(extra, dict)
+    example = extra["example"]
+    assert isinstance(example, dict)
+    return example
 
 
 class CaptionItem(BaseModel):
@@ -47,12 +58,25 @@ class DecodingSettings(BaseModel):
         }
     )
 
-    strategy: Literal["greedy", "beam"]
+    strategy: Strategy
     beam_size: int
     num_captions: int
     max_length: int
     length_penalty: float
     no_repeat_ngram_size: int
+
+    @classmethod
+    def of(cls, config: DecodingConfig, bundle_max_length: int) -> DecodingSettings:
+        """The settings `config` decodes with (greedy: one beam; max_length: the bundle's if unset)."""
+        used = config.resolved(bundle_max_length)
+        return cls(
+            strategy=used.strategy,
+            beam_size=used.beam_size,
+            num_captions=used.num_captions,
+            max_length=used.max_length if used.max_length is not None else bundle_max_length,
+            length_penalty=float(used.length_penalty),
+            no_repeat_ngram_size=used.no_repeat_ngram_size,
+        )
 
 
 class ModelRef(BaseModel):
@@ -110,10 +134,10 @@ class CaptionResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "captions": [CaptionItem.model_config["json_schema_extra"]["example"]],
-                "settings": DecodingSettings.model_config["json_schema_extra"]["example"],
-                "model": ModelRef.model_config["json_schema_extra"]["example"],
-                "timings_ms": Timings.model_config["json_schema_extra"]["example"],
+                "captions": [_example(CaptionItem)],
+                "settings": _example(DecodingSettings),
+                "model": _example(ModelRef),
+                "timings_ms": _example(Timings),
                 "request_id": _RID,
             }
         }
@@ -150,7 +174,7 @@ class BatchItem(BaseModel):
             "example": {
                 "index": 0,
                 "filename": "cat.jpg",
-                "captions": [CaptionItem.model_config["json_schema_extra"]["example"]],
+                "captions": [_example(CaptionItem)],
             }
         }
     )
@@ -168,7 +192,7 @@ class BatchResponse(BaseModel):
         json_schema_extra={
             "example": {
                 "results": [
-                    BatchItem.model_config["json_schema_extra"]["example"],
+                    _example(BatchItem),
                     {
                         "index": 1,
                         "filename": "notes.txt",
@@ -178,9 +202,9 @@ class BatchResponse(BaseModel):
                         },
                     },
                 ],
-                "settings": DecodingSettings.model_config["json_schema_extra"]["example"],
-                "model": ModelRef.model_config["json_schema_extra"]["example"],
-                "timings_ms": Timings.model_config["json_schema_extra"]["example"],
+                "settings": _example(DecodingSettings),
+                "model": _example(ModelRef),
+                "timings_ms": _example(Timings),
                 "request_id": _RID,
             }
         }
@@ -238,7 +262,7 @@ class ModelInfo(BaseModel):
                 "evaluation": {"split": "test", "images": 1000, "greedy": {"BLEU-4": 0.71, "CIDEr": 4.1}},
                 "provider": "CPUExecutionProvider",
                 "device": "cpu",
-                "decoding_defaults": DecodingSettings.model_config["json_schema_extra"]["example"],
+                "decoding_defaults": _example(DecodingSettings),
                 "limits": {"max_upload_bytes": 10485760, "max_image_pixels": 40000000, "max_batch_files": 16},
             }
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -21,6 +21,18 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.decoding import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH_LIMIT,
+    MAX_LENGTH_PENALTY,
+    MAX_NO_REPEAT_NGRAM_SIZE,
+    DecodingConfig,
+    Strategy,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from app.bundle import RecommendedDecoding
 
 ENV_PREFIX = "CAPTIONER_"
 MiB = 1024 * 1024
@@ -101,17 +113,25 @@ class Settings(BaseSettings):
     )
 
     # --- decoding defaults (each can be overridden per request) ---
-    default_strategy: Literal["greedy", "beam"] = Field("beam", description="Default decoding strategy.")
-    default_beam_size: int = Field(3, description="Default beam size (1-10).")
-    default_num_captions: int = Field(1, description="Default number of captions returned (<= beam size).")
+    # (bounds: app/decoding.py's limits; the combination is checked by DecodingConfig below)
+    default_strategy: Strategy = Field("beam", description="Default decoding strategy.")
+    default_beam_size: int = Field(3, ge=1, le=MAX_BEAM_SIZE, description=f"Default beam size (1-{MAX_BEAM_SIZE}).")
+    default_num_captions: int = Field(
+        1, ge=1, le=MAX_BEAM_SIZE, description="Default number of captions returned (<= beam size)."
+    )
     default_max_length: int | None = Field(
-        None, description="Default most words per caption (1-64); unset = the bundle's max_length."
+        None, ge=1, le=MAX_LENGTH_LIMIT,
+        description=f"Default most words per caption (1-{MAX_LENGTH_LIMIT}); unset = the bundle's max_length.",
     )
     default_length_penalty: float | None = Field(
-        None, description="Default length penalty (0-5); 0 ranks by total log-probability; unset = the bundle's recommendation (else 0)."
+        None, ge=0.0, le=MAX_LENGTH_PENALTY,
+        description=f"Default length penalty (0-{MAX_LENGTH_PENALTY:g}); 0 ranks by total log-probability; "
+        "unset = the bundle's recommendation (else 0).",
     )
     default_no_repeat_ngram_size: int | None = Field(
-        None, description="Default n-gram blocking size (0 = off, up to 10); unset = the bundle's recommendation (else 0)."
+        None, ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE,
+        description=f"Default n-gram blocking size (0 = off, up to {MAX_NO_REPEAT_NGRAM_SIZE}); unset = the "
+        "bundle's recommendation (else 0).",
     )
 
     # --- security (app/auth.py) ---
@@ -194,7 +214,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _load_keys_file(self) -> "Settings":
+    def _load_keys_file(self) -> Settings:
         self._file_api_keys = [] if self.api_keys_file is None else _read_keys_file(self.api_keys_file)
         return self
 
@@ -203,7 +223,7 @@ class Settings(BaseSettings):
         return [k.get_secret_value() for k in [*self.api_keys, *self._file_api_keys]]
 
     @model_validator(mode="after")
-    def _check_decoding_defaults(self) -> "Settings":
+    def _check_decoding_defaults(self) -> Settings:
         # The decoding rules live in app/decoding.py; check the defaults with them once, here.
         try:
             self.decoding_defaults()
@@ -211,13 +231,12 @@ class Settings(BaseSettings):
             raise ValueError(f"invalid decoding defaults: {exc}") from None
         return self
 
-    def decoding_defaults(self, recommended=None):
+    def decoding_defaults(self, recommended: RecommendedDecoding | None = None) -> DecodingConfig:
         """The default `DecodingConfig` (raises ValueError if the defaults are inconsistent).
         `recommended`: the bundle's recommended decoding (`Bundle.recommended_decoding`), used for
         the length penalty and n-gram blocking where these settings are unset."""
-        from app.decoding import DecodingConfig
 
-        def chosen(value, name: str, fallback):
+        def chosen(value: Any, name: str, fallback: Any) -> Any:
             if value is not None:
                 return value
             return getattr(recommended, name) if recommended is not None else fallback
@@ -289,9 +308,9 @@ def _format_errors(exc: ValidationError) -> str:
 
 def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
     """`CAPTIONER_*` variables that name no setting (probably typos)."""
-    environ = os.environ if environ is None else environ
+    names = os.environ if environ is None else environ
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    return sorted(k for k in names if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
 def load_settings(**overrides: Any) -> Settings:

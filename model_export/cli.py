@@ -12,7 +12,6 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -62,22 +61,26 @@ def load_dataset(data: Path, images: Path | None, fmt: DataFormat, val_data: Pat
 
 
 def _guard(fn):
-    """Run a command body, turning expected errors into a clear message and exit status 1."""
-    from app.bundle import BundleError
-
+    """Run a command body, turning the project's own errors (bad data, bundle, model settings, a
+    failed training or export check, no Java for METEOR) into a clear message and exit status 1.
+    Anything else is a bug and keeps its traceback."""
     try:
         return fn()
-    except DatasetError as exc:
-        fail(str(exc))
-    except BundleError as exc:
-        fail(str(exc))
     except Exception as exc:
-        from model_export.export import ExportError
-        from model_export.train import TrainError
-
-        if isinstance(exc, (TrainError, ExportError, ValueError, RuntimeError)):
+        if isinstance(exc, _own_errors()):
             fail(str(exc))
         raise
+
+
+def _own_errors() -> tuple[type[Exception], ...]:
+    # imported here: `generate-scenes` alone must not pay for importing torch
+    from app.bundle import BundleError
+    from model_export.export import ExportError
+    from model_export.metrics import JavaMissing
+    from model_export.model import ModelConfigError
+    from model_export.train import TrainError
+
+    return (DatasetError, BundleError, ModelConfigError, TrainError, ExportError, JavaMissing)
 
 
 def generate_scenes_cmd(
@@ -98,11 +101,11 @@ def generate_scenes_cmd(
 
 def train_cmd(
     data: Path = typer.Option(..., help="Karpathy split JSON (dataset_coco.json shape), COCO captions_*.json, or a Flickr8k folder"),
-    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
+    images: Path | None = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     out: Path = typer.Option(..., help="Run folder: checkpoints, vocab.json, history.json, feature cache"),
     format: DataFormat = typer.Option(DataFormat.karpathy, help="Format of --data"),
-    val_data: Optional[Path] = typer.Option(None, help="COCO only: validation captions JSON"),
-    val_images: Optional[Path] = typer.Option(None, help="COCO only: validation image folder"),
+    val_data: Path | None = typer.Option(None, help="COCO only: validation captions JSON"),
+    val_images: Path | None = typer.Option(None, help="COCO only: validation image folder"),
     decoder: DecoderKind = typer.Option(DecoderKind.show_attend_tell, help="Decoder architecture"),
     backbone: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0, -lite1 or -lite2"),
     image_size: int = typer.Option(224, help="Input size (multiple of 32)"),
@@ -120,7 +123,7 @@ def train_cmd(
     max_caption_length: int = typer.Option(24),
     patience: int = typer.Option(3, help="Early stopping: epochs without better validation CIDEr"),
     val_images_count: int = typer.Option(500, "--val-count", help="Validation images used per epoch (0: all)"),
-    first_reference_share: Optional[float] = typer.Option(
+    first_reference_share: float | None = typer.Option(
         None, min=0.0, max=1.0,
         help="Train on each image's first reference with this probability (unset: all references alike)",
     ),
@@ -131,15 +134,15 @@ def train_cmd(
         False, "--self-critical", help="Self-critical training: reward each sampled caption's CIDEr-D over the greedy one's"
     ),
     sample_temperature: float = typer.Option(0.5, min=0.05, max=2.0, help="Self-critical: sampling temperature"),
-    init_checkpoint: Optional[Path] = typer.Option(
+    init_checkpoint: Path | None = typer.Option(
         None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before --self-critical)"
     ),
     seed: int = typer.Option(0),
-    max_minutes: Optional[float] = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    max_minutes: float | None = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt"),
     progress: bool = typer.Option(True, help="Progress bars"),
-    cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default OUT/cache; runs on the same images may share one)"),
+    cache: Path | None = typer.Option(None, help="Feature cache folder (default OUT/cache; runs on the same images may share one)"),
 ) -> None:
     """Train a captioner (frozen encoder: features cached, fast on CPU; uses CUDA when present)."""
 
@@ -169,18 +172,18 @@ def train_cmd(
 def export_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint from `captioner train` (best.pt)"),
     data: Path = typer.Option(..., help="Dataset for the parity check and the evaluation"),
-    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
+    images: Path | None = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     out: Path = typer.Option(..., help="Bundle folder to write (replaced atomically)"),
     format: DataFormat = typer.Option(DataFormat.karpathy),
     name: str = typer.Option("captioner", help="Model name in the manifest"),
     version: str = typer.Option("1.0.0", help="Model version in the manifest"),
     parity_images: int = typer.Option(50, help="Test images whose torch and ONNX captions must be identical"),
     parity_split: str = typer.Option("test"),
-    evaluate_split: Optional[str] = typer.Option("test", help="Split to evaluate into the manifest ('' to skip)"),
-    evaluate_limit: Optional[int] = typer.Option(None, help="Evaluate at most this many images"),
+    evaluate_split: str | None = typer.Option("test", help="Split to evaluate into the manifest ('' to skip)"),
+    evaluate_limit: int | None = typer.Option(None, help="Evaluate at most this many images"),
     progress: bool = typer.Option(True),
     precision: str = typer.Option("fp32", help="fp32; fp16 (half the size, for GPUs); int8 (an int8 decoder, for CPUs); each with its parity rules"),
-    decoding: Optional[Path] = typer.Option(
+    decoding: Path | None = typer.Option(
         None, help="JSON from `captioner tune-decoding`: its chosen length penalty and n-gram blocking become the bundle's recommendation"
     ),
 ) -> None:
@@ -211,11 +214,11 @@ def export_cmd(
 def evaluate_cmd(
     bundle: Path = typer.Option(Path("models/default"), help="Model bundle folder"),
     data: Path = typer.Option(..., help="Karpathy split JSON or COCO captions JSON"),
-    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
+    images: Path | None = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     format: DataFormat = typer.Option(DataFormat.karpathy),
     split: str = typer.Option("test"),
-    limit: Optional[int] = typer.Option(None, help="At most this many images"),
-    out: Optional[Path] = typer.Option(None, help="Write the full result as JSON here"),
+    limit: int | None = typer.Option(None, help="At most this many images"),
+    out: Path | None = typer.Option(None, help="Write the full result as JSON here"),
     device: str = typer.Option("auto", help="auto, cuda or cpu"),
     progress: bool = typer.Option(True),
 ) -> None:
@@ -239,11 +242,11 @@ def evaluate_cmd(
 def tune_decoding_cmd(
     bundle: Path = typer.Option(Path("models/default"), help="Model bundle folder"),
     data: Path = typer.Option(..., help="Karpathy split JSON, COCO captions JSON or a Flickr8k folder"),
-    images: Optional[Path] = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
+    images: Path | None = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     format: DataFormat = typer.Option(DataFormat.karpathy),
     split: str = typer.Option("val", help="Choose on this split (never the test split)"),
-    limit: Optional[int] = typer.Option(None, help="At most this many images"),
-    out: Optional[Path] = typer.Option(None, help="Write every setting's scores as JSON here (input of export --decoding)"),
+    limit: int | None = typer.Option(None, help="At most this many images"),
+    out: Path | None = typer.Option(None, help="Write every setting's scores as JSON here (input of export --decoding)"),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True),
 ) -> None:

@@ -6,9 +6,9 @@ model is trained and evaluated on exactly the pixels the service feeds it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

@@ -8,13 +8,18 @@ that are already token lists, for validation during training (no Java, a second 
 from __future__ import annotations
 
 import shutil
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 Tokens = Sequence[str]
+
+
+
+class JavaMissing(RuntimeError):
+    """METEOR and the PTB tokenizer (pycocoevalcap) run Java, and there is none."""
 
 
 def _joined(predictions: Mapping[Hashable, Tokens], references: Mapping[Hashable, Sequence[Tokens]]):
@@ -33,9 +38,9 @@ def quick_scores(predictions: Mapping[Hashable, Tokens], references: Mapping[Has
 
 
 def coco_scores(predictions: Mapping[Hashable, Tokens], references: Mapping[Hashable, Sequence[Tokens]]) -> dict:
-    """The COCO caption metrics. Raises RuntimeError if Java (needed by METEOR) is missing."""
+    """The COCO caption metrics. Raises JavaMissing if Java (needed by METEOR) is missing."""
     if shutil.which("java") is None:
-        raise RuntimeError("METEOR and the PTB tokenizer need Java (install a JRE, e.g. apt-get install default-jre-headless)")
+        raise JavaMissing("METEOR and the PTB tokenizer need Java (install a JRE, e.g. apt-get install default-jre-headless)")
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 

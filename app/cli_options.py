@@ -1,0 +1,45 @@
+"""The command-line options that several commands share (`caption`, `caption-dir`, `serve`), defined
+once. Their bounds come from the limits in app/decoding.py, so the CLI refuses what the HTTP API
+refuses; unset (None) means "the service's default, else the model's recommendation"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.decoding import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH_LIMIT,
+    MAX_LENGTH_PENALTY,
+    MAX_NO_REPEAT_NGRAM_SIZE,
+    Strategy,
+)
+
+# ---- decoding -------------------------------------------------------------------------------------
+
+StrategyOption = Annotated[Strategy | None, typer.Option(help="greedy or beam (default: beam)")]
+BeamSizeOption = Annotated[
+    int | None, typer.Option(min=1, max=MAX_BEAM_SIZE, help=f"Beams per image (1-{MAX_BEAM_SIZE})")]
+NumCaptionsOption = Annotated[
+    int | None, typer.Option(min=1, max=MAX_BEAM_SIZE, help="Captions per image, best first (at most the beam size)")]
+MaxLengthOption = Annotated[
+    int | None, typer.Option(min=1, max=MAX_LENGTH_LIMIT,
+                             help=f"Most words per caption (1-{MAX_LENGTH_LIMIT}; default: the model's)")]
+LengthPenaltyOption = Annotated[
+    float | None, typer.Option(min=0.0, max=MAX_LENGTH_PENALTY,
+                               help=f"Length penalty (0-{MAX_LENGTH_PENALTY:g}; default: the model's recommendation)")]
+NoRepeatNgramOption = Annotated[
+    int | None, typer.Option(min=0, max=MAX_NO_REPEAT_NGRAM_SIZE,
+                             help=f"Block repeated n-grams of this size (0 = off, up to {MAX_NO_REPEAT_NGRAM_SIZE}; "
+                                  "default: the model's recommendation)")]
+
+# ---- the model and where it runs ---------------------------------------------------------------------
+
+BundleOption = Annotated[
+    Path | None, typer.Option(help="Model bundle folder (env CAPTIONER_BUNDLE; default models/default)")]
+DeviceOption = Annotated[
+    str | None, typer.Option(help="auto, cuda or cpu (env CAPTIONER_DEVICE; default auto)")]
+ThreadsOption = Annotated[
+    int | None, typer.Option(help="onnxruntime threads per session (env CAPTIONER_THREADS)")]
