@@ -45,33 +45,24 @@ def build_model(size: str = "default", seed: int = 0, backbone: str = "efficient
 
 def export_bench_bundle(model, out_dir: Path, max_length: int = 16) -> Path:
     """The torch model as a bundle folder the serving engine loads (sha256s, manifest, vocab)."""
-    from app.bundle import FORMAT_VERSION, sha256_file
-    from model_export.export import export_onnx
+    from app.bundle import FORMAT_VERSION, Manifest, ModelId, SpecialTokens
+    from model_export.export import architecture_of, export_onnx, file_entries
     from model_export.features import preprocessing_for
 
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder, decoder = export_onnx(model, out_dir)
     vocab = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(4, model.config.vocab_size)]
     (out_dir / "vocab.json").write_text(json.dumps({"tokens": vocab}))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model": {"name": "bench", "version": "0.0.0", "created": "2026-01-01T00:00:00Z"},
-        "architecture": {
-            "encoder": model.config.backbone, "decoder": model.config.decoder, "attention": model.attention,
-            "grid_size": [model.backbone.grid, model.backbone.grid], "feature_dim": model.backbone.feature_dim,
-            "embed_dim": model.config.embed_dim, "hidden_dim": model.config.hidden_dim,
-            "attention_dim": model.config.attention_dim, "vocab_size": model.config.vocab_size,
-            "encoder_fine_tuned_blocks": 0,
-        },
-        "preprocessing": preprocessing_for(model.backbone).model_dump(mode="json"),
-        "special_tokens": SPECIAL,
-        "max_length": max_length,
-        "files": {
-            key: {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-            for key, path in (("encoder", encoder), ("decoder", decoder), ("vocab", out_dir / "vocab.json"))
-        },
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        model=ModelId(name="bench", version="0.0.0", created="2026-01-01T00:00:00Z"),
+        architecture=architecture_of(model, model.config.vocab_size),
+        preprocessing=preprocessing_for(model.backbone),
+        special_tokens=SpecialTokens(**SPECIAL),
+        max_length=max_length,
+        files=file_entries(encoder=encoder, decoder=decoder, vocab=out_dir / "vocab.json"),
+    )
+    (out_dir / "manifest.json").write_text(manifest.to_json())
     return out_dir
 
 

@@ -128,6 +128,28 @@ def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tup
     return encoder_path, decoder_path
 
 
+def architecture_of(model: Captioner, vocab_size: int) -> Architecture:
+    """The manifest's `architecture` block of a model."""
+    return Architecture(
+        encoder=model.config.backbone,
+        decoder=model.config.decoder,
+        attention=model.attention,
+        grid_size=(model.backbone.grid, model.backbone.grid),
+        feature_dim=model.backbone.feature_dim,
+        embed_dim=model.config.embed_dim,
+        hidden_dim=model.config.hidden_dim,
+        attention_dim=model.config.attention_dim,
+        vocab_size=vocab_size,
+        encoder_fine_tuned_blocks=model.config.fine_tune_blocks,
+    )
+
+
+def file_entries(**paths: Path) -> dict[str, FileEntry]:
+    """The manifest's `files` block: each bundle file's name, sha256 and size."""
+    return {key: FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
+            for key, path in paths.items()}
+
+
 def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))) if np.size(a) else 0.0
 
@@ -254,18 +276,7 @@ def export_bundle(
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model=ModelId(name=name, version=version, created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
-            architecture=Architecture(
-                encoder=model.config.backbone,
-                decoder=model.config.decoder,
-                attention=model.attention,
-                grid_size=(model.backbone.grid, model.backbone.grid),
-                feature_dim=model.backbone.feature_dim,
-                embed_dim=model.config.embed_dim,
-                hidden_dim=model.config.hidden_dim,
-                attention_dim=model.config.attention_dim,
-                vocab_size=len(vocab),
-                encoder_fine_tuned_blocks=model.config.fine_tune_blocks,
-            ),
+            architecture=architecture_of(model, len(vocab)),
             preprocessing=spec,
             special_tokens=SpecialTokens(**special),
             max_length=max_length,
@@ -284,10 +295,7 @@ def export_bundle(
         )
 
         def write_manifest(**update) -> None:
-            files = {
-                key: FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
-                for key, path in (("encoder", encoder_path), ("decoder", decoder_path), ("vocab", tmp / "vocab.json"))
-            }
+            files = file_entries(encoder=encoder_path, decoder=decoder_path, vocab=tmp / "vocab.json")
             written = manifest.model_copy(update={**update, "files": files})
             unknown = unknown_keys(written)
             if unknown:  # every key the exporter writes is a Manifest field (docs/bundle-format.md)
