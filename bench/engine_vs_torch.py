@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         batched = torch.from_numpy(images[: args.images]).to(args.device)
 
         def torch_one_at_a_time():
-            out = [reference_decode(model, img, SPECIAL, beam=args.beam, max_length=args.max_length)[0].tokens for img in per_image]
+            out = [reference_decode(model, img, SPECIAL, beam=args.beam, max_length=args.max_length)[0].tokens
+                   for img in per_image]
             sync()
             return out
 

@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
             if name == "overload":
                 report[name] = overload(tmp, image, args.queue_capacity, args.bundle, args.deadline_s, args.deadline_requests)
             elif name == "soak":
-                report[name] = soak(tmp, image, args.soak_requests, args.soak_concurrency, min(args.soak_warmup, args.soak_requests // 2))
+                report[name] = soak(tmp, image, args.soak_requests, args.soak_concurrency,
+                                    min(args.soak_warmup, args.soak_requests // 2))
             elif name == "sigterm":
                 report[name] = sigterm(tmp, image, args.sigterm_jobs, args.bundle)
             else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -18,13 +18,13 @@ import typer
 from model_export.data.errors import DatasetError
 
 
-class DataFormat(str, Enum):
+class DataFormat(StrEnum):
     karpathy = "karpathy"
     coco = "coco"
     flickr8k = "flickr8k"  # the authors' text files: --data is their folder
 
 
-class DecoderKind(str, Enum):
+class DecoderKind(StrEnum):
     show_attend_tell = "show_attend_tell"
     show_and_tell = "show_and_tell"
 
@@ -100,7 +100,8 @@ def generate_scenes_cmd(
 
 
 def train_cmd(
-    data: Path = typer.Option(..., help="Karpathy split JSON (dataset_coco.json shape), COCO captions_*.json, or a Flickr8k folder"),
+    data: Path = typer.Option(
+        ..., help="Karpathy split JSON (dataset_coco.json shape), COCO captions_*.json, or a Flickr8k folder"),
     images: Path | None = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
     out: Path = typer.Option(..., help="Run folder: checkpoints, vocab.json, history.json, feature cache"),
     format: DataFormat = typer.Option(DataFormat.karpathy, help="Format of --data"),
@@ -135,14 +136,16 @@ def train_cmd(
     ),
     sample_temperature: float = typer.Option(0.5, min=0.05, max=2.0, help="Self-critical: sampling temperature"),
     init_checkpoint: Path | None = typer.Option(
-        None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before --self-critical)"
+        None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before "
+        "--self-critical)"
     ),
     seed: int = typer.Option(0),
     max_minutes: float | None = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt"),
     progress: bool = typer.Option(True, help="Progress bars"),
-    cache: Path | None = typer.Option(None, help="Feature cache folder (default OUT/cache; runs on the same images may share one)"),
+    cache: Path | None = typer.Option(
+        None, help="Feature cache folder (default OUT/cache; runs on the same images may share one)"),
 ) -> None:
     """Train a captioner (frozen encoder: features cached, fast on CPU; uses CUDA when present)."""
 
@@ -182,9 +185,11 @@ def export_cmd(
     evaluate_split: str | None = typer.Option("test", help="Split to evaluate into the manifest ('' to skip)"),
     evaluate_limit: int | None = typer.Option(None, help="Evaluate at most this many images"),
     progress: bool = typer.Option(True),
-    precision: str = typer.Option("fp32", help="fp32; fp16 (half the size, for GPUs); int8 (an int8 decoder, for CPUs); each with its parity rules"),
+    precision: str = typer.Option(
+        "fp32", help="fp32; fp16 (half the size, for GPUs); int8 (an int8 decoder, for CPUs); each with its parity rules"),
     decoding: Path | None = typer.Option(
-        None, help="JSON from `captioner tune-decoding`: its chosen length penalty and n-gram blocking become the bundle's recommendation"
+        None, help="JSON from `captioner tune-decoding`: its chosen length penalty and n-gram blocking become the "
+        "bundle's recommendation"
     ),
 ) -> None:
     """Export a checkpoint to a model bundle; it proves parity before anything is written."""
@@ -262,7 +267,8 @@ def tune_decoding_cmd(
     for row in result["grid_beam3"] + result["beam_sizes"]:
         typer.echo(
             f"beam {row['beam_size']}  length_penalty {row['length_penalty']:<4} no_repeat_ngram {row['no_repeat_ngram_size']}  "
-            f"BLEU-4 {row['BLEU-4']:.4f}  METEOR {row['METEOR']:.4f}  CIDEr {row['CIDEr']:.4f}  repeats {row['repeated_bigram_share']:.3f}  words {row['mean_words']:.1f}"
+            f"BLEU-4 {row['BLEU-4']:.4f}  METEOR {row['METEOR']:.4f}  CIDEr {row['CIDEr']:.4f}  "
+            f"repeats {row['repeated_bigram_share']:.3f}  words {row['mean_words']:.1f}"
         )
     typer.echo(f"chosen: {json.dumps(result['chosen'])}")
     if out:

@@ -101,7 +101,8 @@ def evaluate_bundle(
         scores["repeated_bigram_share"] = sum(map(repeats_a_bigram, predictions[name].values())) / max(len(examples), 1)
         result[name] = scores
     result["samples"] = [
-        {"image": str(e.image_path), "reference": " ".join(e.references[0]), **{n: " ".join(predictions[n][i]) for n in strategies}}
+        {"image": str(e.image_path), "reference": " ".join(e.references[0]),
+         **{n: " ".join(predictions[n][i]) for n in strategies}}
         for i, e in enumerate(examples[:10])
     ]
     result["seconds"] = round(time.monotonic() - started, 1)
@@ -148,7 +149,8 @@ def tune_decoding(
                   for lp in length_penalties for n in ngram_sizes})
     best = max(grid, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
     beams = score({f"beam{b}": DecodingConfig(strategy="greedy" if b == 1 else "beam", beam_size=b,
-                                             length_penalty=best["length_penalty"], no_repeat_ngram_size=best["no_repeat_ngram_size"])
+                                             length_penalty=best["length_penalty"],
+                                             no_repeat_ngram_size=best["no_repeat_ngram_size"])
                    for b in beam_sizes})
     return {
         "split": split, "images": len(examples),

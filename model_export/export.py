@@ -219,7 +219,8 @@ def check_caption_parity(model: Captioner, engine: Engine, images: np.ndarray, s
         engine_out = engine.caption(images, config)
         mismatches = []
         for i, image in enumerate(images):
-            ref = reference_decode(model, torch.from_numpy(image), special, beam=beam, max_length=max_length, length_penalty=config.length_penalty)
+            ref = reference_decode(model, torch.from_numpy(image), special, beam=beam, max_length=max_length,
+                                   length_penalty=config.length_penalty)
             ref_tokens = ref[0].tokens if ref else None
             got = engine_out[i][0].token_ids if engine_out[i] else None
             if ref_tokens != got:
@@ -263,7 +264,8 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     parity_examples = dataset.split(parity_split)[:parity_images]
     if len(parity_examples) < min(parity_images, 50):
-        raise ExportError(f"{dataset.source}: split {parity_split!r} has {len(parity_examples)} images; the caption check needs 50")
+        raise ExportError(f"{dataset.source}: split {parity_split!r} has {len(parity_examples)} images; "
+                          "the caption check needs 50")
     spec = preprocessing_for(model.backbone)
     images = np.stack([load_pixels(e.image_path, spec) for e in parity_examples])
 

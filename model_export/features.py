@@ -102,6 +102,7 @@ def feature_cache(
         del out
         os.replace(partial, target)
     (cache_dir / f"features-{key}.json").write_text(
-        json.dumps({"backbone": backbone.name, "image_size": backbone.image_size, "images": len(paths), "flipped": flip}, indent=1)
+        json.dumps({"backbone": backbone.name, "image_size": backbone.image_size, "images": len(paths), "flipped": flip},
+                   indent=1)
     )
     return np.load(target, mmap_mode="r")

@@ -293,13 +293,15 @@ class Trainer:
         if frozen:
             # float16 in memory (2.5 GB for 20,000 images); batches are converted to float32
             train_paths = [e.image_path for e in self.train_examples]
-            train_feats = torch.from_numpy(np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress)))
+            train_feats = torch.from_numpy(
+                np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress)))
             if cfg.flip_augment:
                 flipped_feats = torch.from_numpy(
                     np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress, flip=True))
                 )
             val_feats = torch.from_numpy(
-                np.array(feature_cache([e.image_path for e in self.val_examples], model.backbone, self.cache_dir, progress=cfg.progress))
+                np.array(feature_cache([e.image_path for e in self.val_examples], model.backbone, self.cache_dir,
+                                       progress=cfg.progress))
             )
         spec = preprocessing_for(model.backbone)
         started = time.monotonic()
@@ -316,7 +318,8 @@ class Trainer:
             elif cfg.all_references:
                 pairs = np.array([(i, j) for i, refs in enumerate(train_refs) for j in range(len(refs))], dtype=np.int64)
             else:
-                pairs = np.array([(i, pick_reference(rng, len(refs), cfg.first_reference_share)) for i, refs in enumerate(train_refs)],
+                pairs = np.array([(i, pick_reference(rng, len(refs), cfg.first_reference_share))
+                                  for i, refs in enumerate(train_refs)],
                                  dtype=np.int64)
             pairs = pairs[rng.permutation(len(pairs))]
             mirrored = rng.random(len(pairs)) < cfg.flip_augment if cfg.flip_augment else np.zeros(len(pairs), dtype=bool)
@@ -374,7 +377,8 @@ class Trainer:
                 with torch.no_grad():
                     model.eval()
                     paths = [e.image_path for e in self.val_examples]
-                    vf = torch.cat([model.backbone(torch.from_numpy(px).to(self.device)) for _, px in iter_batches(paths, spec, 64)])
+                    vf = torch.cat([model.backbone(torch.from_numpy(px).to(self.device))
+                                    for _, px in iter_batches(paths, spec, 64)])
             predictions = []
             for i in range(0, vf.shape[0], 256):
                 predictions += greedy_batch(model, vf[i : i + 256], special, cfg.max_caption_length)
@@ -382,7 +386,8 @@ class Trainer:
                 {k: self.vocab.decode(p) for k, p in enumerate(predictions)},
                 {k: e.references for k, e in enumerate(self.val_examples)},
             )
-            record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "seconds": round(time.monotonic() - started, 1)}
+            record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores,
+                      "seconds": round(time.monotonic() - started, 1)}
             if scorer is not None:
                 record["stage"] = "self_critical"
                 record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()})
