@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.live_server import REPO, LiveServer, image_bytes, live_server
+from tests.support.live_server import REPO, LiveServer, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -43,12 +43,10 @@ BODY_LIMIT = MAX_UPLOAD + 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(start_server):
     if not (BUNDLE / "manifest.json").exists():
         pytest.skip("models/default is missing (make default-model)")
-    log_path = tmp_path_factory.mktemp("logs") / "service.log"
-    with live_server(BUNDLE, log_path, max_batch_files=MAX_FILES) as srv:
-        yield srv
+    return start_server(BUNDLE, max_batch_files=MAX_FILES)
 
 
 @pytest.fixture(scope="module")

@@ -64,11 +64,9 @@ def test_http_load_benchmark(tmp_path, loadgen):
     assert len(report["ratios"]) == 2
 
 
-def test_bundles_benchmark_compares_two_bundles(tmp_path):
-    from tests.support.bundle_factory import make_tiny_bundle
-
-    blocks = make_tiny_bundle(tmp_path / "blocks")
-    rows = make_tiny_bundle(tmp_path / "rows", row_layout=True)
+def test_bundles_benchmark_compares_two_bundles(tiny_bundles, tiny_bundle, tmp_path):
+    blocks = tiny_bundle
+    rows = tiny_bundles(row_layout=True)
     report_path = tmp_path / "bundles.json"
     run_script("bundles.py", "--bundles", str(blocks), str(rows), "--images", "4", "--batch", "2", "--repeat", "3",
                "--runs", "1", "--json", str(report_path))

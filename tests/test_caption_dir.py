@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import http.server
-import io
 import json
 import os
 import threading
@@ -19,8 +18,7 @@ from typer.testing import CliRunner
 
 from app.bulk import retry_after_seconds, sniff_image
 from captioner.cli import cli
-from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import REPO, image_bytes, live_server
+from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -62,8 +60,8 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sat_bundle(tmp_path_factory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "sat", attention=True, max_length=8)
+def sat_bundle(tiny_bundles) -> Path:
+    return tiny_bundles(attention=True, max_length=8)
 
 
 def invoke(*args: str):
@@ -190,8 +188,8 @@ def test_csv_with_several_captions(folder, sat_bundle, tmp_path):
     assert invoke(str(folder), "--out", str(out2), "--format", "xml").exit_code == 2
 
 
-def test_show_and_tell_bundle_and_bad_options(folder, tmp_path):
-    st = make_tiny_bundle(tmp_path / "st", attention=False, max_length=6)
+def test_show_and_tell_bundle_and_bad_options(folder, tiny_bundles, tmp_path):
+    st = tiny_bundles(attention=False, max_length=6)
     out = tmp_path / "st.jsonl"
     result = invoke(str(folder / "a" / "b"), "--out", str(out), "--bundle", str(st), "--device", "cpu",
                     "--strategy", "greedy", "--no-progress")
@@ -222,9 +220,8 @@ def test_default_model(folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(sat_bundle, tmp_path_factory):
-    with live_server(sat_bundle, tmp_path_factory.mktemp("logs") / "service.log", max_batch_files=3) as srv:
-        yield srv
+def server(sat_bundle, start_server):
+    return start_server(sat_bundle, max_batch_files=3)
 
 
 class FlakyProxy:
@@ -315,7 +312,8 @@ def test_url_mode_matches_local(folder, sat_bundle, server, tmp_path):
     for rel, record in got.items():  # the same captions; scores to float precision (other batch mates)
         if "captions" in record:
             assert [c["text"] for c in resumed[rel]["captions"]] == [c["text"] for c in record["captions"]], rel
-            assert [c["score"] for c in resumed[rel]["captions"]] == pytest.approx([c["score"] for c in record["captions"]], abs=1e-4)
+            assert ([c["score"] for c in resumed[rel]["captions"]]
+                    == pytest.approx([c["score"] for c in record["captions"]], abs=1e-4))
         else:
             assert resumed[rel] == record
 

@@ -110,8 +110,8 @@ if _REASON is not None:
     warnings.warn(_message)
     pytest.skip(_message, allow_module_level=True)
 
-import httpx
-from PIL import Image
+import httpx  # noqa: E402  (after the module-level skip: only a machine that runs containers needs them)
+from PIL import Image  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ENV = _podman_env()

@@ -101,7 +101,8 @@ def test_bad_files(tmp_path: Path, lines: list[str], lists, message: str) -> Non
 def test_listed_image_without_file(tmp_path: Path) -> None:
     root = _make(tmp_path)
     (root / "Flicker8k_Dataset" / "1003163366_44323f5815.jpg").unlink()
-    with pytest.raises(DatasetError, match=r"1003163366_44323f5815\.jpg: image file not found \(listed in Flickr_8k\.testImages\.txt\)"):
+    with pytest.raises(DatasetError,
+                       match=r"1003163366_44323f5815\.jpg: image file not found \(listed in Flickr_8k\.testImages\.txt\)"):
         load_flickr8k(*find_flickr8k(root))
 
 
@@ -123,7 +124,8 @@ def test_missing_pieces(tmp_path: Path) -> None:
 def test_cli_reports_a_bad_folder(tmp_path: Path) -> None:
     """`captioner train --format flickr8k` names the folder and the problem, exit status 1."""
     result = subprocess.run(
-        [sys.executable, "-m", "captioner.cli", "train", "--format", "flickr8k", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "captioner.cli", "train", "--format", "flickr8k", "--data", str(tmp_path),
+         "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 1, result.stderr

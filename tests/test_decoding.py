@@ -262,7 +262,8 @@ def test_request_settings_on_top_of_the_defaults():
     assert defaults.with_overrides() == defaults
     assert defaults.with_overrides(num_captions=5).beam_size == 5  # unset beam widened to num_captions
     assert defaults.with_overrides(strategy="greedy").num_captions == 1
-    assert defaults.with_overrides(length_penalty=None, max_length=7) == DecodingConfig(beam_size=3, length_penalty=0.5, max_length=7)
+    assert (defaults.with_overrides(length_penalty=None, max_length=7)
+            == DecodingConfig(beam_size=3, length_penalty=0.5, max_length=7))
     with pytest.raises(ValueError, match="num_captions"):
         defaults.with_overrides(beam_size=2, num_captions=3)
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import image_bytes, live_server
+from tests.support.live_server import image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -59,17 +58,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def sat_server(tmp_path_factory):
-    bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "sat", attention=True, max_length=8)
-    with live_server(bundle, tmp_path_factory.mktemp("logs") / "sat.log") as srv:
-        yield srv
+def sat_server(tiny_bundles, start_server):
+    return start_server(tiny_bundles(attention=True, max_length=8), log_name="sat")
 
 
 @pytest.fixture(scope="module")
-def st_server(tmp_path_factory):
-    bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "st", attention=False, max_length=8)
-    with live_server(bundle, tmp_path_factory.mktemp("logs") / "st.log") as srv:
-        yield srv
+def st_server(tiny_bundles, start_server):
+    return start_server(tiny_bundles(attention=False, max_length=8), log_name="st")
 
 
 @pytest.fixture()
@@ -112,7 +107,9 @@ CANVAS_SUM = """() => {
   const c = document.getElementById('canvas');
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let sum = 0, nonzero = 0;
-  for (let i = 0; i < d.length; i += 4) { sum += d[i] + 2 * d[i + 1] + 3 * d[i + 2]; if (d[i] || d[i + 1] || d[i + 2]) nonzero++; }
+  for (let i = 0; i < d.length; i += 4) {
+    sum += d[i] + 2 * d[i + 1] + 3 * d[i + 2]; if (d[i] || d[i + 1] || d[i + 2]) nonzero++;
+  }
   return {sum, nonzero, width: c.width, height: c.height};
 }"""
 

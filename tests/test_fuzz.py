@@ -116,7 +116,8 @@ def test_decoding_config_valid_iff_the_rules_say_so(values):
             DecodingConfig(**values)
 
 
-optional = lambda s: st.one_of(st.none(), s)
+def optional(s):
+    return st.one_of(st.none(), s)
 
 
 @fuzz(OVERRIDE_EXAMPLES)

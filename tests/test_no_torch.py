@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 
-from tests.support.bundle_factory import make_tiny_bundle
 from tests.support.live_server import REPO, image_bytes, service_env
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -60,15 +59,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_app_captions_without_torch(tmp_path):
-    bundle = make_tiny_bundle(tmp_path / "bundle")
+def test_app_captions_without_torch(tiny_bundle, tmp_path):
     image = tmp_path / "cat.jpg"
     image.write_bytes(image_bytes(skimage_data.chelsea(), "JPEG"))
     script = tmp_path / "no_torch.py"
     script.write_text(SCRIPT, encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, str(script), str(bundle), str(image)],
-        cwd=REPO, env=service_env(bundle), capture_output=True, text=True, timeout=120,
+        [sys.executable, str(script), str(tiny_bundle), str(image)],
+        cwd=REPO, env=service_env(tiny_bundle), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])

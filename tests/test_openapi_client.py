@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import image_bytes, live_server
+from tests.support.live_server import image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -32,10 +31,8 @@ def _generator() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-    with live_server(bundle, tmp_path_factory.mktemp("logs") / "service.log", max_batch_files=4) as srv:
-        yield srv
+def server(tiny_bundle, start_server):
+    return start_server(tiny_bundle, max_batch_files=4)
 
 
 @pytest.fixture(scope="module")

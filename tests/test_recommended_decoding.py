@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from app.bundle import BundleError, load_bundle
-from tests.support.bundle_factory import make_tiny_bundle
 from tests.support.live_server import REPO, image_bytes, live_server, service_env
 
 RECOMMENDED = {"length_penalty": 1.0, "no_repeat_ngram_size": 2, "chosen_on": "tiny test split"}
@@ -23,15 +22,15 @@ def _photo() -> bytes:
     return image_bytes(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "PNG")
 
 
-def test_bundle_exposes_its_recommendation(tmp_path: Path) -> None:
-    bundle = load_bundle(make_tiny_bundle(tmp_path / "b", decoding=RECOMMENDED))
+def test_bundle_exposes_its_recommendation(tiny_bundles, tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundles(decoding=RECOMMENDED))
     assert (bundle.recommended_decoding.length_penalty, bundle.recommended_decoding.no_repeat_ngram_size) == (1.0, 2)
-    plain = load_bundle(make_tiny_bundle(tmp_path / "plain"))
+    plain = load_bundle(tiny_bundle)
     assert (plain.recommended_decoding.length_penalty, plain.recommended_decoding.no_repeat_ngram_size) == (0.0, 0)
 
 
-def test_a_bad_recommendation_is_a_clear_error(tmp_path: Path) -> None:
-    path = make_tiny_bundle(tmp_path / "b", decoding={"no_repeat_ngram_size": 11})
+def test_a_bad_recommendation_is_a_clear_error(tiny_bundles) -> None:
+    path = tiny_bundles(decoding={"no_repeat_ngram_size": 11})
     try:
         load_bundle(path)
     except BundleError as exc:
@@ -40,8 +39,8 @@ def test_a_bad_recommendation_is_a_clear_error(tmp_path: Path) -> None:
         raise AssertionError("a recommendation outside the decoding limits was accepted")
 
 
-def test_the_service_decodes_with_it_unless_told_otherwise(tmp_path: Path) -> None:
-    bundle = make_tiny_bundle(tmp_path / "b", decoding=RECOMMENDED)
+def test_the_service_decodes_with_it_unless_told_otherwise(tiny_bundles, tmp_path: Path) -> None:
+    bundle = tiny_bundles(decoding=RECOMMENDED)
     with live_server(bundle, tmp_path / "a.log") as server, server.client() as client:
         defaults = client.get("/v1/model").json()["decoding_defaults"]
         assert (defaults["length_penalty"], defaults["no_repeat_ngram_size"]) == (1.0, 2)
@@ -55,8 +54,8 @@ def test_the_service_decodes_with_it_unless_told_otherwise(tmp_path: Path) -> No
         assert (defaults["length_penalty"], defaults["no_repeat_ngram_size"]) == (0.0, 3)  # the settings win
 
 
-def test_local_caption_command_uses_it(tmp_path: Path) -> None:
-    bundle = make_tiny_bundle(tmp_path / "b", decoding=RECOMMENDED)
+def test_local_caption_command_uses_it(tiny_bundles, tmp_path: Path) -> None:
+    bundle = tiny_bundles(decoding=RECOMMENDED)
     photo = tmp_path / "p.png"
     photo.write_bytes(_photo())
     env = service_env(bundle)

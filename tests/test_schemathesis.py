@@ -32,9 +32,6 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import CHECKS, load_all_checks  # noqa: E402
 from schemathesis.config import SchemathesisConfig  # noqa: E402
 
-from tests.support.bundle_factory import make_tiny_bundle  # noqa: E402
-from tests.support.live_server import live_server  # noqa: E402
-
 load_all_checks()
 ALL_CHECKS = list(CHECKS.get_all())  # every check schemathesis has
 MAX_FILES = 3
@@ -88,22 +85,19 @@ def _config(keyed: bool) -> SchemathesisConfig:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", max_length=8)
+def bundle(tiny_bundles):
+    return tiny_bundles(max_length=8)
 
 
 @pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    with live_server(bundle, tmp_path_factory.mktemp("logs") / "service.log",
-                     max_upload_bytes=200_000, max_batch_files=MAX_FILES) as srv:
-        yield srv
+def server(bundle, start_server):
+    return start_server(bundle, max_upload_bytes=200_000, max_batch_files=MAX_FILES)
 
 
 @pytest.fixture(scope="module")
-def keyed_server(bundle, tmp_path_factory):
-    with live_server(bundle, tmp_path_factory.mktemp("logs") / "keyed.log", max_upload_bytes=200_000,
-                     max_batch_files=MAX_FILES, api_keys=API_KEY) as srv:
-        yield srv
+def keyed_server(bundle, start_server):
+    return start_server(bundle, log_name="keyed", max_upload_bytes=200_000, max_batch_files=MAX_FILES,
+                        api_keys=API_KEY)
 
 
 @pytest.fixture(scope="module")

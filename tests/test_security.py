@@ -29,8 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import REPO, LiveServer, image_bytes, live_server
+from tests.support.live_server import REPO, LiveServer, image_bytes
 
 KEYS = ["env-key-0123456789abcdef", "env-key-2-FEDCBA9876543210"]
 FILE_KEY = "file-key-Zm9vYmFyYmF6cXV4cXV1eA"
@@ -68,18 +67,16 @@ if _path:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", max_length=8)
+def bundle(tiny_bundles) -> Path:
+    return tiny_bundles(max_length=8)
 
 
 @pytest.fixture(scope="module")
-def keyed(bundle, tmp_path_factory):
+def keyed(bundle, start_server, tmp_path_factory):
     """API keys on: two from CAPTIONER_API_KEYS, one from CAPTIONER_API_KEYS_FILE."""
-    root = tmp_path_factory.mktemp("keyed")
-    keys_file = root / "api-keys"
+    keys_file = tmp_path_factory.mktemp("keyed") / "api-keys"
     keys_file.write_text(f"# the service's API keys, one per line\n\n{FILE_KEY}\n", encoding="utf-8")
-    with live_server(bundle, root / "service.log", api_keys=",".join(KEYS), api_keys_file=keys_file) as srv:
-        yield srv
+    return start_server(bundle, log_name="keyed", api_keys=",".join(KEYS), api_keys_file=keys_file)
 
 
 class Sandbox:
@@ -101,7 +98,7 @@ class Sandbox:
 
 
 @pytest.fixture(scope="module")
-def sandbox(bundle, tmp_path_factory):
+def sandbox(bundle, start_server, tmp_path_factory):
     """Default settings (no keys, no CORS), TMPDIR an empty folder, the audit hook loaded."""
     root = tmp_path_factory.mktemp("sandbox")
     hook_dir = root / "hook"
@@ -115,10 +112,9 @@ def sandbox(bundle, tmp_path_factory):
         mp.setenv("SERVICE_AUDIT_LOG", str(audit_log))
         mp.setenv("TMPDIR", str(tmpdir))
         mp.setenv("PYTHONDONTWRITEBYTECODE", "1")
-        with live_server(bundle, root / "service.log") as srv:
-            mp.undo()
-            assert audit_log.exists(), "the audit hook did not load in the server process"
-            yield Sandbox(srv, tmpdir, audit_log)
+        srv = start_server(bundle, log_name="sandbox")
+    assert audit_log.exists(), "the audit hook did not load in the server process"
+    return Sandbox(srv, tmpdir, audit_log)
 
 
 def small_png() -> bytes:

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import REPO, image_bytes, live_server, service_env
+from tests.support.live_server import REPO, image_bytes, service_env
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -34,16 +33,9 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", attention=True)
-
-
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / "service.log"
-    with live_server(bundle, log_path, max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS,
-                     max_batch_files=MAX_FILES) as srv:
-        yield srv
+def server(tiny_bundle, start_server):
+    return start_server(tiny_bundle, max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS,
+                        max_batch_files=MAX_FILES)
 
 
 @pytest.fixture()
@@ -104,11 +96,11 @@ def test_health_and_readiness(client):
     assert r.json() == {"status": "ready", "model": {"name": "tiny-sat", "version": "0.0.1"}}
 
 
-def test_model_info(client, bundle):
+def test_model_info(client, tiny_bundle):
     r = client.get("/v1/model")
     assert r.status_code == 200, r.text
     info = r.json()
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert info["name"] == "tiny-sat" and info["version"] == "0.0.1"
     assert info["architecture"] == manifest["architecture"]
     assert info["preprocessing"] == manifest["preprocessing"]
@@ -537,13 +529,13 @@ def test_openapi_documents_errors_and_binary_uploads(client):
 # ---- start-up, readiness, faults (in-process or separate processes) -------------------------------------------
 
 
-def test_not_ready_before_startup(bundle):
+def test_not_ready_before_startup(tiny_bundle):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
     from app.settings import Settings
 
-    app = create_app(Settings(bundle=bundle, device="cpu"))
+    app = create_app(Settings(bundle=tiny_bundle, device="cpu"))
     c = TestClient(app)  # not entered: the lifespan has not run, nothing is loaded
     assert c.get("/healthz").status_code == 200
     error = assert_error(c.get("/readyz"), 503, "not_ready")
@@ -553,13 +545,13 @@ def test_not_ready_before_startup(bundle):
     assert "captioner_ready 0.0" in c.get("/metrics").text
 
 
-def test_unexpected_error_is_a_bare_500(bundle, cat_jpeg):
+def test_unexpected_error_is_a_bare_500(tiny_bundle, cat_jpeg):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
     from app.settings import Settings
 
-    app = create_app(Settings(bundle=bundle, device="cpu"))
+    app = create_app(Settings(bundle=tiny_bundle, device="cpu"))
     with TestClient(app, raise_server_exceptions=False) as c:
         def boom(*args, **kwargs):
             raise RuntimeError("secret detail /srv/internal/path.py")
@@ -574,16 +566,16 @@ def test_unexpected_error_is_a_bare_500(bundle, cat_jpeg):
         assert c.get("/healthz").status_code == 200
 
 
-def test_cors_only_when_configured(bundle):
+def test_cors_only_when_configured(tiny_bundle):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
     from app.settings import Settings
 
     preflight = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
-    off = TestClient(create_app(Settings(bundle=bundle, device="cpu")))
+    off = TestClient(create_app(Settings(bundle=tiny_bundle, device="cpu")))
     assert "access-control-allow-origin" not in off.get("/healthz", headers={"Origin": "https://example.org"}).headers
-    on = TestClient(create_app(Settings(bundle=bundle, device="cpu", cors_origins=["https://example.org"])))
+    on = TestClient(create_app(Settings(bundle=tiny_bundle, device="cpu", cors_origins=["https://example.org"])))
     r = on.options("/v1/captions", headers=preflight)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://example.org"
     r = on.get("/healthz", headers={"Origin": "https://example.org"})
@@ -597,8 +589,8 @@ def _serve(bundle: Path, timeout: float = 60, **settings) -> subprocess.Complete
                           text=True, timeout=timeout)
 
 
-def test_altered_bundle_stops_startup(tmp_path):
-    bundle = make_tiny_bundle(tmp_path / "altered")
+def test_altered_bundle_stops_startup(tiny_bundle, copy_bundle):
+    bundle = copy_bundle(tiny_bundle, "altered")
     with open(bundle / "decoder.onnx", "ab") as f:
         f.write(b"\x00")
     result = _serve(bundle)
@@ -608,28 +600,28 @@ def test_altered_bundle_stops_startup(tmp_path):
     assert "Traceback" not in output
 
 
-def test_missing_bundle_file_stops_startup(tmp_path):
-    bundle = make_tiny_bundle(tmp_path / "missing")
+def test_missing_bundle_file_stops_startup(tiny_bundle, copy_bundle):
+    bundle = copy_bundle(tiny_bundle, "missing")
     (bundle / "encoder.onnx").unlink()
     result = _serve(bundle)
     assert result.returncode != 0
     assert "encoder.onnx" in result.stdout + result.stderr
 
 
-def test_invalid_settings_stop_startup(bundle):
-    result = _serve(bundle, device="gpu")
+def test_invalid_settings_stop_startup(tiny_bundle):
+    result = _serve(tiny_bundle, device="gpu")
     assert result.returncode == 2
     assert "CAPTIONER_DEVICE" in result.stderr and "Traceback" not in result.stderr
-    result = _serve(bundle, max_batch_files="lots")
+    result = _serve(tiny_bundle, max_batch_files="lots")
     assert result.returncode == 2 and "CAPTIONER_MAX_BATCH_FILES" in result.stderr
 
 
-def test_cli_caption(bundle, tmp_path, cat_jpeg):
+def test_cli_caption(tiny_bundle, tmp_path, cat_jpeg):
     img = tmp_path / "cat.jpg"
     img.write_bytes(cat_jpeg)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    env = service_env(bundle)
+    env = service_env(tiny_bundle)
     result = subprocess.run([sys.executable, "-m", "app.cli", "caption", str(img), "--json", "--num-captions", "2"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

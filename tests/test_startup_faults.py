@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bundle_factory import make_tiny_bundle
 from tests.support.live_server import REPO, free_port, service_env
 
 SECRET = "tiny-secret"  # an API key too short to accept: the message must not echo it
@@ -89,12 +88,7 @@ FAULTS = [
 CODE_PATHS = (str(REPO / "app"), str(REPO / "captioner"), "site-packages", 'File "', ".py\"", ".py:")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-def _bundle_for(fault: Fault, tiny: Path, tmp_path: Path) -> Path:
+def _bundle_for(fault: Fault, tiny: Path, tmp_path: Path, copy_bundle) -> Path:
     if fault.bundle == "absent":
         return tmp_path / "no-such-bundle"
     if fault.bundle == "empty":
@@ -102,7 +96,7 @@ def _bundle_for(fault: Fault, tiny: Path, tmp_path: Path) -> Path:
         return tmp_path / "empty"
     if fault.edit is None:
         return tiny
-    bundle = make_tiny_bundle(tmp_path / "damaged")
+    bundle = copy_bundle(tiny, "damaged")
     fault.edit(bundle)
     return bundle
 
@@ -114,8 +108,8 @@ def test_the_table_covers_the_issue():
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
-def test_startup_fault(fault: Fault, tiny: Path, tmp_path: Path):
-    bundle = _bundle_for(fault, tiny, tmp_path)
+def test_startup_fault(fault: Fault, tiny_bundle: Path, tmp_path: Path, copy_bundle):
+    bundle = _bundle_for(fault, tiny_bundle, tmp_path, copy_bundle)
     holder = None
     settings = dict(fault.settings)
     if fault.hold_port:
