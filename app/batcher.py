@@ -63,10 +63,20 @@ class ClientGone(Exception):
 
 @dataclass
 class JobResult:
-    captions: list  # per image: list[Caption]
+    results: list  # per image: an engine ImageResult (its captions and labels)
     queue_s: float  # waiting for the engine
     inference_s: float  # the engine call this job was part of
     batch_images: int  # images in that engine call
+
+    @property
+    def captions(self) -> list:
+        """Per image: its captions, best first."""
+        return [result.captions for result in self.results]
+
+    @property
+    def labels(self) -> list:
+        """Per image: its ImageNet labels, best first (empty unless asked for)."""
+        return [result.labels for result in self.results]
 
 
 @dataclass(eq=False)
@@ -74,6 +84,7 @@ class _Job:
     arrays: Sequence[np.ndarray]
     config: DecodingConfig
     attention: bool
+    labels: int  # ImageNet labels per image (0: none)
     deadline: float  # time.perf_counter() value
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
@@ -159,6 +170,7 @@ class DynamicBatcher:
         attention: bool = False,
         deadline: float | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
+        labels: int = 0,
     ) -> JobResult:
         """Queue one job and wait for its captions. Raises TooLarge (more images than the queue
         holds), Overloaded (queue full, or shutting down), DeadlineExceeded (`deadline`: a
@@ -175,7 +187,8 @@ class DynamicBatcher:
                 f"the queue is full ({self._queued_images} images waiting, limit {self.max_queue_images}); "
                 "retry later", self.retry_after())
         loop = asyncio.get_running_loop()
-        job = _Job(arrays, config, attention, deadline if deadline is not None else math.inf, loop.create_future())
+        job = _Job(arrays, config, attention, labels, deadline if deadline is not None else math.inf,
+                   loop.create_future())
         self._queue.append(job)
         self._queued_images += images
         self._gauge()
@@ -276,14 +289,15 @@ class DynamicBatcher:
         arrays = [a for job in batch for a in job.arrays]
         configs = [job.config for job in batch for _ in job.arrays]
         attention = [job.attention for job in batch for _ in job.arrays]
+        labels = [job.labels for job in batch for _ in job.arrays]
         self._running_images = len(arrays)
         started = time.perf_counter()
 
         def call():
-            return self.engine.caption(arrays, configs, attention=attention)
+            return self.engine.run(arrays, configs, attention=attention, labels=labels)
 
         try:
-            captions = await loop.run_in_executor(self.executor, call)
+            results = await loop.run_in_executor(self.executor, call)
         except Exception as exc:  # a real engine fault: every job of the batch gets it
             log.error("engine call failed for %d images: %s", len(arrays), type(exc).__name__, exc_info=exc)
             for job in batch:
@@ -298,7 +312,7 @@ class DynamicBatcher:
             self.metrics.observe_batch(len(arrays), elapsed)
         offset = 0
         for job in batch:
-            part = captions[offset : offset + job.images]
+            part = results[offset : offset + job.images]
             offset += job.images
             if self.metrics is not None:
                 self.metrics.queue.observe(started - job.enqueued)

@@ -24,6 +24,8 @@ from app.decoding import MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM_SIZE
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 REQUIRED_FILES = ("encoder", "decoder", "vocab")
+IMAGENET_OUTPUT = "imagenet_probs"  # the encoder's class-probability output, in bundles with labels
+MAX_LABELS = 20  # the most ImageNet labels a request (or the default_labels setting) may ask for per image
 
 
 class BundleError(Exception):
@@ -165,6 +167,8 @@ class Parity(_Model):
     step_max_abs_random: float | None = None
     encoder_max_abs_real: float | None = None
     step_max_abs_real: float | None = None
+    labels_max_abs_random: float | None = Field(None, description="the ImageNet probabilities (bundles with labels)")
+    labels_max_abs_real: float | None = None
     greedy_identical: int | None = None
     beam3_identical: int | None = None
     images: int | None = None
@@ -208,6 +212,16 @@ class Evaluation(_Model):
     beam5: Scores | None = None
 
 
+class Labels(_Model):
+    """The encoder's ImageNet head: encoder.onnx has a further output of class probabilities per
+    image (the pretrained backbone's own classifier on the pooled grid), and labels.json (files.labels)
+    names the classes in class-id order."""
+
+    output: str = Field(IMAGENET_OUTPUT, description="the encoder output: [N, classes] probabilities")
+    classes: int = Field(1000, gt=0, description="how many classes (ImageNet-1k: 1000)")
+    source: str | None = Field(None, description="where the class names came from")
+
+
 class Manifest(_Model):
     """manifest.json: read by `load_bundle`, written (`to_json`) by `captioner export` and the tests' bundle factory."""
 
@@ -219,6 +233,7 @@ class Manifest(_Model):
     max_length: int = Field(gt=0)
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     decoding: RecommendedDecoding | None = None
+    labels: Labels | None = None
     files: dict[str, FileEntry]
     training: Training | None = None
     parity: Parity | None = None
@@ -257,10 +272,10 @@ def sha256_file(path: Path) -> str:
 
 
 class Bundle:
-    """A checked bundle: the parsed manifest (`manifest`, a `Manifest`), the vocabulary and the
-    paths of the two graphs."""
+    """A checked bundle: the parsed manifest (`manifest`, a `Manifest`), the vocabulary, the
+    paths of the two graphs and, in a bundle with an ImageNet head, the class names (`labels`)."""
 
-    def __init__(self, path: Path, manifest: Manifest, vocab: list[str]):
+    def __init__(self, path: Path, manifest: Manifest, vocab: list[str], labels: list[str] | None = None):
         self.path = path
         self.manifest = manifest
         self.vocab = vocab
@@ -273,6 +288,11 @@ class Bundle:
         self.encoder_path = path / manifest.files["encoder"].path
         self.decoder_path = path / manifest.files["decoder"].path
         self.recommended_decoding = manifest.decoding or RecommendedDecoding()
+        self.labels = labels  # class names by class id (labels.json), or None: no ImageNet head
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
 
     def words(self, token_ids: list[int]) -> list[str]:
         """Token strings for ids, special tokens left out."""
@@ -336,4 +356,22 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for name, index in manifest.special_tokens.model_dump().items():
         if not 0 <= index < len(tokens):
             raise BundleError(manifest_path, f"special token {name} id {index} is outside the vocabulary")
-    return Bundle(root, manifest, tokens)
+    return Bundle(root, manifest, tokens, _read_labels(root, manifest, manifest_path))
+
+
+def _read_labels(root: Path, manifest: Manifest, manifest_path: Path) -> list[str] | None:
+    """The class names of a bundle with an ImageNet head (manifest `labels` and files.labels go together)."""
+    if manifest.labels is None and "labels" not in manifest.files:
+        return None
+    if manifest.labels is None or "labels" not in manifest.files:
+        raise BundleError(manifest_path, "the `labels` block and files.labels go together: one is missing")
+    labels_path = root / manifest.files["labels"].path
+    try:
+        names = json.loads(labels_path.read_text(encoding="utf-8"))["names"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(labels_path, f"not a labels file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BundleError(labels_path, "names must be a list of non-empty strings")
+    if len(names) != manifest.labels.classes:
+        raise BundleError(labels_path, f"has {len(names)} names, manifest says {manifest.labels.classes} classes")
+    return names

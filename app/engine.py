@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from app.bundle import Bundle
+from app.bundle import IMAGENET_OUTPUT, Bundle
 from app.decoding import DecodingConfig, Hypothesis, beam_search
 from app.engine_graphs import REORDER_GRAPH, SELECT_GRAPH
 
@@ -50,6 +50,23 @@ class Caption:
     score: float
     normalized_score: float
     attention: np.ndarray | None = None  # [len(tokens) + 1, P] for attention models, when asked
+
+
+@dataclass
+class Label:
+    """One ImageNet-1k class of an image, from the encoder's head (bundles with labels)."""
+
+    name: str
+    class_id: int
+    probability: float
+
+
+@dataclass
+class ImageResult:
+    """What the engine says about one image: its captions, best first, and the labels asked for."""
+
+    captions: list[Caption]
+    labels: list[Label]
 
 
 def _providers(device: str) -> tuple[list, str]:
@@ -121,6 +138,11 @@ class Engine:
             self.reorder = ort.InferenceSession(str(REORDER_GRAPH), options, providers=self.decoder.get_providers())
 
     @property
+    def has_labels(self) -> bool:
+        """Whether the encoder gives ImageNet labels (bundles with labels.json)."""
+        return self.bundle.has_labels
+
+    @property
     def has_attention(self) -> bool:
         """Whether the decoder outputs attention weights (Show, Attend and Tell bundles)."""
         return bool(self._has_alpha)
@@ -135,6 +157,8 @@ class Engine:
             problems.append(f"encoder inputs are {enc_in}, expected ['image']")
         if missing := set(ENCODER_OUTPUTS) - enc_out:
             problems.append(f"encoder lacks outputs {sorted(missing)}")
+        if self.bundle.has_labels and IMAGENET_OUTPUT not in enc_out:
+            problems.append(f"the bundle has labels but the encoder lacks the {IMAGENET_OUTPUT} output")
         if missing := {"tokens", "h", "c"} - dec_in:
             problems.append(f"decoder lacks inputs {sorted(missing)}")
         if extra := dec_in - set(DECODER_INPUTS):
@@ -146,9 +170,10 @@ class Engine:
 
     # ---- the two graphs -------------------------------------------------------------------
 
-    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
-        return dict(zip(ENCODER_OUTPUTS, outputs))
+    def encode(self, images: np.ndarray, labels: bool = False) -> dict[str, np.ndarray]:
+        """The encoder's outputs by name; `labels`: also the ImageNet probabilities (IMAGENET_OUTPUT)."""
+        names = [*ENCODER_OUTPUTS, IMAGENET_OUTPUT] if labels else list(ENCODER_OUTPUTS)
+        return dict(zip(names, self.encoder.run(names, {"image": images}), strict=True))
 
     def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool):
         """The step on host arrays: each call lays the live rows out in blocks of R rows per image
@@ -178,11 +203,12 @@ class Engine:
 
         return step
 
-    def _make_bound_step(self, images: np.ndarray, per_block: int, keep_attention: bool):
+    def _make_bound_step(self, images: np.ndarray, per_block: int, keep_attention: bool, labels: bool = False):
         """The same step with IO binding. The encoder outputs, h/c and the log-probabilities stay as
         device OrtValues; every per-step buffer is allocated once for N blocks of `per_block` rows
         (the widest beam of the batch) and reused, so shapes never change between steps and nothing
-        is allocated in the loop. Rows past each image's live ones are padding, outputs ignored."""
+        is allocated in the loop. Rows past each image's live ones are padding, outputs ignored.
+        Returns the step and, with `labels`, the ImageNet probabilities (on the host)."""
         n = images.shape[0]
         capacity = n * per_block
         device = self.device
@@ -190,8 +216,12 @@ class Engine:
         binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(images, device, 0))
         for name in ENCODER_OUTPUTS:
             binding.bind_output(name, device)
+        if labels:
+            binding.bind_output(IMAGENET_OUTPUT, "cpu")
         self.encoder.run_with_iobinding(binding)
-        encoded = dict(zip(ENCODER_OUTPUTS, binding.get_outputs()))
+        outputs = binding.get_outputs()
+        encoded = dict(zip(ENCODER_OUTPUTS, outputs))
+        probs = outputs[len(ENCODER_OUTPUTS)].numpy() if labels else None
         hidden = encoded["h0"].shape()[1]
 
         def buffer(shape, dtype=np.float32):
@@ -251,7 +281,7 @@ class Engine:
             attention = alpha.numpy()[slots] if alpha is not None and keep_attention else None  # a copy: the buffer is reused
             return _Selected(self, log_probs, slots), attention
 
-        return step
+        return step, probs
 
     # ---- captioning -----------------------------------------------------------------------
 
@@ -264,6 +294,17 @@ class Engine:
         """Caption a batch of preprocessed images ([3, H, W] float32 each), each with its own
         settings if `config` (and `attention`) is a list. One list per image, best first,
         `num_captions` long (shorter only if the rules left no finished hypothesis)."""
+        return [result.captions for result in self.run(images, config, attention)]
+
+    def run(
+        self,
+        images: Sequence[np.ndarray] | np.ndarray,
+        config: DecodingConfig | Sequence[DecodingConfig],
+        attention: bool | Sequence[bool] = False,
+        labels: int | Sequence[int] = 0,
+    ) -> list[ImageResult]:
+        """`caption`, plus each image's `labels` best ImageNet labels (0: none; bundles with labels
+        only, else ValueError): one ImageResult per image."""
         batch = images if isinstance(images, np.ndarray) else np.stack(list(images))
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[0] == 0:
@@ -271,15 +312,22 @@ class Engine:
         n = batch.shape[0]
         configs = [config] * n if isinstance(config, DecodingConfig) else list(config)
         wants = [attention] * n if isinstance(attention, bool) else [bool(a) for a in attention]
-        if len(configs) != n or len(wants) != n:
-            raise ValueError(f"{n} images but {len(configs)} configs and {len(wants)} attention flags")
+        top_k = [labels] * n if isinstance(labels, int) else [int(k) for k in labels]
+        if len(configs) != n or len(wants) != n or len(top_k) != n:
+            raise ValueError(f"{n} images but {len(configs)} configs, {len(wants)} attention flags and "
+                             f"{len(top_k)} label counts")
+        want_labels = any(k > 0 for k in top_k)
+        if want_labels and not self.has_labels:
+            raise ValueError(f"the model {self.bundle.name} has no ImageNet labels")
         resolved = [c.resolved(self.bundle.max_length) for c in configs]
         keep_attention = self._has_alpha and any(wants)
         if self.io_binding:
             widest = max(c.beam_size for c in resolved)  # resolved: greedy has beam_size 1
-            step = self._make_bound_step(batch, widest, keep_attention)
+            step, probs = self._make_bound_step(batch, widest, keep_attention, want_labels)
         else:
-            step = self._make_step(self.encode(batch), keep_attention)
+            encoded = self.encode(batch, want_labels)
+            probs = encoded.get(IMAGENET_OUTPUT)
+            step = self._make_step(encoded, keep_attention)
         hypotheses = beam_search(
             step,
             num_images=n,
@@ -288,7 +336,18 @@ class Engine:
             keep_attention=keep_attention,
             vocab_size=self._vocab_out,
         )
-        return [[self._to_caption(h, want) for h in per_image] for per_image, want in zip(hypotheses, wants)]
+        return [
+            ImageResult([self._to_caption(h, want) for h in per_image], self._top_labels(probs, i, top_k[i]))
+            for i, (per_image, want) in enumerate(zip(hypotheses, wants, strict=True))
+        ]
+
+    def _top_labels(self, probs: np.ndarray | None, image: int, k: int) -> list[Label]:
+        """The image's k most probable classes, best first (ties: the lower class id)."""
+        if k <= 0 or probs is None or self.bundle.labels is None:
+            return []
+        row = probs[image]
+        best = np.argsort(-row, kind="stable")[:k]
+        return [Label(self.bundle.labels[c], int(c), float(row[c])) for c in best]
 
     def _to_caption(self, hyp: Hypothesis, attention: bool = True) -> Caption:
         words = self.bundle.words(hyp.tokens)
@@ -305,7 +364,8 @@ class Engine:
         """One real caption on a blank image, so the first request pays no lazy initialisation."""
         height, width = self.bundle.preprocessing.image_size
         blank = np.zeros((1, 3, height, width), dtype=np.float32)
-        self.caption(blank, DecodingConfig(strategy="beam", beam_size=2, max_length=min(4, self.bundle.max_length)))
+        self.run(blank, DecodingConfig(strategy="beam", beam_size=2, max_length=min(4, self.bundle.max_length)),
+                 labels=1 if self.has_labels else 0)
 
 
 

@@ -22,7 +22,7 @@ from starlette.formparsers import MultiPartParser
 from app.batcher import ClientGone, DeadlineExceeded, Overloaded, TooLarge
 from app.bundle import Preprocessing
 from app.decoding import DecodingConfig
-from app.engine import Caption, Engine
+from app.engine import Engine, ImageResult
 from app.errors import APIError
 from app.metrics import Metrics
 from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
@@ -60,6 +60,14 @@ def require_attention(engine: Engine) -> None:
         raise APIError(409, "attention_unavailable",
                        f"the model {engine.bundle.name} has no attention (a Show-and-Tell decoder): there are no "
                        "attention weights to show")
+
+
+def require_labels(engine: Engine) -> None:
+    """409 `labels_unavailable` unless the bundle has the encoder's ImageNet head."""
+    if not engine.has_labels:
+        raise APIError(409, "labels_unavailable",
+                       f"the model {engine.bundle.name} has no ImageNet labels (its bundle has no labels.json); "
+                       "ask with labels=0, or serve a bundle exported with labels")
 
 
 def prepare(data: bytes, max_pixels: int, spec: Preprocessing, keep_image: bool = False) -> Prepared:
@@ -107,18 +115,19 @@ async def load_one(request: Request, upload: UploadFile, spec: Preprocessing, me
 
 
 async def caption(request: Request, arrays: list[np.ndarray], config: DecodingConfig,
-                  attention: bool = False) -> tuple[list[list[Caption]], float]:
-    """Caption the arrays through the dynamic batcher; returns (captions per image, seconds from
-    submission to result). `attention=True` keeps each caption's attention weights (attention
-    bundles only). Too many images for the queue: 422; queue full: 503 with Retry-After; past the
-    request's deadline: 504; the client hung up: 499."""
+                  attention: bool = False, labels: int = 0) -> tuple[list[ImageResult], float]:
+    """Caption the arrays through the dynamic batcher; returns (per image its captions and labels,
+    seconds from submission to result). `attention=True` keeps each caption's attention weights
+    (attention bundles only); `labels`: each image's best ImageNet labels (bundles with labels).
+    Too many images for the queue: 422; queue full: 503 with Retry-After; past the request's
+    deadline: 504; the client hung up: 499."""
     settings: Settings = request.app.state.settings
     start = getattr(request.state, "start_time", None) or time.perf_counter()
     submitted = time.perf_counter()
     try:
         result = await request.app.state.batcher.submit(
             arrays, config, attention=attention, deadline=start + settings.request_timeout_s,
-            disconnected=request.is_disconnected,
+            disconnected=request.is_disconnected, labels=labels,
         )
     except TooLarge as exc:
         raise APIError(422, "too_many_files", exc.message + " (max_queue_images)") from None
@@ -129,7 +138,7 @@ async def caption(request: Request, arrays: list[np.ndarray], config: DecodingCo
                        f"the request did not finish within request_timeout_s ({settings.request_timeout_s:g} s)") from None
     except ClientGone:
         raise APIError(499, "client_closed_request", "the client disconnected before the captions were ready") from None
-    return result.captions, time.perf_counter() - submitted
+    return result.results, time.perf_counter() - submitted
 
 
 def elapsed_ms(request: Request) -> float:

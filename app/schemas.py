@@ -42,6 +42,18 @@ class CaptionItem(BaseModel):
     tokens: list[str] = Field(description="The caption's words, special tokens left out.")
 
 
+class Label(BaseModel):
+    """One ImageNet-1k class the encoder's classifier sees in the image (`?labels=K`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"name": "tabby, tabby cat", "class_id": 281, "probability": 0.61}}
+    )
+
+    name: str = Field(description="The class's name (ImageNet-1k's own, synonyms comma-separated).")
+    class_id: int = Field(ge=0, description="The ImageNet-1k class id (0-999).")
+    probability: float = Field(ge=0.0, le=1.0, description="The classifier's probability for this class.")
+
+
 class DecodingSettings(BaseModel):
     """The decoding settings actually used (after defaults and e.g. greedy = one beam)."""
 
@@ -139,6 +151,7 @@ class CaptionResponse(BaseModel):
                 "model": _example(ModelRef),
                 "timings_ms": _example(Timings),
                 "request_id": _RID,
+                "labels": [_example(Label)],
             }
         }
     )
@@ -150,6 +163,10 @@ class CaptionResponse(BaseModel):
     request_id: str
     attention: AttentionMap | None = Field(
         None, description="Only with `?attention=true`: the attention of the best caption (captions[0])."
+    )
+    labels: list[Label] | None = Field(
+        None, description="The image's best ImageNet-1k labels, best first (`labels` of them; absent with labels=0 "
+        "or a model without labels)."
     )
 
 
@@ -175,6 +192,7 @@ class BatchItem(BaseModel):
                 "index": 0,
                 "filename": "cat.jpg",
                 "captions": [_example(CaptionItem)],
+                "labels": [_example(Label)],
             }
         }
     )
@@ -182,6 +200,9 @@ class BatchItem(BaseModel):
     index: int = Field(description="Position of the file in the request, from 0.")
     filename: str | None = Field(None, description="The file name the client sent, if any.")
     captions: list[CaptionItem] | None = Field(None, description="Present when the file was captioned.")
+    labels: list[Label] | None = Field(
+        None, description="The file's best ImageNet-1k labels, best first (when captioned and labels > 0)."
+    )
     error: BatchItemError | None = Field(None, description="Present when the file could not be captioned.")
 
 
@@ -259,6 +280,8 @@ class ModelInfo(BaseModel):
                 "vocab_size": 2575,
                 "max_length": 24,
                 "attention": True,
+                "labels": True,
+                "default_labels": 3,
                 "evaluation": {"split": "test", "images": 1000, "greedy": {"BLEU-4": 0.71, "CIDEr": 4.1}},
                 "provider": "CPUExecutionProvider",
                 "device": "cpu",
@@ -278,6 +301,8 @@ class ModelInfo(BaseModel):
     vocab_size: int
     max_length: int = Field(description="Most words the model generates per caption.")
     attention: bool
+    labels: bool = Field(description="Whether the model answers ImageNet-1k labels (`?labels=K`).")
+    default_labels: int = Field(description="Labels per image when a request does not say (0 for a model without).")
     evaluation: dict[str, Any] | None = Field(None, description="The manifest's evaluation metrics, if present.")
     provider: str = Field(description="The onnxruntime execution provider actually in use.")
     device: Literal["cpu", "cuda"]

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.bundle import MAX_LABELS
 from app.decoding import (
     MAX_BEAM_SIZE,
     MAX_LENGTH_LIMIT,
@@ -132,6 +133,11 @@ class Settings(BaseSettings):
         None, ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE,
         description=f"Default n-gram blocking size (0 = off, up to {MAX_NO_REPEAT_NGRAM_SIZE}); unset = the "
         "bundle's recommendation (else 0).",
+    )
+
+    default_labels: int = Field(
+        3, ge=0, le=MAX_LABELS, description=f"ImageNet-1k labels per image when a request does not say (0-{MAX_LABELS}; "
+        "0 = none); a bundle without labels answers none."
     )
 
     # --- security (app/auth.py) ---

@@ -76,11 +76,12 @@ def _own_errors() -> tuple[type[Exception], ...]:
     # imported here: `generate-scenes` alone must not pay for importing torch
     from app.bundle import BundleError
     from model_export.export import ExportError
+    from model_export.labels import LabelsError
     from model_export.metrics import JavaMissing
     from model_export.model import ModelConfigError
     from model_export.train import TrainError
 
-    return (DatasetError, BundleError, ModelConfigError, TrainError, ExportError, JavaMissing)
+    return (DatasetError, BundleError, ModelConfigError, TrainError, ExportError, JavaMissing, LabelsError)
 
 
 def generate_scenes_cmd(
@@ -276,12 +277,55 @@ def tune_decoding_cmd(
         typer.echo(f"wrote {out}", err=True)
 
 
+def add_labels_cmd(
+    bundle: Path = typer.Option(..., help="Bundle folder without labels (exported before they existed); changed in place"),
+    images: list[Path] = typer.Option(
+        [], "--image", help="Real images for the torch vs onnxruntime check (repeat; default: scikit-image's photos "
+        "if installed)"),
+) -> None:
+    """Add the encoder's ImageNet head and labels.json to an older bundle (`captioner export` writes them)."""
+
+    def run():
+        import numpy as np
+
+        from app.bundle import load_bundle
+        from model_export.images import load_pixels
+        from model_export.labels import add_labels
+
+        spec = load_bundle(bundle, verify=False).preprocessing
+        pixels = [load_pixels(p, spec) for p in images] if images else _sample_photos(spec)
+        return add_labels(bundle, np.stack(pixels) if pixels else None)
+
+    report = _guard(run)
+    typer.echo(f"added labels to {bundle} (parity: {json.dumps(report)})")
+
+
+def _sample_photos(spec) -> list:
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        return []
+    import io
+
+    from PIL import Image
+
+    from app.preprocess import decode_image, to_array
+
+    out = []
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(skdata, name)()).save(buffer, "PNG")
+        out.append(to_array(decode_image(buffer.getvalue(), 10**8), spec))
+    return out
+
+
 COMMANDS = {
     "generate-scenes": generate_scenes_cmd,
     "train": train_cmd,
     "export": export_cmd,
     "evaluate": evaluate_cmd,
     "tune-decoding": tune_decoding_cmd,
+    "add-labels": add_labels_cmd,
 }
 
 

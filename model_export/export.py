@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from app.bundle import (
     FORMAT_VERSION,
+    IMAGENET_OUTPUT,
     Architecture,
     Evaluation,
     FileEntry,
@@ -57,6 +58,7 @@ from app.engine import Engine
 from model_export.data.karpathy import CaptionDataset
 from model_export.features import preprocessing_for
 from model_export.images import load_pixels
+from model_export.labels import labels_spec, reference_probs, write_labels
 from model_export.model import Captioner, EncoderGraph, HalfEncoderGraph, HalfStepGraph, StepGraph
 from model_export.reference import reference_decode
 from model_export.train import load_checkpoint
@@ -72,6 +74,10 @@ INT8_RELATIVE_TOLERANCE = 0.1
 
 class ExportError(Exception):
     pass
+
+
+# encoder.onnx's outputs: the decoder's inputs and initial state, then the ImageNet head (model_export/labels.py)
+ENCODER_GRAPH_OUTPUTS = ("features", "h0", "c0", "att_proj", IMAGENET_OUTPUT)
 
 
 def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tuple[Path, Path]:
@@ -91,8 +97,8 @@ def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tup
         (images,),
         str(encoder_path),
         input_names=["image"],
-        output_names=["features", "h0", "c0", "att_proj"],
-        dynamic_axes={name: {0: "n"} for name in ("image", "features", "h0", "c0", "att_proj")},
+        output_names=[*ENCODER_GRAPH_OUTPUTS],
+        dynamic_axes={name: {0: "n"} for name in ("image", *ENCODER_GRAPH_OUTPUTS)},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -178,8 +184,13 @@ def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Pat
     for label, images in (("random", random_images), ("real", real_images)):
         with torch.no_grad():
             ref = [t.numpy() for t in model.encode(torch.from_numpy(images))]
-        got = encoder.run(["features", "h0", "c0", "att_proj"], {"image": images})
+        *got, got_probs = encoder.run(list(ENCODER_GRAPH_OUTPUTS), {"image": images})
         enc_diff = max(_diff(r, g, precision) for r, g in zip(ref, got))
+        labels_diff = _diff(reference_probs(model.backbone, images), got_probs, precision)
+        report[f"labels_max_abs_{label}"] = labels_diff
+        if labels_diff > tolerance:
+            raise ExportError(f"torch vs onnxruntime ImageNet probabilities differ on {label} images ({precision}): "
+                              f"{labels_diff:.2e} (tolerance {tolerance:.0e})")
         # three steps of a block of 3 rows per image, from the real encoder state, with random tokens
         n = images.shape[0]
         row_image = np.repeat(np.arange(n), 3).astype(np.int64)
@@ -274,6 +285,7 @@ def export_bundle(
     try:
         encoder_path, decoder_path = export_onnx(model, tmp, precision)
         vocab.save(tmp / "vocab.json")
+        write_labels(tmp / "labels.json")
         numeric = check_numeric_parity(model, encoder_path, decoder_path, images[:8], precision=precision)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -284,6 +296,7 @@ def export_bundle(
             max_length=max_length,
             precision=precision,
             decoding=recommended,
+            labels=labels_spec(),
             files={},
             training=Training(
                 # the data's terms travel with the model (the export's dataset knows them too)
@@ -297,7 +310,8 @@ def export_bundle(
         )
 
         def write_manifest(**update) -> None:
-            files = file_entries(encoder=encoder_path, decoder=decoder_path, vocab=tmp / "vocab.json")
+            files = file_entries(encoder=encoder_path, decoder=decoder_path, vocab=tmp / "vocab.json",
+                                 labels=tmp / "labels.json")
             written = manifest.model_copy(update={**update, "files": files})
             unknown = unknown_keys(written)
             if unknown:  # every key the exporter writes is a Manifest field (docs/bundle-format.md)

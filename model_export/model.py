@@ -103,6 +103,11 @@ class Backbone(nn.Module):
         """The unchanged ImageNet classifier (used to prove the weights are real)."""
         return self.net(images)
 
+    def imagenet_probs(self, grid: torch.Tensor) -> torch.Tensor:
+        """ImageNet-1k probabilities [N, 1000] from the feature grid `forward` returns: the package's
+        own head (average pooling, then its `_fc` with the shipped weights), so no second pass."""
+        return torch.softmax(self.net._fc(grid.mean(dim=1)).float(), dim=1)
+
 
 class AttentionDecoder(nn.Module):
     """Show, Attend and Tell: LSTM with soft additive attention over the grid.
@@ -245,14 +250,15 @@ class Captioner(nn.Module):
 
 
 class EncoderGraph(nn.Module):
-    """What encoder.onnx computes: image batch -> (features, h0, c0, att_proj)."""
+    """What encoder.onnx computes: image batch -> (features, h0, c0, att_proj, imagenet_probs)."""
 
     def __init__(self, model: Captioner):
         super().__init__()
         self.model = model
 
     def forward(self, image):
-        return self.model.encode(image)
+        grid = self.model.backbone(image)
+        return (*self.model.decoder.init_state(grid), self.model.backbone.imagenet_probs(grid))
 
 
 class StepGraph(nn.Module):
@@ -274,7 +280,9 @@ class HalfEncoderGraph(nn.Module):
         self.model = model16
 
     def forward(self, image):
-        return tuple(t.float() for t in self.model.encode(image.half()))
+        grid = self.model.backbone(image.half())
+        state = tuple(t.float() for t in self.model.decoder.init_state(grid))
+        return (*state, self.model.backbone.imagenet_probs(grid))  # the softmax in float32
 
 
 class HalfStepGraph(nn.Module):

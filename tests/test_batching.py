@@ -17,6 +17,7 @@ from PIL import Image
 
 from app.batcher import ClientGone, DeadlineExceeded, DynamicBatcher, Overloaded, TooLarge
 from app.decoding import DecodingConfig
+from app.engine import ImageResult
 from tests.support.live_server import live_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,12 +33,12 @@ class FakeEngine:
         self.gate.set()
         self.entered = threading.Event()
 
-    def caption(self, arrays, configs, attention=False):
+    def run(self, arrays, configs, attention=False, labels=0):
         self.entered.set()
         self.gate.wait(10)
         call = [(float(a.flat[0]), c, w) for a, c, w in zip(arrays, configs, attention)]
         self.calls.append(call)
-        return [[("caption", value, config, want)] for value, config, want in call]
+        return [ImageResult([("caption", value, config, want)], []) for value, config, want in call]
 
 
 def image(value: float) -> np.ndarray:

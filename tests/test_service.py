@@ -556,7 +556,7 @@ def test_unexpected_error_is_a_bare_500(tiny_bundle, cat_jpeg):
         def boom(*args, **kwargs):
             raise RuntimeError("secret detail /srv/internal/path.py")
 
-        app.state.engine.caption = boom
+        app.state.engine.run = boom
         r = c.post("/v1/captions", files={"image": ("a.jpg", cat_jpeg, "image/jpeg")},
                    headers={"X-Request-ID": "fault-1"})
         error = assert_error(r, 500, "internal_error")

@@ -12,6 +12,8 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
+from app import pipeline
+from app.bundle import MAX_LABELS
 from app.decoding import (
     MAX_BEAM_SIZE,
     MAX_LENGTH_LIMIT,
@@ -97,3 +99,24 @@ def decoding_config(
 
 
 DecodingDep = Annotated[DecodingConfig, Depends(decoding_config)]
+
+
+def labels_count(
+    settings: SettingsDep,
+    engine: EngineDep,
+    labels: Annotated[
+        int,
+        Query(ge=0, le=MAX_LABELS, description="How many ImageNet-1k labels to answer per image, best first (0 = "
+              "none). Default: the service's default_labels (3) when the model has labels, else 0. Asking a model "
+              "without labels for some is a 409 labels_unavailable."),
+    ] = None,  # type: ignore[assignment]
+) -> int:
+    """The request's label count: the setting's default where not given (0 for a bundle without labels)."""
+    if labels is None:
+        return settings.default_labels if engine.has_labels else 0
+    if labels > 0:
+        pipeline.require_labels(engine)
+    return labels
+
+
+LabelsDep = Annotated[int, Depends(labels_count)]

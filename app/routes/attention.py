@@ -12,7 +12,7 @@ from app import pipeline
 from app.attention import attention_map, render_attention_png
 from app.errors import APIError, error_responses
 from app.pipeline import IMAGE_FORMATS
-from app.routes import DecodingDep, EngineDep, MetricsDep
+from app.routes import DecodingDep, EngineDep, LabelsDep, MetricsDep
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 
@@ -22,7 +22,8 @@ class PNGResponse(Response):
 
 
 _ERRORS = {
-    409: "The model has no attention (a Show-and-Tell bundle): code attention_unavailable.",
+    409: "The model has no attention (a Show-and-Tell bundle): code attention_unavailable; or `labels` > 0 but "
+    "it has no ImageNet labels: code labels_unavailable.",
     413: "The request body is over the size limit (refused without reading it all), or the image has "
     "more pixels than max_image_pixels (refused from its header, before decoding).",
     415: f"The upload is not an image, or not one of {IMAGE_FORMATS}.",
@@ -50,7 +51,8 @@ def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict[int | str
     "parameters are those of `POST /v1/captions`. The answer is one PNG: a grid of panels, one per token of "
     "the best caption (its words, then <end>), each the upright image with that token's attention weights "
     "as a heatmap (bright = more weight, scaled per token), titled with the token; the caption is written "
-    "on top. Needs an attention model: a Show-and-Tell bundle answers 409 attention_unavailable.",
+    "on top, followed by the image's best ImageNet labels (`labels`, as on `POST /v1/captions`). Needs an "
+    "attention model: a Show-and-Tell bundle answers 409 attention_unavailable.",
     response_class=PNGResponse,
     responses={
         200: {
@@ -64,6 +66,7 @@ async def create_attention_png(
     request: Request,
     image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
     config: DecodingDep,
+    labels: LabelsDep,
     engine: EngineDep,
     metrics: MetricsDep,
     panel: Annotated[int, Query(ge=64, le=512, description="Longer side of each panel, in pixels.")] = 224,
@@ -71,16 +74,18 @@ async def create_attention_png(
 ) -> PNGResponse:
     pipeline.require_attention(engine)
     prepared = await pipeline.load_one(request, image, engine.bundle.preprocessing, metrics, keep_image=True)
-    results, _ = await pipeline.caption(request, [prepared.array], config, attention=True)
-    if not results or not results[0]:
+    results, _ = await pipeline.caption(request, [prepared.array], config, attention=True, labels=labels)
+    if not results or not results[0].captions:
         raise APIError(422, "no_caption", "the decoding settings left no finished caption to draw")
-    best = results[0][0]
+    best = results[0].captions[0]
+    # the labels go on the title line, after the caption: "a cat on a bed · Egyptian cat 82%, tiger cat 7%"
+    named = ", ".join(f"{x.name.split(',')[0]} {x.probability:.0%}" for x in results[0].labels)
     amap = attention_map(best, engine.bundle)
     if amap is None:  # the engine said it has attention, yet returned none
         raise APIError(409, "attention_unavailable", "the model returned no attention weights")
     assert prepared.image is not None  # load_one(keep_image=True)
     png = await run_in_threadpool(
         render_attention_png, prepared.image, amap["tokens"], amap["weights"], amap["grid"],
-        panel=panel, columns=columns, title=best.text,
+        panel=panel, columns=columns, title=f"{best.text} · {named}" if named else best.text,
     )
     return PNGResponse(content=png, headers={"Cache-Control": "no-store"})

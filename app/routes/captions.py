@@ -12,11 +12,12 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 
 from app import pipeline
 from app.attention import attention_map
-from app.engine import Caption
+from app.engine import Caption, ImageResult
+from app.engine import Label as EngineLabel
 from app.errors import APIError, error_responses, request_id_of
 from app.pipeline import IMAGE_FORMATS, Prepared
 from app.preprocess import ImageDecodeError
-from app.routes import DecodingDep, EngineDep, MetricsDep, SettingsDep
+from app.routes import DecodingDep, EngineDep, LabelsDep, MetricsDep, SettingsDep
 from app.schemas import (
     BatchItem,
     BatchItemError,
@@ -24,6 +25,7 @@ from app.schemas import (
     CaptionItem,
     CaptionResponse,
     DecodingSettings,
+    Label,
     ModelRef,
     Timings,
 )
@@ -44,6 +46,10 @@ def _items(captions: Sequence[Caption]) -> list[CaptionItem]:
     ]
 
 
+def _labels(labels: Sequence[EngineLabel]) -> list[Label] | None:
+    return [Label(name=x.name, class_id=x.class_id, probability=x.probability) for x in labels] or None
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -55,7 +61,8 @@ _SINGLE_ERRORS = {
     "more pixels than max_image_pixels (refused from its header, before decoding).",
     415: f"The upload is not an image, or not one of {IMAGE_FORMATS}.",
     422: "Missing `image` field, empty file, truncated or corrupt image, or an invalid decoding parameter.",
-    409: "`attention=true` but the model has no attention (a Show-and-Tell bundle): code attention_unavailable.",
+    409: "`attention=true` but the model has no attention (a Show-and-Tell bundle): code attention_unavailable; "
+    "or `labels` > 0 but the model has no ImageNet labels: code labels_unavailable.",
 }
 
 
@@ -73,6 +80,7 @@ async def create_caption(
     request: Request,
     image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
     config: DecodingDep,
+    labels: LabelsDep,
     engine: EngineDep,
     metrics: MetricsDep,
     attention: Annotated[
@@ -85,19 +93,22 @@ async def create_caption(
         pipeline.require_attention(engine)
     bundle = engine.bundle
     prepared = await pipeline.load_one(request, image, bundle.preprocessing, metrics)
-    results, t_infer = await pipeline.caption(request, [prepared.array], config, attention=attention)
+    results, t_infer = await pipeline.caption(request, [prepared.array], config, attention=attention, labels=labels)
+    captions = results[0].captions
     return CaptionResponse(
-        captions=_items(results[0]),
+        captions=_items(captions),
         settings=DecodingSettings.of(config, bundle.max_length),
         model=ModelRef(name=bundle.name, version=bundle.version),
         timings_ms=Timings(decode_image=_ms(prepared.decode_s), preprocess=_ms(prepared.preprocess_s),
                            inference=_ms(t_infer), total=pipeline.elapsed_ms(request)),
         request_id=request_id_of(request),
-        attention=attention_map(results[0][0], bundle) if attention and results[0] else None,
+        attention=attention_map(captions[0], bundle) if attention and captions else None,
+        labels=_labels(results[0].labels),
     )
 
 
 _BATCH_ERRORS = {
+    409: "`labels` > 0 but the model has no ImageNet labels: code labels_unavailable.",
     413: "The request body is over the size limit (refused without reading it all).",
     422: "No `images` field, more files than max_batch_files, or an invalid decoding parameter. "
     "(A file that is not a usable image gets its own error entry in a 200 answer.)",
@@ -113,12 +124,13 @@ _BATCH_ERRORS = {
     "for one that did not (the others still succeed). All good files go through the model together.",
     response_model=BatchResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 413, 422, 503, 504, descriptions=_BATCH_ERRORS),
+    responses=error_responses(400, 409, 413, 422, 503, 504, descriptions=_BATCH_ERRORS),
 )
 async def create_captions_batch(
     request: Request,
     images: Annotated[list[UploadFile], File(description=f"The image files ({IMAGE_FORMATS}), one part each.")],
     config: DecodingDep,
+    labels: LabelsDep,
     engine: EngineDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -146,17 +158,19 @@ async def create_captions_batch(
             slots.append(len(arrays))
             arrays.append(outcome.array)
 
-    captions: list[list[Caption]] = []
+    captions: list[ImageResult] = []
     t_infer = 0.0
     if arrays:
-        captions, t_infer = await pipeline.caption(request, arrays, config)
+        captions, t_infer = await pipeline.caption(request, arrays, config, labels=labels)
 
     results = []
     for index, (upload, slot) in enumerate(zip(images, slots, strict=True)):
         if isinstance(slot, BatchItemError):
             results.append(BatchItem(index=index, filename=upload.filename, error=slot))
         else:
-            results.append(BatchItem(index=index, filename=upload.filename, captions=_items(captions[slot])))
+            done = captions[slot]
+            results.append(BatchItem(index=index, filename=upload.filename, captions=_items(done.captions),
+                                     labels=_labels(done.labels)))
     return BatchResponse(
         results=results,
         settings=DecodingSettings.of(config, bundle.max_length),

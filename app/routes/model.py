@@ -34,6 +34,8 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         vocab_size=len(bundle.vocab),
         max_length=bundle.max_length,
         attention=bool(bundle.attention),
+        labels=engine.has_labels,
+        default_labels=settings.default_labels if engine.has_labels else 0,
         evaluation=evaluation.model_dump(mode="json", exclude_unset=True) if evaluation is not None else None,
         provider=engine.provider,
         device="cuda" if engine.device == "cuda" else "cpu",

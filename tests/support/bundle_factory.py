@@ -37,9 +37,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from app.bundle import (
+    IMAGENET_OUTPUT,
     Architecture,
     Evaluation,
     FileEntry,
+    Labels,
     Manifest,
     ModelId,
     Preprocessing,
@@ -66,6 +68,8 @@ EMBED = 12
 HIDDEN = 24
 FEAT = 16
 ATT = 12
+LABEL_CLASSES = 10  # the stand-in ImageNet head of a bundle made with labels=True
+LABEL_NAMES = [f"tiny class {i}" for i in range(LABEL_CLASSES)]
 
 
 def _sha256(path: Path) -> str:
@@ -84,7 +88,8 @@ def _f32(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarra
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def _build_encoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto:
+def _build_encoder(rng: np.random.Generator, attention: bool, labels_rng: np.random.Generator | None = None
+                   ) -> onnx.ModelProto:
     conv_w = _f32(rng, FEAT, 3, 1, 1, scale=1.5)
     conv_b = _f32(rng, FEAT, scale=0.3)
     w_h = _f32(rng, FEAT, HIDDEN, scale=2.5)
@@ -134,6 +139,16 @@ def _build_encoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto
             helper.make_node("Identity", ["features"], ["att_proj"]),
         ]
         p, d, a = 1, 1, 1
+    head = []
+    if labels_rng is not None:  # a stand-in ImageNet head: softmax of a projection of the pooled grid
+        inits += [_init("w_cls", _f32(labels_rng, FEAT, LABEL_CLASSES, scale=3.0)),
+                  _init("b_cls", _f32(labels_rng, LABEL_CLASSES, scale=0.5))]
+        nodes += [
+            helper.make_node("MatMul", ["mean_feat", "w_cls"], ["cls_lin"]),
+            helper.make_node("Add", ["cls_lin", "b_cls"], ["cls_logits"]),
+            helper.make_node("Softmax", ["cls_logits"], [IMAGENET_OUTPUT], axis=1),
+        ]
+        head = [helper.make_tensor_value_info(IMAGENET_OUTPUT, TensorProto.FLOAT, ["N", LABEL_CLASSES])]
 
     graph = helper.make_graph(
         nodes,
@@ -144,6 +159,7 @@ def _build_encoder(rng: np.random.Generator, attention: bool) -> onnx.ModelProto
             helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", HIDDEN]),
             helper.make_tensor_value_info("c0", TensorProto.FLOAT, ["N", HIDDEN]),
             helper.make_tensor_value_info("att_proj", TensorProto.FLOAT, ["N", p, a]),
+            *head,
         ],
         inits,
     )
@@ -314,25 +330,31 @@ def make_tiny_bundle(
     with_eval: bool = True,
     row_layout: bool = False,
     decoding: dict | None = None,
+    labels: bool = False,
 ) -> Path:
     """Write a complete bundle into the folder ``path`` (created if needed) and return it.
 
     ``attention=True`` gives a show_attend_tell bundle (P = 49), ``False`` a show_and_tell one
     (features/att_proj are [N, 1, 1] zeros, alpha is all ones). The same arguments always give
-    byte-identical files.
+    byte-identical files. ``labels=True`` adds a stand-in ImageNet head (LABEL_CLASSES classes, its
+    own random weights, so the captions are those of the same bundle without labels) and labels.json.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
-    encoder = _build_encoder(rng, attention)
+    encoder = _build_encoder(rng, attention, np.random.default_rng(seed + 7919) if labels else None)
     decoder = _build_decoder(rng, attention, row_layout)
     onnx.save_model(encoder, out / "encoder.onnx")
     onnx.save_model(decoder, out / "decoder.onnx")
     (out / "vocab.json").write_text(json.dumps({"tokens": VOCAB}, indent=1) + "\n", encoding="utf-8")
 
     files = {}
-    for key, fname in (("encoder", "encoder.onnx"), ("decoder", "decoder.onnx"), ("vocab", "vocab.json")):
+    names = (("encoder", "encoder.onnx"), ("decoder", "decoder.onnx"), ("vocab", "vocab.json"))
+    if labels:
+        (out / "labels.json").write_text(json.dumps({"names": LABEL_NAMES}) + "\n", encoding="utf-8")
+        names += (("labels", "labels.json"),)
+    for key, fname in names:
         fpath = out / fname
         files[key] = FileEntry(path=fname, sha256=_sha256(fpath), bytes=fpath.stat().st_size)
 
@@ -361,6 +383,7 @@ def make_tiny_bundle(
         max_length=max_length,
         # not validated here: tests write out-of-range recommendations for load_bundle to refuse
         decoding=RecommendedDecoding.model_construct(**decoding) if decoding else None,
+        labels=Labels(classes=LABEL_CLASSES, source="tests/support/bundle_factory.py") if labels else None,
         files=files,
         training=Training(data=TrainingData(name="random weights (tests/support/bundle_factory.py)"), epochs=0,
                           settings={"seed": seed}),
