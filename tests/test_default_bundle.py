@@ -91,3 +91,22 @@ def test_readme_shows_the_captions_it_gives(bundle):
     captions = engine.caption(images, recommended_decoding(bundle))  # beam 3, the service's default decoding
     got = {name: c[0].text for name, c in zip(PHOTOS, captions, strict=True)}
     assert _readme_captions() == got
+
+
+def test_labels_name_what_the_imagenet_weights_see(bundle):
+    """The encoder's ImageNet head (the backbone's own pretrained classifier), through the engine:
+    scikit-image's cat is a cat class (281-285) first and its coffee an espresso (967) first."""
+    assert bundle.has_labels and len(bundle.labels) == 1000 and bundle.labels[281] == "tabby, tabby cat"
+    engine = Engine(bundle, device="cpu")
+    images = np.stack([to_array(Image.fromarray(getattr(skdata, name)()), bundle.preprocessing)
+                       for name in ("chelsea", "coffee")])
+    cat, coffee = engine.run(images, recommended_decoding(bundle), labels=3)
+    assert 281 <= cat.labels[0].class_id <= 285, cat.labels
+    assert coffee.labels[0].class_id == 967 and coffee.labels[0].name == "espresso", coffee.labels
+    for result in (cat, coffee):
+        probabilities = [label.probability for label in result.labels]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+    # labels change nothing about the captions
+    assert [r.captions[0].text for r in (cat, coffee)] == [c[0].text for c in engine.caption(images, recommended_decoding(bundle))]
+    parity = bundle.manifest.parity
+    assert parity.labels_max_abs_random <= 1e-4 and parity.labels_max_abs_real <= 1e-4
