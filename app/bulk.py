@@ -8,17 +8,28 @@
   to a running service's `POST /v1/captions/batch`, `--concurrency` requests at a time, retrying 429,
   502, 503, 504 and connection failures with exponential backoff (a Retry-After header is honoured).
 * Writes one record per image (paths relative to DIR, `/`-separated):
-  JSON lines (default)  {"path": "a/b.jpg", "captions": [{"text", "score", "normalized_score"}, ...]}
+  JSON lines (default)  {"path": "a/b.jpg", "captions": [{"text", "score", "normalized_score"}, ...],
+                         "labels": [{"name", "class_id", "probability"}, ...]}
                         {"path": "a/bad.jpg", "error": {"code": "corrupt_image", "message": "..."}}
   CSV (`--format csv`, or an --out ending in .csv): columns path, rank, text, score, normalized_score,
-  error_code, error_message; one row per caption (rank 1 = best), one row per failed file (no rank).
+  error_code, error_message, labels; one row per caption (rank 1 = best), one row per failed file
+  (no rank).
+* ImageNet labels (`--labels K`; default as the HTTP API: the default_labels setting, or the
+  service's, when the model has labels, else 0): a captioned image's K best ImageNet-1k classes, best
+  first, probabilities rounded to 6 decimals. In JSON lines the `labels` list (absent with K = 0 and
+  in error records); in CSV the `labels` column, the same on each of the image's caption rows (empty
+  with K = 0 and in error rows): `class_id:name:probability` per label, joined by `|`, e.g.
+  `285:Egyptian cat:0.819941|282:tiger cat:0.070631|281:tabby, tabby cat:0.066340` (a `|` in a
+  class name is written as `/`). K > 0 for a model without labels is refused before any work.
 * Files that cannot be used (unreadable, corrupt, too large) are recorded with an `error` and the
   run goes on; a summary on stderr names them. The exit status is 0 when this run captioned every
   image it tried, 1 when some failed (or the run stopped early), 2 for bad options or a model that
   cannot load.
 * Resumable: paths already in the output (captioned or failed) are skipped, so running the same
   command again continues where it stopped; a truncated last line (a killed run) is cut off first.
-  `--retry-errors` drops the error records first, so those files are tried again.
+  `--retry-errors` drops the error records first, so those files are tried again. Records without
+  labels (an older run, or another --labels) count as done all the same; a CSV from before the labels
+  column gets the column (empty) added to its header and rows when resumed.
 """
 
 from __future__ import annotations
@@ -49,16 +60,19 @@ from app.cli_options import (
     BeamSizeOption,
     BundleOption,
     DeviceOption,
+    LabelsOption,
     LengthPenaltyOption,
     MaxLengthOption,
     NoRepeatNgramOption,
     NumCaptionsOption,
     StrategyOption,
     ThreadsOption,
+    resolve_labels,
 )
 
 FORMATS = ("jsonl", "csv")
-CSV_COLUMNS = ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message"]
+CSV_COLUMNS = ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message", "labels"]
+OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]  # before the labels column: still read, and upgraded when resumed
 RETRY_STATUSES = {429, 502, 503, 504}
 SNIFF_BYTES = 32
 
@@ -139,11 +153,15 @@ class Record:
     path: str
     captions: list[dict[str, Any]] | None = None
     error: dict[str, str] | None = None
+    labels: list[dict[str, Any]] | None = None  # {name, class_id, probability}, best first; None: not asked
 
     def as_json(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "captions": self.captions or []}
+        out: dict[str, Any] = {"path": self.path, "captions": self.captions or []}
+        if self.labels is not None:
+            out["labels"] = self.labels
+        return out
 
 
 def error_record(rel: str, code: str, message: str) -> Record:
@@ -161,6 +179,39 @@ def caption_dicts(captions: Iterable[Any]) -> list[dict[str, Any]]:
         out.append({"text": get("text"), "score": round(score, 6) if math.isfinite(score) else None,
                     "normalized_score": round(norm, 6) if math.isfinite(norm) else None})
     return out
+
+
+def label_dicts(labels: Iterable[Any]) -> list[dict[str, Any]] | None:
+    """Engine Labels (or API label dicts) -> {name, class_id, probability} dicts; None for none."""
+    out = []
+    for x in labels:
+        def get(key: str, x: Any = x) -> Any:
+            return x.get(key) if isinstance(x, dict) else getattr(x, key)
+
+        p = float(get("probability"))
+        out.append({"name": str(get("name")), "class_id": int(get("class_id")),
+                    "probability": round(p, 6) if math.isfinite(p) else None})
+    return out or None
+
+
+def labels_to_csv(labels: list[dict[str, Any]] | None) -> str:
+    """The CSV `labels` cell: `class_id:name:probability` per label, joined by `|` ("" for none)."""
+    if not labels:
+        return ""
+    return "|".join(f"{x['class_id']}:{str(x['name']).replace('|', '/')}:"
+                    f"{'' if x['probability'] is None else format(x['probability'], '.6f')}" for x in labels)
+
+
+def labels_from_csv(cell: str) -> list[dict[str, Any]] | None:
+    """The dicts back from a CSV `labels` cell; None for an empty (or damaged) one."""
+    out = []
+    for part in cell.split("|") if cell else ():
+        class_id, sep, rest = part.partition(":")
+        name, sep2, prob = rest.rpartition(":")
+        if not (sep and sep2 and class_id.isdigit()):
+            return None
+        out.append({"name": name, "class_id": int(class_id), "probability": _float(prob)})
+    return out or None
 
 
 def format_for(out: Path, fmt: str | None) -> str:
@@ -190,6 +241,8 @@ class Output:
         self.done: set[str] = set()
         self.errors: set[str] = set()
         self.repaired = False
+        self.upgraded = False  # a CSV from before the labels column, rewritten with it
+        self._legacy_header = False
         self._handle: io.TextIOBase | None = None
         self._csv: Any = None
 
@@ -205,6 +258,11 @@ class Output:
             kept = [r for r in records if r.error is None]
             self._rewrite(kept)
             records = kept
+            self.upgraded = self._legacy_header
+        elif self._legacy_header:  # new rows have the labels column: so must the header and the old rows
+            self._rewrite(records)  # (drops a truncated last line too)
+            self.upgraded = True
+            self.repaired = cut
         elif cut:
             self.path.write_bytes(data)  # drop the truncated last line of a killed run
             self.repaired = True
@@ -225,17 +283,21 @@ class Output:
                 except json.JSONDecodeError:
                     continue  # a damaged line: its image is done again
                 if isinstance(obj, dict) and isinstance(obj.get("path"), str):
-                    by_path[obj["path"]] = Record(obj["path"], obj.get("captions"), obj.get("error"))
+                    labels = obj.get("labels")
+                    by_path[obj["path"]] = Record(obj["path"], obj.get("captions"), obj.get("error"),
+                                                  labels if isinstance(labels, list) else None)
             return list(by_path.values())
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
             return []
-        if rows[0] != CSV_COLUMNS:
-            raise BulkError(f"{self.path} is not a caption-dir CSV (its header is {rows[0]!r})")
+        header = rows[0]
+        if header not in (CSV_COLUMNS, OLD_CSV_COLUMNS):
+            raise BulkError(f"{self.path} is not a caption-dir CSV (its header is {header!r})")
+        self._legacy_header = header == OLD_CSV_COLUMNS
         for row in rows[1:]:
-            if len(row) != len(CSV_COLUMNS):
+            if len(row) != len(header):
                 continue
-            rec = dict(zip(CSV_COLUMNS, row))
+            rec = dict(zip(header, row))
             record = by_path.setdefault(rec["path"], Record(rec["path"]))
             if rec["error_code"]:
                 record.error = {"code": rec["error_code"], "message": rec["error_message"]}
@@ -244,6 +306,8 @@ class Output:
                     "text": rec["text"], "score": _float(rec["score"]),
                     "normalized_score": _float(rec["normalized_score"]),
                 }]
+                if record.labels is None:
+                    record.labels = labels_from_csv(rec.get("labels", ""))
         return list(by_path.values())
 
     def _rewrite(self, records: list[Record]) -> None:
@@ -271,10 +335,13 @@ class Output:
         if self.fmt == "jsonl":
             handle.write(json.dumps(record.as_json(), ensure_ascii=False) + "\n")
         elif record.error is not None:
-            writer.writerow([record.path, "", "", "", "", record.error.get("code", ""), record.error.get("message", "")])
+            writer.writerow([record.path, "", "", "", "", record.error.get("code", ""), record.error.get("message", ""),
+                             ""])
         else:
+            labels = labels_to_csv(record.labels)
             for rank, c in enumerate(record.captions or [], 1):
-                writer.writerow([record.path, rank, c["text"], _fmt(c["score"]), _fmt(c["normalized_score"]), "", ""])
+                writer.writerow([record.path, rank, c["text"], _fmt(c["score"]), _fmt(c["normalized_score"]), "", "",
+                                 labels])
 
     def write(self, records: Sequence[Record]) -> None:
         assert self._handle is not None, "open() first"
@@ -309,9 +376,9 @@ def _batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
 
 
 def caption_locally(items: Sequence[Item], engine, config, max_pixels: int, batch_size: int,
-                    workers: int = 2) -> Iterator[list[Record]]:
+                    workers: int = 2, labels: int = 0) -> Iterator[list[Record]]:
     """Records per batch, in order: files decoded in `workers` threads (the next batch while the
-    engine runs this one), each batch one `engine.caption` call."""
+    engine runs this one), each batch one `engine.run` call (with each image's `labels` best labels)."""
     from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 
     spec = engine.bundle.preprocessing
@@ -334,11 +401,15 @@ def caption_locally(items: Sequence[Item], engine, config, max_pixels: int, batc
             loaded = [f.result() for f in pending]
             pending = [pool.submit(load, it) for it in batches[index + 1]] if index + 1 < len(batches) else []
             arrays = [x for x in loaded if not isinstance(x, Record)]
-            captions = iter(engine.caption(arrays, config) if arrays else [])
+            results = iter(engine.run(arrays, config, labels=labels) if arrays else [])
             records = []
             for item, outcome in zip(batch, loaded):
-                records.append(outcome if isinstance(outcome, Record)
-                               else Record(item.rel, captions=caption_dicts(next(captions))))
+                if isinstance(outcome, Record):
+                    records.append(outcome)
+                else:
+                    result = next(results)
+                    records.append(Record(item.rel, captions=caption_dicts(result.captions),
+                                          labels=label_dicts(result.labels)))
             yield records
 
 
@@ -482,7 +553,8 @@ def caption_remotely(items: Sequence[Item], client: ServiceClient, params: dict[
                     e = result["error"]
                     records[index] = error_record(rel, str(e.get("code", "error")), str(e.get("message", "")))
                 else:
-                    records[index] = Record(rel, captions=caption_dicts(result.get("captions") or []))
+                    records[index] = Record(rel, captions=caption_dicts(result.get("captions") or []),
+                                            labels=label_dicts(result.get("labels") or []))
         return [records[i] for i in range(len(batch))]
 
     batches = iter(_batches(items, batch_size))
@@ -545,6 +617,8 @@ def run(
     output.load(retry_errors=retry_errors)
     if output.repaired:
         log(f"{out}: cut off a truncated last line (from a run that was stopped)")
+    if output.upgraded:
+        log(f"{out}: added the labels column (the file is from before it)")
 
     scan = scan_folder(folder, exclude=[out, out.with_name(out.name + ".tmp")])
     summary = Summary(images=len(scan.images), not_images=scan.not_images)
@@ -617,11 +691,16 @@ def caption_dir(
     max_length: MaxLengthOption = None,
     length_penalty: LengthPenaltyOption = None,
     no_repeat_ngram_size: NoRepeatNgramOption = None,
+    labels: LabelsOption = None,
     bundle: BundleOption = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Caption every image in a folder into a JSON-lines or CSV file (resumable; locally or via --url).
+
+    With a model that has ImageNet labels, each captioned image also gets its best --labels K classes:
+    JSON lines a `labels` list of {name, class_id, probability}; CSV a `labels` column of
+    `class_id:name:probability` joined by `|` (e.g. `285:Egyptian cat:0.819941|282:tiger cat:0.070631`).
 
     Exit status: 0 all captioned, 1 some files failed (error records) or the run stopped early,
     2 bad options or a model that cannot load."""
@@ -649,6 +728,12 @@ def caption_dir(
             info = client.json("GET", "/v1/model")
         except BulkError as exc:
             fail(f"the service cannot be used: {exc}")
+        try:
+            top_k = resolve_labels(labels, bool(info.get("labels")), int(info.get("default_labels") or 0),
+                                   f"the service's model {info.get('name') or ''}".rstrip())
+        except ValueError as exc:
+            fail(str(exc))
+        params = {**decoding, "labels": top_k}
         limits = info.get("limits") or {}
         size = min(batch_size, int(limits.get("max_batch_files") or batch_size))
         if size < batch_size:
@@ -656,7 +741,7 @@ def caption_dir(
                        err=True)
 
         def captioner(items):
-            return caption_remotely(items, client, decoding, size, concurrency,
+            return caption_remotely(items, client, params, size, concurrency,
                                     max_upload_bytes=limits.get("max_upload_bytes"))
     else:
         from app.bundle import BundleError, load_bundle
@@ -675,10 +760,15 @@ def caption_dir(
         except (BundleError, EngineError) as exc:
             fail(f"cannot load the model: {exc}")
         config = settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(**decoding)
+        try:
+            top_k = resolve_labels(labels, engine.has_labels, settings.default_labels,
+                                   f"the model {engine.bundle.name}")
+        except ValueError as exc:
+            fail(str(exc))
         size = batch_size
 
         def captioner(items):
-            return caption_locally(items, engine, config, settings.max_image_pixels, size)
+            return caption_locally(items, engine, config, settings.max_image_pixels, size, labels=top_k)
 
     try:
         summary = run(folder, out, fmt=fmt, batch_size=size, captioner=captioner, retry_errors=retry_errors,

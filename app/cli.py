@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,14 +18,19 @@ from app.cli_options import (
     BeamSizeOption,
     BundleOption,
     DeviceOption,
+    LabelsOption,
     LengthPenaltyOption,
     MaxLengthOption,
     NoRepeatNgramOption,
     NumCaptionsOption,
     StrategyOption,
     ThreadsOption,
+    resolve_labels,
 )
 from app.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from app.engine import Label
 
 
 def _settings_or_exit(**overrides: object) -> Settings:
@@ -72,6 +77,12 @@ def serve(
         raise typer.Exit(3)  # start-up failed (the lifespan logged why), as uvicorn.run exits
 
 
+def labels_line(labels: Sequence[Label]) -> str:
+    """Labels for people: each class's first synonym and its probability in percent, best first
+    ("Egyptian cat 82.1%, tiger cat 7.1%, tabby 7.0%"); --json has the full names and class ids."""
+    return ", ".join(f"{x.name.split(',')[0].strip()} {x.probability:.1%}" for x in labels)
+
+
 def caption(
     images: Annotated[list[Path], typer.Argument(help="Image files to caption.", exists=False)],
     strategy: StrategyOption = None,
@@ -80,12 +91,14 @@ def caption(
     max_length: MaxLengthOption = None,
     length_penalty: LengthPenaltyOption = None,
     no_repeat_ngram_size: NoRepeatNgramOption = None,
+    labels: LabelsOption = None,
     bundle: BundleOption = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image")] = False,
 ) -> None:
-    """Caption image files locally (no server): load the bundle, run the engine, print the captions."""
+    """Caption image files locally (no server): load the bundle, run the engine, print the captions
+    and, for a bundle with labels, each image's best ImageNet labels (`--labels K`)."""
     from app.bundle import BundleError, load_bundle
     from app.engine import Engine, EngineError
     from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
@@ -109,6 +122,11 @@ def caption(
         typer.echo(f"captioner: cannot load the model: {exc}", err=True)
         raise typer.Exit(2) from None
     config = decoding(loaded.recommended_decoding)
+    try:
+        top_k = resolve_labels(labels, engine.has_labels, settings.default_labels, f"the model {loaded.name}")
+    except ValueError as exc:
+        typer.echo(f"captioner: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     spec = loaded.preprocessing
     arrays, good, failed = [], [], 0
@@ -127,11 +145,12 @@ def caption(
                 typer.echo(f"{path}: error: {message}", err=True)
 
     if arrays:
-        results = engine.caption(arrays, config)
+        results = engine.run(arrays, config, labels=top_k)
         used = config.resolved(loaded.max_length)
-        for path, captions in zip(good, results, strict=True):
+        for path, result in zip(good, results, strict=True):
+            captions = result.captions
             if as_json:
-                typer.echo(json.dumps({
+                record: dict[str, object] = {
                     "image": str(path),
                     "captions": [{"text": c.text, "score": c.score, "normalized_score": c.normalized_score,
                                   "tokens": c.tokens} for c in captions],
@@ -140,13 +159,20 @@ def caption(
                                  "length_penalty": used.length_penalty,
                                  "no_repeat_ngram_size": used.no_repeat_ngram_size},
                     "model": {"name": loaded.name, "version": loaded.version},
-                }))
-            elif len(captions) == 1:
+                }
+                if result.labels:  # as the API: absent with --labels 0 or a bundle without labels
+                    record["labels"] = [{"name": x.name, "class_id": x.class_id, "probability": x.probability}
+                                        for x in result.labels]
+                typer.echo(json.dumps(record))
+                continue
+            if len(captions) == 1:
                 typer.echo(f"{path}: {captions[0].text}")
             else:
                 typer.echo(f"{path}:")
                 for rank, c in enumerate(captions, 1):
                     typer.echo(f"  {rank}. {c.text}  ({c.normalized_score:.3f})")
+            if result.labels:
+                typer.echo(f"  labels: {labels_line(result.labels)}")
     if failed:
         raise typer.Exit(1)
 

@@ -1,6 +1,6 @@
 """The command-line options that several commands share (`caption`, `caption-dir`, `serve`), defined
-once. Their bounds come from the limits in app/decoding.py, so the CLI refuses what the HTTP API
-refuses; unset (None) means "the service's default, else the model's recommendation"."""
+once. Their bounds come from the limits in app/decoding.py and app/bundle.py, so the CLI refuses
+what the HTTP API refuses; unset (None) means "the service's default, else the model's recommendation"."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from app.bundle import MAX_LABELS
 from app.decoding import (
     MAX_BEAM_SIZE,
     MAX_LENGTH_LIMIT,
@@ -34,6 +35,27 @@ NoRepeatNgramOption = Annotated[
     int | None, typer.Option(min=0, max=MAX_NO_REPEAT_NGRAM_SIZE,
                              help=f"Block repeated n-grams of this size (0 = off, up to {MAX_NO_REPEAT_NGRAM_SIZE}; "
                                   "default: the model's recommendation)")]
+
+# ---- ImageNet labels ----------------------------------------------------------------------------------
+
+LabelsOption = Annotated[
+    int | None, typer.Option(min=0, max=MAX_LABELS, metavar="K",
+                             help=f"ImageNet-1k labels per image, best first (0-{MAX_LABELS}; 0 = none; default: "
+                                  "the default_labels setting (CAPTIONER_DEFAULT_LABELS, 3) when the model has "
+                                  "labels, else 0; K > 0 on a model without labels is refused)")]
+
+
+def resolve_labels(requested: int | None, has_labels: bool, default_labels: int, model: str = "the model") -> int:
+    """The label count a command uses, by the HTTP API's rule: `requested` if given, else
+    `default_labels` when the model has labels, else 0. ValueError for `requested` > 0 on a
+    model without labels (the API's 409 labels_unavailable); `model` names it in the message."""
+    if requested is None:
+        return default_labels if has_labels else 0
+    if requested > 0 and not has_labels:
+        raise ValueError(f"--labels {requested}: {model} has no ImageNet labels (its bundle has no labels.json); "
+                         "use --labels 0, or a bundle exported with labels")
+    return requested
+
 
 # ---- the model and where it runs ---------------------------------------------------------------------
 

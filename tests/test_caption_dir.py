@@ -1,5 +1,6 @@
 """`captioner caption-dir`: caption a folder into JSON lines or CSV, locally (tiny bundles and the real
-models/default) or through a running service (`--url`, with retries on 503), and resume."""
+models/default) or through a running service (`--url`, with retries on 503), and resume; ImageNet labels
+(`--labels`) in both formats and both modes."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from app.bulk import retry_after_seconds, sniff_image
+from app.bulk import CSV_COLUMNS, OLD_CSV_COLUMNS, labels_from_csv, labels_to_csv, retry_after_seconds, sniff_image
 from captioner.cli import cli
+from tests.support.bundle_factory import LABEL_NAMES
 from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -64,8 +66,14 @@ def sat_bundle(tiny_bundles) -> Path:
     return tiny_bundles(attention=True, max_length=8)
 
 
-def invoke(*args: str):
-    result = CliRunner().invoke(cli, ["caption-dir", *args], catch_exceptions=False)
+@pytest.fixture(scope="module")
+def labels_bundle(tiny_bundles) -> Path:
+    """The same model as sat_bundle, plus the stand-in ImageNet head (10 classes)."""
+    return tiny_bundles(attention=True, max_length=8, labels=True)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    result = CliRunner().invoke(cli, ["caption-dir", *args], catch_exceptions=False, env=env)
     return result
 
 
@@ -80,6 +88,17 @@ def by_path(records: list[dict]) -> dict[str, dict]:
 
 
 # ---- helpers of app/bulk.py ------------------------------------------------------------------------------
+
+
+def test_labels_csv_cell_round_trip():
+    labels = [{"name": "tabby, tabby cat", "class_id": 281, "probability": 0.612345},
+              {"name": "odd: name", "class_id": 7, "probability": 1e-06}, {"name": "x", "class_id": 0, "probability": 0.0}]
+    cell = labels_to_csv(labels)
+    assert cell == "281:tabby, tabby cat:0.612345|7:odd: name:0.000001|0:x:0.000000"
+    assert labels_from_csv(cell) == labels
+    assert labels_to_csv(None) == labels_to_csv([]) == "" and labels_from_csv("") is None
+    assert labels_from_csv("not a labels cell") is None  # damaged: the record stays, without labels
+    assert labels_to_csv([{"name": "a|b", "class_id": 1, "probability": 0.5}]) == "1:a/b:0.500000"
 
 
 def test_sniff_image_by_content():
@@ -162,7 +181,9 @@ def test_csv_with_several_captions(folder, sat_bundle, tmp_path):
             return list(csv.DictReader(handle))
 
     first = rows()
-    assert list(first[0]) == ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message"]
+    assert list(first[0]) == ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message",
+                              "labels"]
+    assert all(r["labels"] == "" for r in first)  # a bundle without labels
     captioned = [r for r in first if not r["error_code"]]
     assert len(captioned) == 2 * len(IMAGES)
     for rel in IMAGES:
@@ -302,6 +323,7 @@ def test_url_mode_matches_local(folder, sat_bundle, server, tmp_path):
         assert got[rel]["captions"][0]["score"] == pytest.approx(want[rel]["captions"][0]["score"], abs=1e-4)
     assert got[CORRUPT]["error"]["code"] == "corrupt_image"
     assert got[DANGLING]["error"]["code"] == "unreadable_file"
+    assert not any("labels" in r for r in got.values())  # the service's model has none: no labels by default
 
     # and it resumes like the local mode
     lines = remote.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -347,3 +369,168 @@ def test_url_mode_gives_up_and_resumes(folder, server, tmp_path):
     # a service that is not there at all
     result = invoke(str(folder / "d"), "--out", str(out), "--url", "http://127.0.0.1:9", "--retries", "0")
     assert result.exit_code == 2 and "cannot be used" in result.stderr
+
+
+# ---- ImageNet labels --------------------------------------------------------------------------------------
+
+
+def _check_labels(labels: list[dict], k: int) -> None:
+    assert len(labels) == k
+    assert [set(x) for x in labels] == [{"name", "class_id", "probability"}] * k
+    assert all(LABEL_NAMES[x["class_id"]] == x["name"] for x in labels)
+    probs = [x["probability"] for x in labels]
+    assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-5
+    assert len({x["class_id"] for x in labels}) == k
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_labels_locally_in_jsonl_and_csv(folder, labels_bundle, sat_bundle, tmp_path):
+    common = ["--bundle", str(labels_bundle), "--device", "cpu", "--no-progress"]
+    # the default: the default_labels setting (3) for a bundle with labels
+    out = tmp_path / "labels.jsonl"
+    result = invoke(str(folder), "--out", str(out), *common)
+    assert result.exit_code == 1, result.output
+    records = by_path(read_jsonl(out))
+    for rel in IMAGES:
+        assert list(records[rel]) == ["path", "captions", "labels"]
+        _check_labels(records[rel]["labels"], 3)
+    assert "labels" not in records[CORRUPT] and "labels" not in records[DANGLING]  # error records: none
+    assert records["a/cat.jpg"]["labels"] == records["photo.png"]["labels"]  # the same picture
+    assert len({json.dumps(records[rel]["labels"]) for rel in IMAGES}) > 2  # they depend on the image
+    # the captions are those of the same model without the head
+    plain = tmp_path / "plain.jsonl"
+    invoke(str(folder), "--out", str(plain), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress")
+    assert {r: v.get("captions") for r, v in by_path(read_jsonl(plain)).items()} == \
+        {r: v.get("captions") for r, v in records.items()}
+
+    # the setting decides the default; --labels overrides it
+    env_out = tmp_path / "one.jsonl"
+    invoke(str(folder / "d"), "--out", str(env_out), *common, env={"CAPTIONER_DEFAULT_LABELS": "1"})
+    assert all(len(r["labels"]) == 1 for r in read_jsonl(env_out) if "captions" in r)
+
+    # CSV: the same labels, in the labels column of each of the image's caption rows
+    out_csv = tmp_path / "labels.csv"
+    result = invoke(str(folder), "--out", str(out_csv), *common, "--labels", "2", "--strategy", "beam",
+                    "--beam-size", "3", "--num-captions", "2")
+    assert result.exit_code == 1, result.output
+    rows = read_csv(out_csv)
+    assert list(rows[0]) == CSV_COLUMNS
+    for rel in IMAGES:
+        mine = [r for r in rows if r["path"] == rel]
+        assert [r["rank"] for r in mine] == ["1", "2"] and mine[0]["labels"] == mine[1]["labels"]
+        assert labels_from_csv(mine[0]["labels"]) == records[rel]["labels"][:2], rel
+    assert all(r["labels"] == "" for r in rows if r["error_code"])
+
+    # --labels 0: no labels field, an empty column
+    none_out, none_csv = tmp_path / "none.jsonl", tmp_path / "none.csv"
+    invoke(str(folder), "--out", str(none_out), *common, "--labels", "0")
+    assert not any("labels" in r for r in read_jsonl(none_out))
+    invoke(str(folder), "--out", str(none_csv), *common, "--labels", "0")
+    assert all(r["labels"] == "" for r in read_csv(none_csv))
+
+    # a bundle without labels: --labels 2 is refused, before any work
+    refused = tmp_path / "refused.jsonl"
+    result = invoke(str(folder), "--out", str(refused), "--bundle", str(sat_bundle), "--device", "cpu",
+                    "--labels", "2", "--no-progress")
+    assert result.exit_code == 2
+    assert "--labels 2: the model tiny-sat has no ImageNet labels" in result.stderr and "--labels 0" in result.stderr
+    assert not refused.exists()
+    assert invoke(str(folder), "--out", str(refused), *common, "--labels", "21").exit_code == 2  # over MAX_LABELS
+
+
+def test_labels_resume_keeps_older_records(folder, labels_bundle, sat_bundle, tmp_path):
+    common = ["--bundle", str(labels_bundle), "--device", "cpu", "--no-progress"]
+    # JSON lines from a run without labels: valid records, not captioned again
+    out = tmp_path / "old.jsonl"
+    invoke(str(folder), "--out", str(out), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress")
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(lines[:5]), encoding="utf-8")
+    result = invoke(str(folder), "--out", str(out), *common)
+    kept_paths = {json.loads(line)["path"] for line in lines[:5]}
+    already = len(kept_paths & (set(IMAGES) | {CORRUPT}))  # DANGLING is not an image: recorded, not "found"
+    assert f"{already} already in" in result.stderr
+    assert f"{len(set(IMAGES) - kept_paths)} captioned now" in result.stderr
+    resumed = read_jsonl(out)
+    assert resumed[:5] == [json.loads(line) for line in lines[:5]]  # untouched, without labels
+    assert set(by_path(resumed)) == set(IMAGES) | {CORRUPT, DANGLING}
+    assert all("labels" in r for r in resumed[5:] if "captions" in r)
+    # --retry-errors rewrites the file: the labels of the records it keeps survive
+    before = {r["path"]: r for r in resumed if "captions" in r}
+    invoke(str(folder), "--out", str(out), *common, "--retry-errors")
+    after = by_path(read_jsonl(out))
+    assert all(after[rel] == record for rel, record in before.items())
+
+    # a CSV from before the labels column: resumed, its header and rows get the (empty) column
+    old_csv = tmp_path / "old.csv"
+    invoke(str(folder), "--out", str(old_csv), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress")
+    with open(old_csv, newline="", encoding="utf-8") as handle:
+        full = list(csv.reader(handle))
+    assert full[0] == CSV_COLUMNS
+    legacy = [row[:len(OLD_CSV_COLUMNS)] for row in full]  # as an older caption-dir wrote it
+    kept = legacy[:5]
+    with open(old_csv, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(kept)
+    result = invoke(str(folder), "--out", str(old_csv), *common, "--labels", "2")
+    old_paths = {row[0] for row in kept[1:]}
+    assert "added the labels column" in result.stderr
+    assert f"{len(old_paths & (set(IMAGES) | {CORRUPT}))} already in" in result.stderr
+    rows = read_csv(old_csv)
+    assert list(rows[0]) == CSV_COLUMNS
+    assert [list(r.values()) for r in rows[:4]] == [row + [""] for row in kept[1:]]
+    assert {r["path"] for r in rows} == set(IMAGES) | {CORRUPT, DANGLING}
+    assert len(rows) == len(full) - 1  # nothing twice
+    for r in rows:
+        if r["path"] not in old_paths and not r["error_code"]:
+            _check_labels(labels_from_csv(r["labels"]) or [], 2)
+    # and the upgraded file resumes as a current one
+    result = invoke(str(folder), "--out", str(old_csv), *common)
+    assert "0 captioned now" in result.stderr and "added the labels column" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def labels_server(labels_bundle, start_server):
+    return start_server(labels_bundle, log_name="labels", max_batch_files=3, default_labels=2)
+
+
+def test_labels_through_the_service(folder, labels_bundle, labels_server, server, tmp_path):
+    local = tmp_path / "local.jsonl"
+    invoke(str(folder), "--out", str(local), "--bundle", str(labels_bundle), "--device", "cpu", "--no-progress",
+           "--labels", "4")
+    want = by_path(read_jsonl(local))
+    remote = tmp_path / "remote.jsonl"
+    result = invoke(str(folder), "--out", str(remote), "--url", labels_server.url, "--labels", "4",
+                    "--concurrency", "2", "--no-progress")
+    assert result.exit_code == 1, result.output
+    got = by_path(read_jsonl(remote))
+    assert set(got) == set(want)
+    for rel in IMAGES:
+        _check_labels(got[rel]["labels"], 4)
+        assert [(x["name"], x["class_id"]) for x in got[rel]["labels"]] == \
+            [(x["name"], x["class_id"]) for x in want[rel]["labels"]], rel
+        assert [x["probability"] for x in got[rel]["labels"]] == \
+            pytest.approx([x["probability"] for x in want[rel]["labels"]], abs=1e-5)
+    assert "labels" not in got[CORRUPT] and "labels" not in got[DANGLING]
+
+    # the default is the service's default_labels (2 here), from GET /v1/model; CSV as locally
+    remote_csv = tmp_path / "remote.csv"
+    invoke(str(folder), "--out", str(remote_csv), "--url", labels_server.url, "--no-progress")
+    rows = read_csv(remote_csv)
+    for rel in IMAGES:
+        mine = [r for r in rows if r["path"] == rel]
+        labels = labels_from_csv(mine[0]["labels"])
+        assert labels is not None and [x["class_id"] for x in labels] == [x["class_id"] for x in want[rel]["labels"][:2]]
+    # --labels 0: none asked, none written
+    zero = tmp_path / "zero.jsonl"
+    invoke(str(folder / "d"), "--out", str(zero), "--url", labels_server.url, "--labels", "0", "--no-progress")
+    assert not any("labels" in r for r in read_jsonl(zero))
+
+    # a service whose model has no labels: refused with the reason before any image is sent
+    refused = tmp_path / "refused.jsonl"
+    result = invoke(str(folder), "--out", str(refused), "--url", server.url, "--labels", "1", "--no-progress")
+    assert result.exit_code == 2
+    assert "--labels 1: the service's model tiny-sat has no ImageNet labels" in result.stderr
+    assert not refused.exists()

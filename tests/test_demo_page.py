@@ -1,7 +1,7 @@
 """The demo page (`GET /`, app/static/index.html) in a real headless Chromium against a real uvicorn:
 upload an image, see the captions, hover/click a word and see its heatmap drawn on the canvas; a
 non-image and bad settings give the API's error message as text; a Show-and-Tell bundle says that
-it has no heatmaps.
+it has no heatmaps; a bundle with ImageNet labels shows them under the caption.
 
 Uses Debian's chromium (/usr/bin/chromium, `apt-get install chromium`) driven by the Python
 `playwright` package; `playwright install` (a browser download) is never needed. Without them the
@@ -65,6 +65,11 @@ def sat_server(tiny_bundles, start_server):
 @pytest.fixture(scope="module")
 def st_server(tiny_bundles, start_server):
     return start_server(tiny_bundles(attention=False, max_length=8), log_name="st")
+
+
+@pytest.fixture(scope="module")
+def labels_server(tiny_bundles, start_server):
+    return start_server(tiny_bundles(attention=True, max_length=8, labels=True), log_name="labels")
 
 
 @pytest.fixture()
@@ -238,6 +243,45 @@ def test_show_and_tell_bundle_has_no_heatmaps(page, st_server, files, tmp_path):
     assert "No heatmaps" in page.inner_text("#hint")
     assert page.get_attribute("#canvas", "data-shown") == ""
     _shot(page, tmp_path, "demo-show-and-tell")
+    assert page.js_errors == []
+
+
+def test_labels_under_the_caption(page, labels_server, sat_server, files, tmp_path):
+    import re
+
+    import httpx
+
+    _open(page, labels_server)
+    assert not page.is_visible("#labels")  # nothing before an answer
+    _upload(page, files["cat"])
+    assert page.is_visible("#labels")
+    chips = page.locator("#labels .label")
+    assert chips.count() == 3  # the service's default_labels
+    answer = httpx.post(labels_server.url + "/v1/captions?strategy=beam",
+                        files={"image": ("cat.jpg", files["cat"].read_bytes(), "image/jpeg")}, timeout=30).json()
+    for chip, label in zip((chips.nth(i) for i in range(3)), answer["labels"], strict=True):
+        text = chip.inner_text()
+        assert re.fullmatch(r"tiny class \d \d+\.\d%", text.replace("\n", " ").strip()), text
+        assert text.startswith(label["name"]) and f"{100 * label['probability']:.1f}%" in text
+        assert chip.get_attribute("title") == f"{label['name']} (class {label['class_id']})"
+    # under the caption (and above the settings line)
+    caption_box = page.locator("#captions li").last.bounding_box()
+    labels_box, meta_box = page.locator("#labels").bounding_box(), page.locator("#meta").bounding_box()
+    assert caption_box and labels_box and meta_box
+    assert caption_box["y"] + caption_box["height"] <= labels_box["y"] + 1
+    assert labels_box["y"] + labels_box["height"] <= meta_box["y"] + 1
+    _shot(page, tmp_path, "demo-labels")
+
+    # an error answer clears them
+    _upload(page, files["notes"], state="error")
+    assert not page.is_visible("#labels") and page.locator("#labels .label").count() == 0
+    assert page.js_errors == []
+
+    # a bundle without labels: the answer has none, so nothing is shown
+    _open(page, sat_server)
+    _upload(page, files["cat"])
+    assert page.locator("#captions li").count() == 1
+    assert not page.is_visible("#labels") and page.locator("#labels .label").count() == 0
     assert page.js_errors == []
 
 

@@ -631,3 +631,60 @@ def test_cli_caption(tiny_bundle, tmp_path, cat_jpeg):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stdout.startswith(f"{img}: ") and "bad.jpg" in result.stderr
+
+
+def test_cli_caption_labels(tiny_bundles, tiny_bundle, tmp_path, cat_jpeg, astronaut_png):
+    from tests.support.bundle_factory import LABEL_NAMES
+
+    cat, astronaut = tmp_path / "cat.jpg", tmp_path / "astronaut.png"
+    cat.write_bytes(cat_jpeg)
+    astronaut.write_bytes(astronaut_png)
+    labelled = tiny_bundles(attention=True, labels=True)
+
+    def run(bundle: Path, *args: str, **settings: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app.cli", "caption", *args], cwd=REPO,
+                              env=service_env(bundle, **settings), capture_output=True, text=True, timeout=60)
+
+    # text: the caption line, then the labels (default: the default_labels setting, 3)
+    result = run(labelled, str(cat), str(astronaut))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(f"{cat}: ") and lines[2].startswith(f"{astronaut}: ")
+    for line in (lines[1], lines[3]):
+        assert re.fullmatch(r"  labels: tiny class \d \d+\.\d%, tiny class \d \d+\.\d%, tiny class \d \d+\.\d%", line)
+    # the captions are those of the same model without labels
+    plain = run(tiny_bundle, str(cat), str(astronaut)).stdout.splitlines()
+    assert plain == [lines[0], lines[2]]
+    # several captions: the numbered list, then the labels
+    result = run(labelled, str(cat), "--num-captions", "2", "--labels", "1", default_labels=5)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{cat}:" and lines[1].startswith("  1. ") and lines[2].startswith("  2. ")
+    assert re.fullmatch(r"  labels: tiny class \d \d+\.\d%", lines[3]) and len(lines) == 4
+
+    # --json: {name, class_id, probability}, best first
+    result = run(labelled, str(cat), "--json", "--labels", "5")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip())
+    labels = out["labels"]
+    assert len(labels) == 5 and all(set(x) == {"name", "class_id", "probability"} for x in labels)
+    assert all(LABEL_NAMES[x["class_id"]] == x["name"] for x in labels)
+    probs = [x["probability"] for x in labels]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    text = run(labelled, str(cat), "--labels", "5").stdout.splitlines()[1]
+    assert text.startswith(f"  labels: {labels[0]['name']} {labels[0]['probability']:.1%}, ")
+    # the setting decides the default, --labels 0 asks for none
+    assert len(json.loads(run(labelled, str(cat), "--json", default_labels=2).stdout)["labels"]) == 2
+    result = run(labelled, str(cat), "--json", "--labels", "0")
+    assert result.returncode == 0 and "labels" not in json.loads(result.stdout)
+    assert len(run(labelled, str(cat), "--labels", "0").stdout.splitlines()) == 1
+
+    # a bundle without labels: none by default, and asking for some is a clear error (exit 2)
+    result = run(tiny_bundle, str(cat), "--json")
+    assert result.returncode == 0 and "labels" not in json.loads(result.stdout)
+    result = run(tiny_bundle, str(cat), "--labels", "3")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--labels 3: the model tiny-sat has no ImageNet labels" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run(labelled, str(cat), "--labels", "21")
+    assert result.returncode == 2 and "--labels" in result.stderr

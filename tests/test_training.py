@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from app.bundle import load_bundle
 from app.decoding import DecodingConfig
 from app.engine import Engine
+from app.preprocess import to_array
 from captioner.cli import cli
 from model_export.data.scenes import generate_scenes
 from model_export.features import preprocessing_for
@@ -156,16 +157,23 @@ def test_export_writes_a_bundle_that_proved_parity(bundle):
     assert manifest["architecture"]["decoder"] == "show_attend_tell" and manifest["architecture"]["grid_size"] == [7, 7]
     assert manifest["preprocessing"]["image_size"] == [224, 224] and manifest["preprocessing"]["mean"] == [0.5] * 3
     parity = manifest["parity"]
-    for key in ("encoder_max_abs_random", "encoder_max_abs_real", "step_max_abs_random", "step_max_abs_real"):
+    for key in ("encoder_max_abs_random", "encoder_max_abs_real", "step_max_abs_random", "step_max_abs_real",
+                "labels_max_abs_random", "labels_max_abs_real"):
         assert parity[key] <= 1e-4
     assert parity["greedy_identical"] == parity["beam3_identical"] == 50
+    # the encoder's ImageNet head and its class names (model_export/labels.py)
+    assert manifest["labels"] == {**manifest["labels"], "output": "imagenet_probs", "classes": 1000}
+    names = json.loads((bundle / "labels.json").read_text())["names"]
+    assert len(names) == 1000 and names[281] == "tabby, tabby cat" and names[967] == "espresso"
     for name in ("greedy", "beam3"):
         scores = manifest["evaluation"][name]
         assert set(scores) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "attributes"}
     assert (bundle / "eval.json").is_file()
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     loaded = load_bundle(bundle)  # sha256 of every file checked
-    assert len(loaded.vocab) == manifest["architecture"]["vocab_size"]
+    assert len(loaded.vocab) == manifest["architecture"]["vocab_size"] and loaded.has_labels
+    photo = to_array(Image.fromarray(skdata.coffee()), loaded.preprocessing)[None]
+    assert Engine(loaded, device="cpu").run(photo, DecodingConfig(), labels=1)[0].labels[0].class_id == 967
 
 
 def test_onnx_captions_equal_the_torch_reference_for_other_settings(bundle, trained, scenes):
