@@ -24,7 +24,8 @@ Image captioning: a CNN encoder and an LSTM decoder (exported to ONNX, served by
 * `POST /v1/captions/batch` captions up to `max_batch_files` images (repeated field `images`) in one
   model call; a file that fails gets its own error entry.
 * Decoding settings (`strategy`, `beam_size`, `num_captions`, `max_length`, `length_penalty`,
-  `no_repeat_ngram_size`) are query parameters.
+  `no_repeat_ngram_size`) are query parameters, and so is `labels`: how many ImageNet-1k labels to
+  answer per image beside its captions (models with labels; `GET /v1/model` says).
 
 Every error is `{"error": {"code", "message", "request_id"}}`. Send `X-Request-ID` to choose the
 request id (up to 128 of `A-Z a-z 0-9 . _ : - @ + =`); otherwise one is generated. It is echoed on

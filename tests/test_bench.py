@@ -77,3 +77,14 @@ def test_bundles_benchmark_compares_two_bundles(tiny_bundles, tiny_bundle, tmp_p
         assert result["decoding"]["beam_size"] == 3
     assert list(report["ratios"]) == ["tiny-sat 0.0.1 / tiny-sat 0.0.1"]
     assert set(report["ratios"]["tiny-sat 0.0.1 / tiny-sat 0.0.1"]) == {"batch2_images_per_s", "one_image_p50"}
+
+
+def test_labels_benchmark_times_both_ways(tiny_bundles, tmp_path):
+    report_path = tmp_path / "labels.json"
+    run_script("labels.py", "--bundle", str(tiny_bundles(labels=True)), "--images", "4", "--batch", "2", "--repeat", "3",
+               "--runs", "1", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert set(report["one_image_ms_p50"]) == set(report["batch2_images_per_s"]) == {"off", "on"}
+    assert all(v > 0 for v in report["batch2_images_per_s"].values())
+    assert set(report["cost"]) == {"one_image_p50", "batch2_time_per_image"}
+    assert report["captions_identical"] is True  # labels never change the captions
