@@ -21,7 +21,7 @@ SCST_RECIPE = --self-critical --init-checkpoint $(WORK)/xe/best.pt --sample-temp
 NAME ?= flickr8k-sat-lite0
 VERSION ?= 2.0.0
 
-.PHONY: default-model scenes-model install install-serve serve test lint
+.PHONY: default-model scenes-model install install-serve serve test lint node-client
 
 # Everything: serving (CPU onnxruntime), training (CPU torch 2.13) and test tools.
 install:
@@ -40,8 +40,13 @@ serve: install-serve
 	$(CAPTIONER) serve
 
 # Install everything and run every test.
-test: install
+test: install node-client
 	$(PYTHON) -m pytest -q
+
+# The TypeScript client's pinned generator and compiler (tests/test_typescript_client.py; Node >= 20.19).
+node-client:
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix clients/typescript --no-audit --no-fund --silent; \
+	else echo "npm not found: tests/test_typescript_client.py will skip (docs/typescript-client.md)"; fi
 
 # ruff (pyflakes, pycodestyle, import order, pyupgrade) on the whole project; mypy on the serving side.
 # Settings: pyproject.toml. `.venv/bin/ruff check --fix .` applies the mechanical fixes.
