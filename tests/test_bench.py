@@ -86,5 +86,6 @@ def test_labels_benchmark_times_both_ways(tiny_bundles, tmp_path):
     report = json.loads(report_path.read_text())
     assert set(report["one_image_ms_p50"]) == set(report["batch2_images_per_s"]) == {"off", "on"}
     assert all(v > 0 for v in report["batch2_images_per_s"].values())
-    assert set(report["cost"]) == {"one_image_p50", "batch2_time_per_image"}
+    assert set(report["cost"]) == {"one_image_p50", "batch2_time_per_image", "encoder_batch2"}
+    assert all(v > 0 for v in report["encoder_batch2_ms_median"].values())
     assert report["captions_identical"] is True  # labels never change the captions
