@@ -7,6 +7,7 @@
 * ``copy_bundle(bundle, name)``: a copy in the test's tmp_path, for the tests that damage a bundle.
 * ``start_server(bundle, log_name="service", **settings)``: a live server (tests/support/live_server.py)
   with these CAPTIONER_* settings, stopped after the module's last test.
+* ``spec``: the OpenAPI document of the module's own ``server`` fixture.
 
 The shared bundles are read-only by contract: a test that changes one must damage a ``copy_bundle`` copy.
 Every time a shared bundle is handed out it is checked to be as it was built, so a test that broke the
@@ -78,6 +79,15 @@ def copy_bundle(tmp_path) -> Callable[..., Path]:
         return Path(shutil.copytree(bundle, tmp_path / name))
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def spec(server) -> dict:
+    """The OpenAPI document of the requesting module's live `server` fixture."""
+    with server.client() as c:
+        r = c.get("/openapi.json")
+    assert r.status_code == 200
+    return r.json()
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ def server(tiny_bundle, start_server):
 
 
 @pytest.fixture(scope="module")
-def spec(server) -> dict:
-    with server.client() as c:
-        r = c.get("/openapi.json")
-    assert r.status_code == 200
-    return r.json()
-
-
-@pytest.fixture(scope="module")
 def generated(spec, tmp_path_factory):
     """Generate the client package from the live spec and import it."""
     root = tmp_path_factory.mktemp("client")

@@ -73,14 +73,6 @@ def server(node, tiny_bundles, start_server):  # node first: skip before startin
 
 
 @pytest.fixture(scope="module")
-def spec(server) -> dict:
-    with server.client() as c:
-        r = c.get("/openapi.json")
-    assert r.status_code == 200
-    return r.json()
-
-
-@pytest.fixture(scope="module")
 def project(node, spec, tmp_path_factory) -> Path:
     """A copy of clients/typescript with the client generated from the live spec and compiled."""
     root = tmp_path_factory.mktemp("ts-client")

@@ -28,7 +28,6 @@ and the initial image state, so the words depend on the image.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from app.bundle import (
     SpecialTokens,
     Training,
     TrainingData,
+    sha256_file,
 )
 
 OPSET = 17
@@ -70,14 +70,6 @@ FEAT = 16
 ATT = 12
 LABEL_CLASSES = 10  # the stand-in ImageNet head of a bundle made with labels=True
 LABEL_NAMES = [f"tiny class {i}" for i in range(LABEL_CLASSES)]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 16), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -356,7 +348,7 @@ def make_tiny_bundle(
         names += (("labels", "labels.json"),)
     for key, fname in names:
         fpath = out / fname
-        files[key] = FileEntry(path=fname, sha256=_sha256(fpath), bytes=fpath.stat().st_size)
+        files[key] = FileEntry(path=fname, sha256=sha256_file(fpath), bytes=fpath.stat().st_size)
 
     evaluation = {
         "split": "test",
