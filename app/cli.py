@@ -177,7 +177,7 @@ def caption(
         raise typer.Exit(1)
 
 
-from app.bulk import caption_dir  # noqa: E402  (imports nothing heavy: the engine loads on use)
+from app.bulk.command import caption_dir  # noqa: E402  (imports nothing heavy: the engine or httpx load on use)
 
 COMMANDS: dict[str, Callable[..., None]] = {"serve": serve, "caption": caption, "caption-dir": caption_dir}
 

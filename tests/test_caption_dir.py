@@ -87,7 +87,7 @@ def by_path(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-# ---- helpers of app/bulk.py ------------------------------------------------------------------------------
+# ---- helpers of app/bulk/ --------------------------------------------------------------------------------
 
 
 def test_labels_csv_cell_round_trip():
@@ -116,6 +116,108 @@ def test_retry_after_parsing():
     assert 25 <= retry_after_seconds(future) <= 31
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
+
+
+def test_service_client_retry_rules():
+    """ServiceClient (httpx): 429/502/503/504 and failed connections are retried with the backoff or
+    as long as Retry-After says; other answers come back at once; the retries spent, BulkError."""
+    import httpx
+
+    from app.bulk import BulkError, ServiceClient
+
+    answers = [httpx.ConnectError("refused"), httpx.Response(502), httpx.Response(429, headers={"Retry-After": "2"}),
+               httpx.ReadTimeout("slow"), httpx.Response(200, json={"ok": True})]
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    slept: list[float] = []
+    logged: list[str] = []
+    with ServiceClient("http://service.test/", retries=5, sleep=slept.append, log=logged.append,
+                       transport=httpx.MockTransport(handler)) as client:
+        assert client.json("GET", "/v1/model") == {"ok": True}
+        assert client.retried == 4 and len(seen) == 5
+        assert 0.5 <= slept[0] <= 0.625 and 1.0 <= slept[1] <= 1.25 and slept[2] == 2.0 and 4.0 <= slept[3] <= 5.0
+        assert logged[0].startswith("GET /v1/model: connection failed (refused); retrying in 0.")
+        assert logged[1].startswith("GET /v1/model: HTTP 502; retrying in 1.")
+        assert logged[2] == "GET /v1/model: HTTP 429; retrying in 2.0 s"
+        assert str(seen[0].url) == "http://service.test/v1/model"
+
+        answers[:] = [httpx.Response(422, json={"error": {"code": "invalid_parameter", "message": "no"}})]
+        with pytest.raises(BulkError, match=r"answered HTTP 422 \(invalid_parameter: no\)"):
+            client.json("POST", "/v1/captions/batch")
+        assert client.retried == 4 and not answers  # not retried
+
+    slept.clear()
+    with ServiceClient("http://service.test", retries=2, sleep=slept.append, max_wait=3.0,
+                       transport=httpx.MockTransport(lambda r: httpx.Response(503, headers={"Retry-After": "30"}))) as c:
+        with pytest.raises(BulkError, match="GET http://service.test/v1/model: HTTP 503, still after 2 retries"):
+            c.request("GET", "/v1/model")
+    assert slept == [3.0, 3.0]  # Retry-After, capped at max_wait
+    for bad in ("ftp://x", "http://", "http://[::1"):
+        with pytest.raises(BulkError, match="--url"):
+            ServiceClient(bad)
+
+
+def test_remote_upload_is_one_multipart_request_per_batch(tmp_path):
+    """caption_remotely: each batch one POST with httpx's multipart body (field `images`, the file
+    name, application/octet-stream) and the decoding options in the query; too large and unreadable
+    files become error records without being sent."""
+    import httpx
+
+    from app.bulk import Item, ServiceClient, caption_remotely
+
+    files = {"a.jpg": b"\xff\xd8\xffjpeg", "b.png": b"\x89PNG\r\n\x1a\npng", 'odd"name.jpg': b"\xff\xd8\xffodd",
+             "big.jpg": b"\xff\xd8\xff" + b"x" * 100}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    items = [Item(name, tmp_path / name) for name in files] + [Item("gone.jpg", tmp_path / "gone.jpg")]
+    bodies: list[tuple[str, str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        bodies.append((str(request.url), request.headers["content-type"], body))
+        count = body.count(b'name="images"')
+        return httpx.Response(200, json={"results": [{"captions": [{"text": f"t{i}", "score": -1.0,
+                                                                     "normalized_score": -0.5}]}
+                                                     for i in range(count)]})
+
+    with ServiceClient("http://service.test", transport=httpx.MockTransport(handler)) as client:
+        batches = list(caption_remotely(items, client, {"max_length": 6, "strategy": None, "labels": 0},
+                                        batch_size=3, concurrency=1, max_upload_bytes=50))
+    records = {r.path: r for batch in batches for r in batch}
+    assert set(records) == set(files) | {"gone.jpg"}
+    assert records["big.jpg"].error["code"] == "file_too_large"
+    assert records["gone.jpg"].error["code"] == "unreadable_file"
+    assert records["a.jpg"].captions == [{"text": "t0", "score": -1.0, "normalized_score": -0.5}]
+    assert len(bodies) == 1  # the second batch had nothing to send
+    url, ctype, body = bodies[0]
+    assert url == "http://service.test/v1/captions/batch?max_length=6&labels=0"
+    assert ctype.startswith("multipart/form-data; boundary=")
+    assert body.count(b"Content-Type: application/octet-stream") == 3
+    assert b'filename="a.jpg"' in body and b'filename="odd%22name.jpg"' in body and files["b.png"] in body
+
+
+def test_the_package_imports_light():
+    """`captioner` (app.cli) loads no HTTP client and no engine until caption-dir runs; the modules a
+    runner of its own reuses (source, output, job) load neither typer nor Pillow."""
+    import subprocess
+    import sys
+
+    script = ("import sys, app.cli, app.bulk.source, app.bulk.output, app.bulk.job; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'httpcore', 'PIL', 'onnxruntime')))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    script = "import sys, app.bulk.job; print(sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'PIL')))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 # ---- locally ---------------------------------------------------------------------------------------------
 

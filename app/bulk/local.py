@@ -1,0 +1,115 @@
+"""caption-dir's local mode: the bundle, the Engine and the service's preprocessing, in this process.
+
+`LocalCaptioner.load(...)` loads the model as `captioner caption` does (settings, decoding options,
+labels); calling it with the items to do yields their records batch by batch (`caption_locally`):
+the next batch's files are read and decoded in worker threads while the engine runs this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.bulk.errors import BulkError
+from app.bulk.output import Record, caption_dicts, error_record, label_dicts
+from app.bulk.source import ImagePrep, Item, in_batches, os_message
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from app.decoding import DecodingConfig
+    from app.engine import Engine
+
+
+def caption_locally(items: Sequence[Item], engine: Engine, config: DecodingConfig, max_pixels: int, batch_size: int,
+                    workers: int = 2, labels: int = 0) -> Iterator[list[Record]]:
+    """Records per batch, in order: files decoded in `workers` threads (the next batch while the
+    engine runs this one), each batch one `engine.run` call (with each image's `labels` best labels)."""
+    from app.preprocess import ImageDecodeError
+
+    prep = ImagePrep(engine.bundle.preprocessing, max_pixels)
+
+    def load(item: Item) -> np.ndarray | Record:
+        try:
+            data = item.read()
+        except OSError as exc:
+            return error_record(item.rel, "unreadable_file", os_message(exc))
+        try:
+            return prep(data)
+        except ImageDecodeError as exc:
+            return error_record(item.rel, exc.code, exc.message)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="caption-dir-decode") as pool:
+        batches = list(in_batches(items, batch_size))
+        pending = [pool.submit(load, it) for it in batches[0]] if batches else []
+        for index, batch in enumerate(batches):
+            loaded = [f.result() for f in pending]
+            pending = [pool.submit(load, it) for it in batches[index + 1]] if index + 1 < len(batches) else []
+            arrays = [x for x in loaded if not isinstance(x, Record)]
+            results = iter(engine.run(arrays, config, labels=labels) if arrays else [])
+            records = []
+            for item, outcome in zip(batch, loaded):
+                if isinstance(outcome, Record):
+                    records.append(outcome)
+                else:
+                    result = next(results)
+                    records.append(Record(item.rel, captions=caption_dicts(result.captions),
+                                          labels=label_dicts(result.labels)))
+            yield records
+
+
+@dataclass
+class LocalCaptioner:
+    """A loaded model, as a captioner for app.bulk.job.run: `captioner(items)` yields the records."""
+
+    engine: Engine
+    config: DecodingConfig
+    max_pixels: int
+    batch_size: int
+    labels: int = 0  # best labels per image (0: none)
+    workers: int = 2  # decoding threads
+
+    @classmethod
+    def load(cls, *, batch_size: int, decoding: dict[str, Any], labels: int | None = None,
+             bundle: Path | None = None, device: str | None = None, threads: int | None = None) -> LocalCaptioner:
+        """Load the settings (CAPTIONER_*, overridden by bundle/device/threads), check the decoding
+        options, load the bundle and resolve `labels` (None: the default_labels setting for a model
+        with labels, else 0). BulkError, with the message to show, for anything wrong (exit status 2)."""
+        from app.bundle import BundleError, load_bundle
+        from app.cli_options import resolve_labels
+        from app.engine import Engine, EngineError
+        from app.settings import SettingsError, load_settings
+
+        try:
+            settings = load_settings(bundle=bundle, device=device, threads=threads)
+            settings.decoding_defaults().with_overrides(**decoding)  # checked before the model loads
+        except SettingsError as exc:
+            raise BulkError(str(exc)) from None
+        except ValueError as exc:
+            raise BulkError(f"invalid decoding settings: {exc}") from None
+        try:
+            engine = Engine(load_bundle(settings.bundle), device=settings.device, threads=settings.threads)
+        except (BundleError, EngineError) as exc:
+            raise BulkError(f"cannot load the model: {exc}") from None
+        config = settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(**decoding)
+        try:
+            top_k = resolve_labels(labels, engine.has_labels, settings.default_labels, f"the model {engine.bundle.name}")
+        except ValueError as exc:
+            raise BulkError(str(exc)) from None
+        return cls(engine, config, settings.max_image_pixels, batch_size, labels=top_k)
+
+    def __call__(self, items: Sequence[Item]) -> Iterator[list[Record]]:
+        return caption_locally(items, self.engine, self.config, self.max_pixels, self.batch_size,
+                               workers=self.workers, labels=self.labels)
+
+    def close(self) -> None:
+        """Nothing to release (the sessions go with the engine); here so both captioners close alike."""
+
+    def __enter__(self) -> LocalCaptioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""Where the images of a caption-dir run come from, and how their bytes become encoder input.
+
+* `iter_files` / `list_files`: every file under a folder (recursively, sorted, symlinked folders not
+  followed), as `Item`s keyed by their path relative to the folder, `/`-separated.
+* `sniff_image` / `sniff_file`: an image is found by its content (the first `SNIFF_BYTES` bytes:
+  JPEG, PNG, GIF, WebP, BMP, TIFF), whatever its extension.
+* `scan_folder`: both together, the files sorted into images, other files and unreadable ones.
+* `ImagePrep`: bytes -> the encoder's input array, with the service's preprocessing (decode_image,
+  to_array, the JPEG draft size); an `ImageDecodeError` for a file that is not a usable image.
+* `in_batches`: consecutive batches of items.
+
+Nothing here imports the engine, typer or an HTTP client, and app.preprocess (Pillow, numpy) only
+when an `ImagePrep` is first used, so a runner on other machines (Ray workers) can use all of it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from app.bundle import Preprocessing
+
+SNIFF_BYTES = 32  # how much of a file `sniff_image` needs
+
+T = TypeVar("T")
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format from a file's first bytes, or None if it is not an image we caption."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in (12, 16, 40, 52, 56, 64, 108, 124):
+        return "BMP"  # "BM" plus a known DIB header size, so a text file starting "BM" is not one
+    return None
+
+
+def sniff_file(path: Path) -> str | None:
+    """`sniff_image` of the file's first bytes. OSError if it cannot be read."""
+    with open(path, "rb") as handle:
+        return sniff_image(handle.read(SNIFF_BYTES))
+
+
+def os_message(exc: OSError) -> str:
+    """The message an `unreadable_file` error record carries for `exc`."""
+    return exc.strerror or str(exc)
+
+
+@dataclass
+class Item:
+    """One file of the folder."""
+
+    rel: str  # relative to the folder, "/"-separated: the record's key
+    path: Path
+
+    def read(self) -> bytes:
+        """The file's bytes. OSError if it cannot be read."""
+        return self.path.read_bytes()
+
+
+@dataclass
+class Listing:
+    """`list_files`: the files, and the folders that could not be listed."""
+
+    files: list[Item] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (rel + "/", message)
+
+
+@dataclass
+class Scan:
+    """`scan_folder`: the files sorted into images, other files, and files or folders that could not
+    be read (those get an `unreadable_file` error record)."""
+
+    images: list[Item] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (rel, message); a folder's rel ends in "/"
+
+
+def iter_files(root: Path, exclude: Iterable[Path] = (),
+               on_error: Callable[[str, str], None] | None = None) -> Iterator[Item]:
+    """Every file under `root`, recursively, sorted (folder by folder, as os.walk goes; symlinked
+    folders are not followed), except the paths in `exclude` (the output file, ...). A folder that
+    cannot be listed is passed to `on_error(rel + "/", message)` ("./" for `root` itself) as the walk
+    meets it, and skipped."""
+    root = Path(root)
+    skip = {Path(p).resolve() for p in exclude}
+
+    def walk_error(exc: OSError) -> None:
+        if on_error is None:
+            return
+        where = Path(exc.filename) if exc.filename else root
+        rel = where.relative_to(root).as_posix() if where != root and where.is_relative_to(root) else "."
+        on_error(rel + "/", os_message(exc))
+
+    for folder, dirs, files in os.walk(root, onerror=walk_error):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.resolve() in skip:
+                continue
+            yield Item(path.relative_to(root).as_posix(), path)
+
+
+def list_files(root: Path, exclude: Iterable[Path] = ()) -> Listing:
+    """The candidate files of a folder (see `iter_files`), not yet sniffed: a runner that reads the
+    files elsewhere sniffs them there (`sniff_image` of the first `SNIFF_BYTES` bytes)."""
+    listing = Listing()
+    listing.files = list(iter_files(root, exclude, on_error=lambda rel, msg: listing.unreadable.append((rel, msg))))
+    return listing
+
+
+def scan_folder(root: Path, exclude: Iterable[Path] = ()) -> Scan:
+    """Every file under `root` (see `iter_files`), sorted into images (by content), other files, and
+    unreadable files and folders (in the order the walk met them)."""
+    scan = Scan()
+    for item in iter_files(root, exclude, on_error=lambda rel, msg: scan.unreadable.append((rel, msg))):
+        try:
+            kind = sniff_file(item.path)
+        except OSError as exc:
+            scan.unreadable.append((item.rel, os_message(exc)))
+            continue
+        if kind:
+            scan.images.append(item)
+        else:
+            scan.not_images.append(item.rel)
+    return scan
+
+
+def in_batches(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    """`items` in consecutive lists of `size` (the last one shorter)."""
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """Bytes -> the encoder's input array ([3, H, W] float32), as the service and the local mode do
+    it: decode_image (at most `max_pixels`, JPEGs drafted at the model's size), then to_array.
+    Raises app.preprocess.ImageDecodeError (`.code`, `.message`: the error record's) for bytes that
+    are not a usable image. Picklable: build it once and ship it to the workers.
+
+        prep = ImagePrep(engine.bundle.preprocessing, settings.max_image_pixels)
+        array = prep(item.read())
+    """
+
+    spec: Preprocessing
+    max_pixels: int
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        from app.preprocess import decode_image, draft_size, to_array
+
+        return to_array(decode_image(data, self.max_pixels, draft_size(self.spec)), self.spec)
