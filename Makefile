@@ -23,11 +23,11 @@ VERSION ?= 2.0.0
 
 .PHONY: default-model scenes-model install install-serve serve test lint node-client
 
-# Everything: serving (CPU onnxruntime), training (CPU torch 2.13) and test tools.
+# Everything: serving (CPU onnxruntime), training (CPU torch 2.13), Ray Data for bulk runs, test tools.
 install:
 	test -x $(PYTHON) || python3 -m venv .venv
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[cpu,train,test]'
+	$(PYTHON) -m pip install -q -e '.[cpu,train,ray,test]'
 
 # The serving side only: no torch.
 install-serve:

@@ -41,7 +41,7 @@ def test_is_an_older_row_layout_bundle(bundle):
 
 def test_export_proved_parity(bundle):
     parity = bundle.manifest.parity
-    assert max(v for k, v in parity if k.endswith(("_random", "_real"))) <= 1e-4
+    assert max(v for k, v in parity if k.endswith(("_random", "_real")) and v is not None) <= 1e-4
     assert parity.greedy_identical >= 50 and parity.beam3_identical >= 50
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from app.bulk.errors import BulkError
 from app.bulk.output import Record, error_record, open_output
-from app.bulk.source import Item, scan_folder
+from app.bulk.source import Item, scan_source
 
 Captioner = Callable[[Sequence[Item]], Iterable[list[Record]]]
 
@@ -61,7 +61,7 @@ class Summary:
 
 
 def run(
-    folder: Path,
+    source: str | Path,
     out: Path,
     *,
     fmt: str | None = None,
@@ -71,20 +71,19 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> Summary:
-    """Scan `folder`, skip what `out` already has, caption the rest with `captioner` and append the
-    records to `out` (files that cannot be read get an `unreadable_file` record first); a progress
-    bar (tqdm, on stderr) unless `progress` is false; the summary is logged and returned. BulkError
-    for a `folder` that is not one, a bad `fmt` or `batch_size`, or an output file it cannot use."""
+    """Scan `source` (a folder, a glob or a list of files: app.bulk.source.scan_source), skip what
+    `out` already has, caption the rest with `captioner` and append the records to `out` (files that
+    cannot be read get an `unreadable_file` record first); a progress bar (tqdm, on stderr) unless
+    `progress` is false; the summary is logged and returned. BulkError for a source that is none of
+    these, a bad `fmt` or `batch_size`, or an output file it cannot use."""
     from tqdm import tqdm
 
-    folder, out = Path(folder), Path(out)
-    if not folder.is_dir():
-        raise BulkError(f"{folder} is not a folder")
+    out = Path(out)
     if batch_size < 1:
         raise BulkError("--batch-size must be at least 1")
     output = open_output(out, fmt, retry_errors=retry_errors, log=log)
 
-    scan = scan_folder(folder, exclude=[out, output.temp_path])
+    scan = scan_source(source, exclude=[out, output.temp_path])
     summary = Summary(images=len(scan.images), not_images=scan.not_images)
     todo = [item for item in scan.images if not output.is_done(item.rel)]
     summary.skipped = len(scan.images) - len(todo)

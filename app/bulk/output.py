@@ -1,5 +1,5 @@
-"""The records of a caption-dir run and the output file they go to: JSON lines or CSV, appended to,
-and resumed from.
+"""The records of a caption-dir run and the output they go to: JSON lines, CSV or Parquet, appended
+to, and resumed from.
 
 The record schema (one per image; paths relative to the folder, `/`-separated):
 
@@ -10,6 +10,12 @@ The record schema (one per image; paths relative to the folder, `/`-separated):
   (rank 1 = best), one row per failed file (no rank). The `labels` cell is the same on each of the
   image's caption rows: `class_id:name:probability` per label, joined by `|` (a `|` in a class name
   is written as `/`), empty with no labels and in error rows.
+  Parquet (`--format parquet`, or an --out ending in .parquet): a folder of parts (a Parquet dataset:
+  `pyarrow.parquet.read_table(folder)`, pandas, Spark and DuckDB read it as one table),
+  `part-00000.parquet`, `part-00001.parquet`, ...; one row per image, the JSON-lines fields as columns
+  (`parquet_schema`): `path`, `captions` list<struct<text, score, normalized_score>>, `labels`
+  list<struct<name, class_id, probability>>, `error_code`, `error_message` (null where absent). Needs
+  pyarrow (the `ray` extra).
 
 `labels` is absent (JSON) / empty (CSV) when none were asked (--labels 0) and in error records.
 
@@ -17,16 +23,21 @@ Resuming (`open_output`): the paths already in the file, captioned or failed, ar
 last line (a killed run) is cut off first; `retry_errors` drops the error records (the file is
 rewritten), so those files are tried again. Records without labels (an older run, another --labels)
 count as done all the same; a CSV from before the labels column gets the column (empty) added to its
-header and rows.
+header and rows. Parquet records are buffered and written `rows_per_part` at a time (and at close),
+each part to a hidden temporary file renamed into place, so a killed run leaves whole parts only (its
+buffered records are done again) and a leftover temporary file, removed when resumed; `retry_errors`
+rewrites (in place, one part at a time) the parts that hold error rows.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +45,11 @@ from typing import Any
 
 from app.bulk.errors import BulkError
 
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "parquet")
 CSV_COLUMNS = ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message", "labels"]
 OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]  # before the labels column: still read, and upgraded when resumed
+ROWS_PER_PART = 10_000  # Parquet: records per part (the last part of a run may hold fewer)
+PYARROW_MISSING = "Parquet output needs pyarrow: pip install 'captioner[ray]'"
 
 
 # ---- the records --------------------------------------------------------------------------------------
@@ -67,6 +80,18 @@ class Record:
         labels = labels_to_csv(self.labels)
         return [[self.path, rank, c["text"], _fmt(c["score"]), _fmt(c["normalized_score"]), "", "", labels]
                 for rank, c in enumerate(self.captions or [], 1)]
+
+    def parquet_row(self) -> dict[str, Any]:
+        """The Parquet row (the columns of `parquet_schema`): the JSON-lines fields, null where absent."""
+        if self.error is not None:
+            return {"path": self.path, "captions": None, "labels": None,
+                    "error_code": self.error.get("code"), "error_message": self.error.get("message")}
+        captions = [{"text": c.get("text"), "score": _float_or_none(c.get("score")),
+                     "normalized_score": _float_or_none(c.get("normalized_score"))} for c in self.captions or []]
+        labels = None if self.labels is None else [
+            {"name": x.get("name"), "class_id": None if x.get("class_id") is None else int(x["class_id"]),
+             "probability": _float_or_none(x.get("probability"))} for x in self.labels]
+        return {"path": self.path, "captions": captions, "labels": labels, "error_code": None, "error_message": None}
 
     @property
     def failure(self) -> str | None:
@@ -136,16 +161,25 @@ def _fmt(x: float | None) -> str:
     return "" if x is None else repr(float(x))
 
 
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
 # ---- the output file ------------------------------------------------------------------------------------
 
 
 def format_for(out: Path, fmt: str | None) -> str:
-    """The output format: `fmt` (jsonl or csv, any case), else csv for a `.csv` file, else jsonl."""
+    """The output format: `fmt` (jsonl, csv or parquet, any case), else csv for a `.csv` --out,
+    parquet for a `.parquet` one, else jsonl. BulkError for another `fmt`, or parquet without pyarrow
+    (checked without importing it, so a command can ask before it loads the model)."""
     if fmt is None:
-        return "csv" if Path(out).suffix.lower() == ".csv" else "jsonl"
-    fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise BulkError(f"--format must be jsonl or csv, not {fmt!r}")
+        fmt = {".csv": "csv", ".parquet": "parquet"}.get(Path(out).suffix.lower(), "jsonl")
+    else:
+        fmt = fmt.lower()
+        if fmt not in FORMATS:
+            raise BulkError(f"--format must be jsonl, csv or parquet, not {fmt!r}")
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise BulkError(PYARROW_MISSING)
     return fmt
 
 
@@ -299,14 +333,160 @@ class Output:
         self.close()
 
 
+# ---- the Parquet output ---------------------------------------------------------------------------------
+
+
+PART_NAME = re.compile(r"part-(\d+)\.parquet")  # a finished part; `.part*.tmp`: one being written
+
+
+def _pyarrow() -> tuple[Any, Any, Any]:
+    """pyarrow, pyarrow.compute and pyarrow.parquet, or BulkError without them (the `ray` extra)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BulkError(PYARROW_MISSING) from None
+    return pa, pc, pq
+
+
+def parquet_schema() -> Any:
+    """The Parquet output's schema (a pyarrow.Schema): one row per image, the JSON-lines fields."""
+    pa, _, _ = _pyarrow()
+    caption = pa.struct([("text", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64())])
+    label = pa.struct([("name", pa.string()), ("class_id", pa.int64()), ("probability", pa.float64())])
+    return pa.schema([pa.field("path", pa.string(), nullable=False), ("captions", pa.list_(caption)),
+                      ("labels", pa.list_(label)), ("error_code", pa.string()), ("error_message", pa.string())])
+
+
+class ParquetOutput(Output):
+    """The Parquet output: a folder of parts, `part-NNNNN.parquet` (see the module's docstring).
+    Appending adds parts: the records written are buffered, `rows_per_part` to a part, the rest at
+    close; each part is written to `temp_path` and renamed into place, so the folder only ever holds
+    whole parts, and a killed run loses its buffer only (those images are done again)."""
+
+    def __init__(self, path: Path, rows_per_part: int = ROWS_PER_PART):
+        if rows_per_part < 1:
+            raise BulkError("rows_per_part must be at least 1")
+        super().__init__(path, "parquet")
+        self.rows_per_part = rows_per_part
+        self._buffer: list[Record] = []
+        self._next_part: int | None = None  # the number of the next part to write; None: not open
+
+    @property
+    def temp_path(self) -> Path:
+        """Where a part is written before it is renamed into place (hidden: readers skip it)."""
+        return self.path / ".part.parquet.tmp"
+
+    def parts(self) -> list[Path]:
+        """The finished parts, in order; BulkError for a folder that holds other (visible) things."""
+        numbered = []
+        for entry in self.path.iterdir():
+            if entry.name.startswith((".", "_")):  # hidden from Parquet readers too
+                continue
+            match = PART_NAME.fullmatch(entry.name)
+            if match is None or not entry.is_file():
+                raise BulkError(f"{self.path} is not a caption-dir Parquet folder (it holds {entry.name!r})")
+            numbered.append((int(match.group(1)), entry))
+        return [entry for _, entry in sorted(numbered)]
+
+    def load(self, retry_errors: bool = False) -> None:
+        """Read the `path` and `error_code` of every part into `done`/`errors` (a later part wins);
+        remove a temporary file a killed run left (`repaired`); with `retry_errors`, rewrite the parts
+        holding error rows without them (a part left empty is removed). BulkError for a file in the
+        place of the folder, a folder that is not caption-dir's, or a part that cannot be read."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise BulkError(f"{self.path} is a file, not a Parquet output folder (the Parquet output is a "
+                            "folder of parts: give another --out, or another --format)")
+        _, pc, pq = _pyarrow()
+        for leftover in self.path.glob(".part*.tmp"):
+            leftover.unlink()
+            self.repaired = True
+        for part in self.parts():
+            try:
+                table = pq.ParquetFile(part).read(columns=["path", "error_code"])
+            except Exception as exc:  # pyarrow's ArrowInvalid, a missing column, OSError
+                raise BulkError(f"{part} is not a caption-dir Parquet part ({exc}); remove it, and its images "
+                                "are done again") from None
+            if retry_errors and table["error_code"].null_count < table.num_rows:
+                self._drop_errors(part)
+                table = table.filter(pc.is_null(table["error_code"]))
+            for path, code in zip(table["path"].to_pylist(), table["error_code"].to_pylist()):
+                self.done.add(path)
+                if code is None:
+                    self.errors.discard(path)
+                else:
+                    self.errors.add(path)
+
+    def _drop_errors(self, part: Path) -> None:
+        """Rewrite `part` without its error rows (atomically), or remove it if nothing is left."""
+        _, pc, pq = _pyarrow()
+        table = pq.ParquetFile(part).read()
+        kept = table.filter(pc.is_null(table["error_code"]))
+        if kept.num_rows:
+            self._write_part(kept, part)
+        else:
+            part.unlink()
+
+    def _write_part(self, table: Any, part: Path) -> None:
+        """Write `table` to `temp_path`, to disk, and rename it to `part`."""
+        _, _, pq = _pyarrow()
+        tmp = self.temp_path
+        with open(tmp, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, part)
+
+    def open(self) -> None:
+        """Make the folder (if new); new parts are numbered after the last one there."""
+        _pyarrow()
+        self.path.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in self.parts() if (m := PART_NAME.fullmatch(p.name))]
+        self._next_part = max(numbers, default=-1) + 1
+        self._buffer = []
+
+    def write(self, records: Sequence[Record]) -> None:
+        """Buffer the records (and mark their paths done); a part is written per `rows_per_part`."""
+        assert self._next_part is not None, "open() first"
+        for record in records:
+            self._buffer.append(record)
+            self.done.add(record.path)
+        while len(self._buffer) >= self.rows_per_part:
+            self._flush(self._buffer[: self.rows_per_part])
+            self._buffer = self._buffer[self.rows_per_part:]
+
+    def _flush(self, records: Sequence[Record]) -> None:
+        assert self._next_part is not None, "open() first"
+        pa, _, _ = _pyarrow()
+        table = pa.Table.from_pylist([r.parquet_row() for r in records], schema=parquet_schema())
+        self._write_part(table, self.path / f"part-{self._next_part:05d}.parquet")
+        self._next_part += 1
+
+    def close(self) -> None:
+        """Write what is buffered as a last part."""
+        if self._next_part is not None:
+            if self._buffer:
+                self._flush(self._buffer)
+                self._buffer = []
+            self._next_part = None
+
+
 def open_output(out: Path, fmt: str | None = None, retry_errors: bool = False,
-                log: Callable[[str], None] = lambda message: None) -> Output:
-    """The output file `out` in format `fmt` (see `format_for`), loaded for resuming (see
-    `Output.load`; what it repaired or upgraded is logged), not yet opened for writing."""
+                log: Callable[[str], None] = lambda message: None, *,
+                rows_per_part: int = ROWS_PER_PART) -> Output:
+    """The output `out` in format `fmt` (see `format_for`): a file, or for parquet a folder
+    (`ParquetOutput`, `rows_per_part` records a part), loaded for resuming (see `Output.load`; what it
+    repaired or upgraded is logged), not yet opened for writing."""
     out = Path(out)
-    output = Output(out, format_for(out, fmt))
+    fmt = format_for(out, fmt)
+    output = ParquetOutput(out, rows_per_part=rows_per_part) if fmt == "parquet" else Output(out, fmt)
     output.load(retry_errors=retry_errors)
-    if output.repaired:
+    if output.repaired and fmt == "parquet":
+        log(f"{out}: removed an unfinished part (from a run that was stopped; its images are done again)")
+    elif output.repaired:
         log(f"{out}: cut off a truncated last line (from a run that was stopped)")
     if output.upgraded:
         log(f"{out}: added the labels column (the file is from before it)")

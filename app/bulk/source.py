@@ -61,14 +61,35 @@ def os_message(exc: OSError) -> str:
 
 @dataclass
 class Item:
-    """One file of the folder."""
+    """One file of the source."""
 
-    rel: str  # relative to the folder, "/"-separated: the record's key
+    rel: str  # relative to the folder, "/"-separated (or as a list file names it): the record's key
     path: Path
+    uri: str | None = None  # a URI (s3://, gs://, ... from a list file): read through pyarrow's file systems
+
+    @property
+    def location(self) -> str:
+        """Where to read it: the URI, else the local path."""
+        return self.uri if self.uri is not None else str(self.path)
 
     def read(self) -> bytes:
         """The file's bytes. OSError if it cannot be read."""
-        return self.path.read_bytes()
+        return read_location(self.location)
+
+
+def read_location(location: str) -> bytes:
+    """The bytes at a local path or a URI (pyarrow's file systems: s3://, gs://, hdfs://, where the
+    user has configured them). OSError if they cannot be read."""
+    if "://" not in location:
+        return Path(location).read_bytes()
+    import pyarrow.fs as pafs
+
+    try:
+        fs, inner = pafs.FileSystem.from_uri(location)
+        with fs.open_input_stream(inner) as stream:
+            return bytes(stream.read())
+    except (OSError, ValueError) as exc:  # pyarrow raises OSError subclasses, or ValueError for a bad URI
+        raise OSError(str(exc) or type(exc).__name__) from None
 
 
 @dataclass
@@ -106,7 +127,7 @@ def iter_files(root: Path, exclude: Iterable[Path] = (),
         on_error(rel + "/", os_message(exc))
 
     for folder, dirs, files in os.walk(root, onerror=walk_error):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if (Path(folder) / d).resolve() not in skip)  # e.g. a Parquet output
         for name in sorted(files):
             path = Path(folder) / name
             if path.resolve() in skip:
@@ -136,6 +157,62 @@ def scan_folder(root: Path, exclude: Iterable[Path] = ()) -> Scan:
             scan.images.append(item)
         else:
             scan.not_images.append(item.rel)
+    return scan
+
+
+GLOB_CHARS = frozenset("*?[")
+SOURCE_KINDS = "a folder, a glob (e.g. 'photos/**/*.jpg') or a text file listing paths or URIs, one per line"
+
+
+def scan_source(source: str | Path, exclude: Iterable[Path] = ()) -> Scan:
+    """The images of a SOURCE: a folder (`scan_folder`: by content, paths relative to it), a glob
+    (matches sorted, sniffed, paths relative to the part before the first wildcard), or a text file
+    listing local paths (relative ones to the list's folder) or URIs, one per line (blank lines and
+    `#` comments skipped; local files are sniffed, URIs are read and checked by the runner). BulkError
+    for anything else."""
+    from app.bulk.errors import BulkError
+
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        return scan_folder(path, exclude)
+    if GLOB_CHARS & set(text):
+        import glob as globbing
+
+        base = Path(text.split("*")[0].split("?")[0].split("[")[0])
+        base = base if text.endswith("/") or base.is_dir() else base.parent
+        skip = {Path(p).resolve() for p in exclude}
+        matches = [Path(m) for m in sorted(globbing.glob(text, recursive=True))]
+        return _sniffed([Item(m.relative_to(base).as_posix() if m.is_relative_to(base) else m.as_posix(), m)
+                         for m in matches if m.is_file() and m.resolve() not in skip])
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BulkError(f"{source}: cannot read the list of files ({exc})") from None
+        items, uris = [], []
+        for line in (ln.strip() for ln in lines):
+            if not line or line.startswith("#"):
+                continue
+            if "://" in line:
+                uris.append(Item(line, Path(), uri=line))
+            else:
+                items.append(Item(line, path.parent / line))
+        scan = _sniffed(items)
+        scan.images += uris
+        return scan
+    raise BulkError(f"{source} is not {SOURCE_KINDS}")
+
+
+def _sniffed(items: Iterable[Item]) -> Scan:
+    scan = Scan()
+    for item in items:
+        try:
+            kind = sniff_file(item.path)
+        except OSError as exc:
+            scan.unreadable.append((item.rel, os_message(exc)))
+            continue
+        (scan.images.append(item) if kind else scan.not_images.append(item.rel))
     return scan
 
 
