@@ -89,3 +89,15 @@ def test_labels_benchmark_times_both_ways(tiny_bundles, tmp_path):
     assert set(report["cost"]) == {"one_image_p50", "batch2_time_per_image", "encoder_batch2"}
     assert all(v > 0 for v in report["encoder_batch2_ms_median"].values())
     assert report["captions_identical"] is True  # labels never change the captions
+
+
+def test_bulk_benchmark_runs_local_and_ray(tiny_bundle, tmp_path):
+    if os.environ.get("REQUIRE_RAY_TESTS") != "1":
+        pytest.importorskip("ray")
+    report_path = tmp_path / "bulk.json"
+    run_script("bulk.py", "--bundle", str(tiny_bundle), "--images", "8", "--batch", "4", "--actors", "1",
+               "--runs", "1", "--json", str(report_path))
+    results = json.loads(report_path.read_text())["results"]
+    assert set(results) == {"local", "ray_1_actors"}
+    for result in results.values():
+        assert result["images"] == 8 and result["images_per_s"] > 0 and result["first_records_s"] > 0

@@ -204,13 +204,15 @@ def test_remote_upload_is_one_multipart_request_per_batch(tmp_path):
 
 
 def test_the_package_imports_light():
-    """`captioner` (app.cli) loads no HTTP client and no engine until caption-dir runs; the modules a
+    """`captioner` (app.cli) and the service's app factory load no HTTP client, no Ray and no pyarrow, and
+    the CLI no engine until caption-dir runs; the modules a
     runner of its own reuses (source, output, job) load neither typer nor Pillow."""
     import subprocess
     import sys
 
-    script = ("import sys, app.cli, app.bulk.source, app.bulk.output, app.bulk.job; "
-              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'httpcore', 'PIL', 'onnxruntime')))")
+    script = ("import sys, app.cli, app.main, app.bulk.source, app.bulk.output, app.bulk.job; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'httpcore', 'PIL', 'onnxruntime', "
+              "'ray', 'pyarrow')))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

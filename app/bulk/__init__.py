@@ -1,4 +1,5 @@
-"""Caption every image in a folder: `captioner caption-dir DIR --out captions.jsonl`.
+"""Caption every image in a folder: `captioner caption-dir DIR --out captions.jsonl` (DIR may also be
+a glob or a list of paths/URIs; `--engine ray` runs it on a Ray cluster).
 
 * Walks DIR recursively (sorted, symlinked folders not followed) and finds images by their content
   (the file's first bytes: JPEG, PNG, GIF, WebP, BMP, TIFF), whatever their extension. Other files
@@ -26,11 +27,13 @@ What is where:
   source.py   the files of a folder (`iter_files`, `list_files`, `scan_folder`), images by content
               (`sniff_image`), `Item`, batches (`in_batches`), bytes -> encoder input (`ImagePrep`)
   output.py   the record schema (`Record`, `error_record`, the CSV `labels` cell), the JSON-lines and
-              CSV files, resuming (`Output`, `open_output`)
+              CSV files and the Parquet folder, resuming (`Output`, `ParquetOutput`, `open_output`)
   job.py      one run with any captioner: scan, resume, caption, write, the progress bar and the
               `Summary` (`run`)
   local.py    the local mode: `LocalCaptioner` (the Engine in this process), `caption_locally`
   remote.py   the `--url` mode: `ServiceClient` (httpx, retries), `RemoteCaptioner`, `caption_remotely`
+  ray_runner.py  `--engine ray`: `RayCaptioner` (Ray Data: read tasks, a pool of `CaptionActor`s, the
+              records back to the driver in order); the only module that imports ray (the `ray` extra)
   command.py  the typer command `caption_dir` (options, exit statuses)
   errors.py   `BulkError`: the run cannot go on
 
