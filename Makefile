@@ -21,7 +21,7 @@ SCST_RECIPE = --self-critical --init-checkpoint $(WORK)/xe/best.pt --sample-temp
 NAME ?= flickr8k-sat-lite0
 VERSION ?= 2.0.0
 
-.PHONY: default-model scenes-model install install-serve serve test lint node-client
+.PHONY: default-model scenes-model install install-serve serve test lint node-client policy-tools
 
 # Everything: serving (CPU onnxruntime), training (CPU torch 2.13), Ray Data for bulk runs, test tools.
 install:
@@ -40,8 +40,13 @@ serve: install-serve
 	$(CAPTIONER) serve
 
 # Install everything and run every test.
-test: install node-client
+test: install node-client policy-tools
 	$(PYTHON) -m pytest -q
+
+# checkov, the policy scanner of tests/test_kubernetes.py, in a virtualenv of its own (.checkov/): its
+# pins would downgrade packaging, networkx and python-dateutil in .venv.
+policy-tools:
+	test -x .checkov/bin/checkov || { python3 -m venv .checkov && .checkov/bin/pip install -q checkov==3.3.30; }
 
 # The TypeScript client's pinned generator and compiler (tests/test_typescript_client.py; Node >= 20.19).
 node-client:
