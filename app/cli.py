@@ -123,7 +123,7 @@ def caption(
         raise typer.Exit(2) from None
     config = decoding(loaded.recommended_decoding)
     try:
-        top_k = resolve_labels(labels, engine.has_labels, settings.default_labels, f"the model {loaded.name}")
+        top_k = resolve_labels(labels, engine.has_labels, settings.labels_for(engine.has_labels), f"the model {loaded.name}")
     except ValueError as exc:
         typer.echo(f"captioner: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -45,12 +45,12 @@ LabelsOption = Annotated[
                                   "labels, else 0; K > 0 on a model without labels is refused)")]
 
 
-def resolve_labels(requested: int | None, has_labels: bool, default_labels: int, model: str = "the model") -> int:
-    """The label count a command uses, by the HTTP API's rule: `requested` if given, else
-    `default_labels` when the model has labels, else 0. ValueError for `requested` > 0 on a
+def resolve_labels(requested: int | None, has_labels: bool, default: int, model: str = "the model") -> int:
+    """The label count a command uses, by the HTTP API's rule: `requested` if given, else `default`
+    (`Settings.labels_for`, or a service's `default_labels`). ValueError for `requested` > 0 on a
     model without labels (the API's 409 labels_unavailable); `model` names it in the message."""
     if requested is None:
-        return default_labels if has_labels else 0
+        return default
     if requested > 0 and not has_labels:
         raise ValueError(f"--labels {requested}: {model} has no ImageNet labels (its bundle has no labels.json); "
                          "use --labels 0, or a bundle exported with labels")

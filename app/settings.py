@@ -256,6 +256,11 @@ class Settings(BaseSettings):
             no_repeat_ngram_size=chosen(self.default_no_repeat_ngram_size, "no_repeat_ngram_size", 0),
         )
 
+    def labels_for(self, has_labels: bool) -> int:
+        """The label count when a request (or a command) does not say: default_labels for a model with
+        labels, 0 for one without."""
+        return self.default_labels if has_labels else 0
+
     def preprocess_workers(self) -> int:
         # half the CPUs (at most 8): the other half is left to onnxruntime (measured on 2 cores: 39 vs
         # 36.5 requests/s at concurrency 32 with 1 rather than 2 decoding threads)

@@ -20,8 +20,10 @@ from app.bulk.source import ImagePrep, Item, in_batches, os_message
 if TYPE_CHECKING:
     import numpy as np
 
+    from app.bundle import Bundle
     from app.decoding import DecodingConfig
     from app.engine import Engine
+    from app.settings import Settings
 
 
 def caption_locally(items: Sequence[Item], engine: Engine, config: DecodingConfig, max_pixels: int, batch_size: int,
@@ -62,6 +64,49 @@ def caption_locally(items: Sequence[Item], engine: Engine, config: DecodingConfi
 
 
 @dataclass
+class ModelChoice:
+    """What a caption-dir run decodes with, checked before any image is read (`choose_model`)."""
+
+    settings: Settings
+    bundle: Bundle
+    config: DecodingConfig  # the decoding options on the settings' and the bundle's defaults
+    labels: int  # best labels per image (0: none)
+
+
+def choose_model(*, decoding: dict[str, Any], labels: int | None = None, bundle: Path | None = None,
+                 device: str | None = None, threads: int | None = None) -> ModelChoice:
+    """Load the settings (CAPTIONER_*, overridden by bundle/device/threads), check the decoding
+    options, load and check the bundle (sha256s), put the options on its recommended decoding, and
+    resolve `labels` (None: the default_labels setting for a model with labels, else 0). BulkError,
+    with the message to show, for anything wrong. The local and the Ray captioners both start here."""
+    from app.bundle import BundleError, load_bundle
+    from app.cli_options import resolve_labels
+    from app.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(bundle=bundle, device=device, threads=threads)
+        settings.decoding_defaults().with_overrides(**decoding)  # checked before the model loads
+    except SettingsError as exc:
+        raise BulkError(str(exc)) from None
+    except ValueError as exc:
+        raise BulkError(f"invalid decoding settings: {exc}") from None
+    try:
+        loaded = load_bundle(settings.bundle)
+    except BundleError as exc:
+        raise BulkError(f"cannot load the model: {exc}") from None
+    try:
+        config = settings.decoding_defaults(loaded.recommended_decoding).with_overrides(**decoding)
+    except ValueError as exc:
+        raise BulkError(f"invalid decoding settings: {exc}") from None
+    try:
+        top_k = resolve_labels(labels, loaded.has_labels, settings.labels_for(loaded.has_labels),
+                               f"the model {loaded.name}")
+    except ValueError as exc:
+        raise BulkError(str(exc)) from None
+    return ModelChoice(settings, loaded, config, top_k)
+
+
+@dataclass
 class LocalCaptioner:
     """A loaded model, as a captioner for app.bulk.job.run: `captioner(items)` yields the records."""
 
@@ -75,31 +120,17 @@ class LocalCaptioner:
     @classmethod
     def load(cls, *, batch_size: int, decoding: dict[str, Any], labels: int | None = None,
              bundle: Path | None = None, device: str | None = None, threads: int | None = None) -> LocalCaptioner:
-        """Load the settings (CAPTIONER_*, overridden by bundle/device/threads), check the decoding
-        options, load the bundle and resolve `labels` (None: the default_labels setting for a model
-        with labels, else 0). BulkError, with the message to show, for anything wrong (exit status 2)."""
-        from app.bundle import BundleError, load_bundle
-        from app.cli_options import resolve_labels
+        """`choose_model`, then the engine on its bundle. BulkError, with the message to show, for
+        anything wrong (exit status 2)."""
         from app.engine import Engine, EngineError
-        from app.settings import SettingsError, load_settings
 
+        choice = choose_model(decoding=decoding, labels=labels, bundle=bundle, device=device, threads=threads)
+        settings = choice.settings
         try:
-            settings = load_settings(bundle=bundle, device=device, threads=threads)
-            settings.decoding_defaults().with_overrides(**decoding)  # checked before the model loads
-        except SettingsError as exc:
-            raise BulkError(str(exc)) from None
-        except ValueError as exc:
-            raise BulkError(f"invalid decoding settings: {exc}") from None
-        try:
-            engine = Engine(load_bundle(settings.bundle), device=settings.device, threads=settings.threads)
-        except (BundleError, EngineError) as exc:
+            engine = Engine(choice.bundle, device=settings.device, threads=settings.threads)
+        except EngineError as exc:
             raise BulkError(f"cannot load the model: {exc}") from None
-        config = settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(**decoding)
-        try:
-            top_k = resolve_labels(labels, engine.has_labels, settings.default_labels, f"the model {engine.bundle.name}")
-        except ValueError as exc:
-            raise BulkError(str(exc)) from None
-        return cls(engine, config, settings.max_image_pixels, batch_size, labels=top_k)
+        return cls(engine, choice.config, settings.max_image_pixels, batch_size, labels=choice.labels)
 
     def __call__(self, items: Sequence[Item]) -> Iterator[list[Record]]:
         return caption_locally(items, self.engine, self.config, self.max_pixels, self.batch_size,

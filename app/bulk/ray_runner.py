@@ -24,12 +24,12 @@ project installed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,8 +86,7 @@ class CaptionActor:
             for index, result in zip(where, results, strict=True):
                 records[index] = Record(str(batch["rel"][index]), captions=caption_dicts(result.captions),
                                         labels=label_dicts(result.labels))
-        return {"record": [json.dumps(r.as_json(), ensure_ascii=False) for r in records if r is not None],
-                "worker": [os.getpid()] * len(records)}
+        return {"record": [json.dumps(r.as_json(), ensure_ascii=False) for r in records if r is not None]}
 
 
 @dataclass
@@ -105,7 +104,6 @@ class RayCaptioner:
     gpus_per_actor: float = 0.0
     address: str | None = None
     progress: bool = True
-    workers_seen: set[int] = field(default_factory=set)  # actor processes that answered (for the summary)
 
     @classmethod
     def load(cls, *, batch_size: int, decoding: dict[str, Any], labels: int | None = None, bundle: Path | None = None,
@@ -114,30 +112,14 @@ class RayCaptioner:
         """Check everything on the driver first (settings, the bundle, the decoding options, labels),
         as the local mode does, then connect to the cluster (`address`: a running one; None: the one
         RAY_ADDRESS names, else a local one started for this run). BulkError with the message to show."""
-        from app.bundle import BundleError, load_bundle
-        from app.cli_options import resolve_labels
-        from app.settings import SettingsError, load_settings
+        from app.bulk.local import choose_model
 
         try:
             import ray
         except ImportError:
             raise BulkError("--engine ray needs Ray: pip install 'captioner[ray]'") from None
-        try:
-            settings = load_settings(bundle=bundle, device=device, threads=threads)
-            settings.decoding_defaults().with_overrides(**decoding)
-        except SettingsError as exc:
-            raise BulkError(str(exc)) from None
-        except ValueError as exc:
-            raise BulkError(f"invalid decoding settings: {exc}") from None
-        try:
-            loaded = load_bundle(settings.bundle)
-        except BundleError as exc:
-            raise BulkError(f"cannot load the model: {exc}") from None
-        try:
-            config = settings.decoding_defaults(loaded.recommended_decoding).with_overrides(**decoding)
-            top_k = resolve_labels(labels, loaded.has_labels, settings.default_labels, f"the model {loaded.name}")
-        except ValueError as exc:
-            raise BulkError(str(exc)) from None
+        choice = choose_model(decoding=decoding, labels=labels, bundle=bundle, device=device, threads=threads)
+        settings = choice.settings
         if actors < 1:
             raise BulkError("--actors must be at least 1")
         device_name: Literal["auto", "cuda", "cpu"] = "cuda" if gpus_per_actor > 0 and settings.device == "auto" \
@@ -148,10 +130,9 @@ class RayCaptioner:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise BulkError(f"cannot connect to the Ray cluster at {address or 'RAY_ADDRESS / a new local one'}: "
                             f"{exc}") from None
-        fields = ("strategy", "beam_size", "num_captions", "max_length", "length_penalty", "no_repeat_ngram_size")
         return cls(bundle=Path(settings.bundle).resolve(), device=device_name, threads=settings.threads,
-                   config={name: getattr(config, name) for name in fields}, max_pixels=settings.max_image_pixels,
-                   batch_size=batch_size, labels=top_k, actors=actors, gpus_per_actor=gpus_per_actor, address=address,
+                   config=dataclasses.asdict(choice.config), max_pixels=settings.max_image_pixels,
+                   batch_size=batch_size, labels=choice.labels, actors=actors, gpus_per_actor=gpus_per_actor, address=address,
                    progress=progress)
 
     def __call__(self, items: Sequence[Item]) -> Iterator[list[Record]]:
@@ -172,7 +153,6 @@ class RayCaptioner:
             num_gpus=self.gpus_per_actor or None,
         )
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            self.workers_seen.update(int(w) for w in batch["worker"])
             yield [_record(json.loads(str(text))) for text in batch["record"]]
 
     def close(self) -> None:

@@ -147,17 +147,7 @@ def scan_folder(root: Path, exclude: Iterable[Path] = ()) -> Scan:
     """Every file under `root` (see `iter_files`), sorted into images (by content), other files, and
     unreadable files and folders (in the order the walk met them)."""
     scan = Scan()
-    for item in iter_files(root, exclude, on_error=lambda rel, msg: scan.unreadable.append((rel, msg))):
-        try:
-            kind = sniff_file(item.path)
-        except OSError as exc:
-            scan.unreadable.append((item.rel, os_message(exc)))
-            continue
-        if kind:
-            scan.images.append(item)
-        else:
-            scan.not_images.append(item.rel)
-    return scan
+    return _sniffed(iter_files(root, exclude, on_error=lambda rel, msg: scan.unreadable.append((rel, msg))), scan)
 
 
 GLOB_CHARS = frozenset("*?[")
@@ -204,15 +194,19 @@ def scan_source(source: str | Path, exclude: Iterable[Path] = ()) -> Scan:
     raise BulkError(f"{source} is not {SOURCE_KINDS}")
 
 
-def _sniffed(items: Iterable[Item]) -> Scan:
-    scan = Scan()
+def _sniffed(items: Iterable[Item], scan: Scan | None = None) -> Scan:
+    """`items` sorted into `scan` (a new one by default) by content: images, other files, unreadable."""
+    scan = Scan() if scan is None else scan
     for item in items:
         try:
             kind = sniff_file(item.path)
         except OSError as exc:
             scan.unreadable.append((item.rel, os_message(exc)))
             continue
-        (scan.images.append(item) if kind else scan.not_images.append(item.rel))
+        if kind:
+            scan.images.append(item)
+        else:
+            scan.not_images.append(item.rel)
     return scan
 
 

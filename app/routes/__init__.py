@@ -113,7 +113,7 @@ def labels_count(
 ) -> int:
     """The request's label count: the setting's default where not given (0 for a bundle without labels)."""
     if labels is None:
-        return settings.default_labels if engine.has_labels else 0
+        return settings.labels_for(engine.has_labels)
     if labels > 0:
         pipeline.require_labels(engine)
     return labels

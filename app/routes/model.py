@@ -35,7 +35,7 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         max_length=bundle.max_length,
         attention=bool(bundle.attention),
         labels=engine.has_labels,
-        default_labels=settings.default_labels if engine.has_labels else 0,
+        default_labels=settings.labels_for(engine.has_labels),
         evaluation=evaluation.model_dump(mode="json", exclude_unset=True) if evaluation is not None else None,
         provider=engine.provider,
         device="cuda" if engine.device == "cuda" else "cpu",
