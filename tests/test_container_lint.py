@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+REPLICAS_FILE = ROOT / "docker-compose.replicas.yml"
+BALANCER_ENTRYPOINT = ROOT / "docker" / "balancer" / "entrypoint.sh"
 _SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "work", "build", "dist", "__pycache__", ".pytest_cache",
               ".hypothesis", ".ruff_cache"}
 
@@ -64,8 +67,8 @@ def _compose_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _compose(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_compose_binary(), "-f", str(COMPOSE_FILE), *args], cwd=ROOT, env=_compose_env(**env),
+def _compose(*args: str, file: Path = COMPOSE_FILE, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_compose_binary(), "-f", str(file), *args], cwd=ROOT, env=_compose_env(**env),
                           capture_output=True, text=True, check=False, timeout=60)
 
 
@@ -103,9 +106,9 @@ def test_compose_config_rejects_a_broken_file(tmp_path: Path):
     assert result.returncode != 0
 
 
-def _config(profile: str | None = None, **env: str) -> dict:
+def _config(profile: str | None = None, file: Path = COMPOSE_FILE, **env: str) -> dict:
     args = ["--profile", profile] if profile else []
-    result = _compose(*args, "config", "--format", "json", **env)
+    result = _compose(*args, "config", "--format", "json", file=file, **env)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
 
@@ -187,9 +190,10 @@ def test_image_runs_as_a_non_root_user(dockerfile: Path):
     uid, _, gid = stage[last][1].partition(":")
     assert uid.isdigit() and int(uid) != 0, stage[last]
     assert gid.isdigit() and int(gid) != 0, stage[last]
-    for keyword in ("CMD", "ENTRYPOINT"):
-        positions = [i for i, (k, _) in enumerate(stage) if k == keyword]
-        assert positions and positions[-1] > last, f"{keyword} must come after USER"
+    starts = {keyword: [i for i, (k, _) in enumerate(stage) if k == keyword] for keyword in ("CMD", "ENTRYPOINT")}
+    assert any(starts.values()), f"{dockerfile.name}: neither CMD nor ENTRYPOINT"
+    for keyword, positions in starts.items():
+        assert not positions or positions[-1] > last, f"{keyword} must come after USER"
     # nothing after USER switches back or needs root
     assert not [k for k, _ in stage[last + 1:] if k in ("RUN", "USER")]
 
@@ -206,3 +210,76 @@ def test_compose_read_only_root_non_root_and_api_keys(service: str, profile: str
     env = svc["environment"]
     assert env["CAPTIONER_API_KEYS_FILE"] == "/run/secrets/captioner_api_keys", "API key settings pass through"
     assert env["CAPTIONER_API_KEYS"] is None and env["CAPTIONER_METRICS_PUBLIC"] is None
+
+
+# ---- docker-compose.replicas.yml: N replicas behind the balancer --------------------------------
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_replicas_file_is_valid_and_runs_n_replicas_behind_the_balancer(profile: str):
+    services = _config(profile, file=REPLICAS_FILE, CAPTIONER_REPLICAS="3", CAPTIONER_PUBLISH="127.0.0.1:9000",
+                       CAPTIONER_THREADS="2")["services"]
+    replica_name = "replica" if profile == "gpu" else "replica-cpu"
+    assert set(services) == {replica_name, "balancer"}, services.keys()
+    replica, balancer = services[replica_name], services["balancer"]
+    assert replica["deploy"]["replicas"] == 3 and replica["deploy"].get("mode", "replicated") == "replicated"
+    assert not replica.get("ports"), "only the balancer is published"
+    [port, stats] = balancer["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "9000", 8080)
+    assert (stats["host_ip"], stats["target"]) == ("127.0.0.1", 8404)
+    # The balancer finds the replicas under the network alias it is told, with as many slots.
+    assert replica["networks"]["default"]["aliases"] == [balancer["environment"]["CAPTIONER_BALANCER_BACKEND"]]
+    assert balancer["environment"]["CAPTIONER_REPLICAS"] == "3"
+    # The replicas are the single-service deployment's services (extends): same image, settings,
+    # hardening and health check.
+    single = _config(None if profile == "gpu" else "cpu", CAPTIONER_THREADS="2")["services"][
+        "captioner" if profile == "gpu" else "captioner-cpu"]
+    for key in ("image", "environment", "volumes", "read_only", "tmpfs", "cap_drop", "security_opt", "restart",
+                "healthcheck", "stop_grace_period", "build"):
+        assert replica.get(key) == single.get(key), f"{key} differs from docker-compose.yml's service"
+    if profile == "gpu":
+        assert replica["deploy"]["resources"]["reservations"]["devices"] == [
+            {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    else:
+        assert not replica["deploy"].get("resources", {}).get("reservations")
+
+
+def test_balancer_service_is_hardened_and_gets_the_replicas_limits():
+    services = _config("cpu", file=REPLICAS_FILE, CAPTIONER_REQUEST_TIMEOUT_S="12", CAPTIONER_MAX_QUEUE_IMAGES="64",
+                       CAPTIONER_MAX_BATCH_FILES="8")["services"]
+    balancer, replica = services["balancer"], services["replica-cpu"]
+    assert balancer["build"]["dockerfile"] == "docker/Dockerfile.balancer"
+    assert balancer["read_only"] is True and any(t.startswith("/tmp:size=") for t in balancer["tmpfs"])
+    assert balancer["cap_drop"] == ["ALL"] and not balancer.get("cap_add") and not balancer.get("privileged")
+    assert "no-new-privileges:true" in balancer["security_opt"]
+    assert balancer["restart"].startswith("on-failure:")
+    assert balancer["healthcheck"]["test"][0] == "CMD-SHELL" and "healthcheck.sh" in balancer["healthcheck"]["test"][1]
+    for name, value in (("CAPTIONER_REQUEST_TIMEOUT_S", "12"), ("CAPTIONER_MAX_QUEUE_IMAGES", "64"),
+                        ("CAPTIONER_MAX_BATCH_FILES", "8")):
+        assert balancer["environment"][name] == value, f"{name} must reach the balancer"
+        assert replica["environment"][name] == value, f"{name} must reach the replicas (docker-compose.yml)"
+
+
+def test_balancer_defaults_are_the_services_own():
+    """The balancer sizes its timeouts and per-replica limits from the replicas' settings; when a
+    setting is unset it must assume the service's real default, and accept the same range."""
+    from app.settings import Settings
+
+    script = BALANCER_ENTRYPOINT.read_text()
+    fields = Settings.model_fields
+    for variable, name in (("CAPTIONER_REQUEST_TIMEOUT_S", "request_timeout_s"),
+                           ("CAPTIONER_MAX_QUEUE_IMAGES", "max_queue_images"),
+                           ("CAPTIONER_MAX_BATCH_FILES", "max_batch_files")):
+        match = re.search(r"\$\{" + variable + r":-([0-9.]+)\}", script)
+        assert match, f"{variable} has no default in {BALANCER_ENTRYPOINT.name}"
+        assert float(match.group(1)) == float(fields[name].default), f"{variable}: balancer default != service default"
+    bounds = {m.__class__.__name__: m for m in fields["max_queue_images"].metadata}
+    assert f'whole CAPTIONER_MAX_QUEUE_IMAGES "$queue_images" 1 {bounds["Le"].le}' in script
+    bounds = {m.__class__.__name__: m for m in fields["max_batch_files"].metadata}
+    assert f'whole CAPTIONER_MAX_BATCH_FILES "$batch_files" 1 {bounds["Le"].le}' in script
+    bounds = {m.__class__.__name__: m for m in fields["request_timeout_s"].metadata}
+    assert f"$1 <= {bounds['Le'].le:g}" in script
+    # The health checks and the port are the service's.
+    config = (ROOT / "docker" / "balancer" / "haproxy.cfg").read_text()
+    assert "http-check send meth GET uri /readyz" in config
+    assert ':8000"' in config and 'CAPTIONER_PORT: "8000"' in COMPOSE_FILE.read_text()
