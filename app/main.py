@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import install_auth
+from app.auth import EXPOSED_AUTH_HEADERS, install_auth
 from app.errors import REQUEST_ID_HEADER, install_error_handlers
 from app.logs import configure_logging, service_log
 from app.metrics import Metrics
@@ -66,6 +66,9 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
             metrics=metrics,
         )
         state.batcher.start()
+        keys = getattr(state, "api_keys", None)
+        if keys is not None:  # re-read the API keys file when it changes (app/auth.py)
+            keys.start()
         state.ready = True
         metrics.ready.set(1)
         metrics.model.info({"name": bundle.name, "version": bundle.version, "provider": engine.provider,
@@ -81,6 +84,8 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
         finally:
             state.ready = False
             metrics.ready.set(0)
+            if keys is not None:
+                await keys.stop()
             batcher = getattr(state, "batcher", None)
             if batcher is not None:  # uvicorn has finished the in-flight requests; this is a backstop
                 await batcher.close(timeout=settings.request_timeout_s)
@@ -121,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.engine = None
     app.state.startup_error = None
+    app.state.api_keys = None  # app/auth.py's KeyStore when API keys are configured
 
     install_error_handlers(app)
 
@@ -143,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=["*"] if wildcard else settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=[REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER, *EXPOSED_AUTH_HEADERS],
             allow_credentials=not wildcard,
         )
     known_paths = frozenset(

@@ -31,6 +31,20 @@ class Metrics:
                                     ["code"], registry=r)
         self.ready = Gauge("captioner_ready", "1 when the model is loaded and warmed up.", registry=r)
         self.model = Info("captioner_model", "The model bundle served and the execution provider.", registry=r)
+        # how sure the model is (app/confidence.py): every caption answered, and those under min_confidence
+        self.confidence = Histogram("captioner_caption_confidence", "Confidence of the captions answered (0-1).",
+                                    registry=r, buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        self.low_confidence = Counter("captioner_low_confidence_captions", "Captions answered with confidence below "
+                                      "min_confidence (flagged low_confidence).", registry=r)
+        # API keys (app/auth.py)
+        self.api_keys = Gauge("captioner_api_keys", "API keys in use (0: no keys, the API is open).", registry=r)
+        self.api_key_reloads = Counter("captioner_api_keys_reloads", "Re-reads of CAPTIONER_API_KEYS_FILE after it "
+                                       "changed, by result (ok: its keys are in use; error: unreadable or invalid, "
+                                       "the keys in use stay).", ["result"], registry=r)
+        for result in ("ok", "error"):
+            self.api_key_reloads.labels(result)
+        self.rate_limited = Counter("captioner_rate_limited_requests", "Requests refused with 429 because their API "
+                                    "key was over its rate limit.", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -40,6 +54,11 @@ class Metrics:
         self.images.inc(images)
         self.batch_size.observe(images)
         self.inference.observe(inference_s)
+
+    def observe_caption(self, confidence: float, low: bool) -> None:
+        self.confidence.observe(confidence)
+        if low:
+            self.low_confidence.inc()
 
     def image_error(self, code: str) -> None:
         self.image_errors.labels(code).inc()

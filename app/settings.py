@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.api_keys import HASH_PREFIX, MAX_API_KEY_LENGTH, MAX_RATE, MIN_API_KEY_LENGTH, entry_problem, read_keys_file
 from app.bundle import MAX_LABELS
 from app.decoding import (
     MAX_BEAM_SIZE,
@@ -37,8 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ENV_PREFIX = "CAPTIONER_"
 MiB = 1024 * 1024
-MIN_API_KEY_LENGTH = 16
-MAX_API_KEY_LENGTH = 256
 # Settings whose values are secrets: never echoed in an error message.
 SECRET_FIELDS = frozenset({"api_keys"})
 
@@ -139,22 +138,40 @@ class Settings(BaseSettings):
         3, ge=0, le=MAX_LABELS, description=f"ImageNet-1k labels per image when a request does not say (0-{MAX_LABELS}; "
         "0 = none); a bundle without labels answers none."
     )
+    min_confidence: float = Field(
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Captions whose confidence (0-1, docs/confidence.md) is below this are still returned, "
+        "flagged `low_confidence: true` and counted in captioner_low_confidence_captions_total; 0 = off. A "
+        "request's `min_confidence` overrides it.",
+    )
 
     # --- security (app/auth.py) ---
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="API keys, comma-separated (or a JSON list). When set (here or in api_keys_file), every "
         "route but /healthz, /readyz, the demo page and the API docs needs `Authorization: Bearer <key>`. "
-        f"Each key: {MIN_API_KEY_LENGTH}-{MAX_API_KEY_LENGTH} visible ASCII characters.",
+        f"Each entry: a key ({MIN_API_KEY_LENGTH}-{MAX_API_KEY_LENGTH} visible ASCII characters) or its SHA-256 "
+        f"as `{HASH_PREFIX}<64 hex digits>`, optionally followed by ` rate=<n|off>` and ` burst=<n>` "
+        "(app/api_keys.py, README: Security).",
     )
     api_keys_file: Path | None = Field(
         None,
-        description="A file with more API keys, one per line (blank lines and lines starting with # are "
-        "skipped); read once at start-up, so keys need not sit in the environment.",
+        description="A file with more API keys, one entry per line, as in api_keys (blank lines and lines "
+        "starting with # are skipped), so keys need not sit in the environment. Checked at start-up; re-read "
+        "within about a second whenever it changes (a Kubernetes Secret update too); a version that cannot be "
+        "used is logged and the keys in use stay.",
     )
     metrics_public: bool = Field(
         False, description="Serve /metrics without an API key even when API keys are set (e.g. for a scraper "
         "on a private network). Off: /metrics needs a key like the API."
+    )
+    api_key_rate_limit: int | None = Field(
+        None, ge=1, le=MAX_RATE, description="Rate limit of each API key, requests per minute (a token bucket per "
+        "key); past it, 429 `rate_limited` with Retry-After. A key's own `rate=` overrides it. Unset: no limit."
+    )
+    api_key_rate_burst: int | None = Field(
+        None, ge=1, le=MAX_RATE, description="Most requests a key with a rate limit may send at once (its bucket "
+        "size). A key's own `burst=` overrides it. Unset: the key's rate limit (one minute's worth)."
     )
     _file_api_keys: list[SecretStr] = PrivateAttr(default_factory=list)  # read from api_keys_file
 
@@ -164,7 +181,7 @@ class Settings(BaseSettings):
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("threads", "default_max_length", "preprocess_threads", "default_length_penalty",
-                     "default_no_repeat_ngram_size", mode="before")
+                     "default_no_repeat_ngram_size", "api_key_rate_limit", "api_key_rate_burst", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "none", "auto"):
@@ -207,7 +224,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         for index, key in enumerate(value):
-            problem = _key_problem(key.get_secret_value())
+            problem = entry_problem(key.get_secret_value())
             if problem:
                 raise ValueError(f"key #{index + 1} {problem}")
         return value
@@ -225,8 +242,15 @@ class Settings(BaseSettings):
         return self
 
     def all_api_keys(self) -> list[str]:
-        """Every configured API key (api_keys, then api_keys_file); empty: no authentication."""
+        """Every configured API key entry (api_keys, then api_keys_file); empty: no authentication."""
         return [k.get_secret_value() for k in [*self.api_keys, *self._file_api_keys]]
+
+    @model_validator(mode="after")
+    def _check_rate_limit(self) -> Settings:
+        if (self.api_key_rate_limit or self.api_key_rate_burst) and not self.all_api_keys():
+            raise ValueError("CAPTIONER_API_KEY_RATE_LIMIT / CAPTIONER_API_KEY_RATE_BURST need API keys "
+                             "(CAPTIONER_API_KEYS or CAPTIONER_API_KEYS_FILE): rate limits are per key")
+        return self
 
     @model_validator(mode="after")
     def _check_decoding_defaults(self) -> Settings:
@@ -271,34 +295,9 @@ class Settings(BaseSettings):
         return self.max_upload_bytes * max(1, files) + 64 * 1024
 
 
-def _key_problem(key: str) -> str | None:
-    """Why `key` is not acceptable as an API key (None if it is). Never quotes the key."""
-    if not MIN_API_KEY_LENGTH <= len(key) <= MAX_API_KEY_LENGTH:
-        return f"must be {MIN_API_KEY_LENGTH} to {MAX_API_KEY_LENGTH} characters long (it has {len(key)})"
-    if not all("!" <= ch <= "~" for ch in key):
-        return "may hold only visible ASCII characters (no spaces)"
-    return None
-
-
 def _read_keys_file(path: Path) -> list[SecretStr]:
-    """The keys of an API keys file: one per line; blank lines and `#` comments skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ValueError(f"cannot read the API keys file: {reason}") from None
-    keys = []
-    for number, line in enumerate(text.splitlines(), 1):
-        key = line.strip()
-        if not key or key.startswith("#"):
-            continue
-        problem = _key_problem(key)
-        if problem:
-            raise ValueError(f"the key on line {number} of the API keys file {problem}")
-        keys.append(SecretStr(key))
-    if not keys:
-        raise ValueError("the API keys file holds no key")
-    return keys
+    """The entries of an API keys file (app/api_keys.py checks each; its errors never quote one)."""
+    return [SecretStr(entry) for entry in read_keys_file(path)]
 
 
 def _format_errors(exc: ValidationError) -> str:

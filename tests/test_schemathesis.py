@@ -10,7 +10,9 @@ accepted, auth not ignored, ...
 * negative mode: requests that break the schema (types, ranges, missing fields) for every operation
   that takes input: a documented 4xx with the error shape.
 * with API keys on: the same server settings plus keys; schemathesis' `ignored_auth` check re-sends
-  each request without the key and with a wrong one and needs the 401 the schema documents.
+  each request without the key and with a wrong one and needs the 401 the schema documents. The key
+  has a rate limit too high to reach, so every answer carries the X-RateLimit-* headers and the
+  header checks hold them to the schema.
 
 More than 1,000 cases in all (`test_case_count`, docs/reliability.md). Derandomized: the same
 cases every run.
@@ -97,7 +99,7 @@ def server(bundle, start_server):
 @pytest.fixture(scope="module")
 def keyed_server(bundle, start_server):
     return start_server(bundle, log_name="keyed", max_upload_bytes=200_000, max_batch_files=MAX_FILES,
-                        api_keys=API_KEY)
+                        api_keys=API_KEY, api_key_rate_limit=1_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,8 @@ def test_every_operation_is_fuzzed(api_schema, keyed_schema):
 
 def _fuzz(schema, server, operation_id: str, mode, max_examples: int, label: str,
           headers: dict | None = None) -> Counter[int]:
+    from app.auth import is_public
+
     operation = schema.find_operation_by_id(operation_id)
     seen: Counter[int] = Counter()
 
@@ -133,6 +137,9 @@ def _fuzz(schema, server, operation_id: str, mode, max_examples: int, label: str
         COUNTS[label] += 1
         STATUSES[response.status_code] += 1
         assert response.status_code < 500, response.text
+        if headers is not None and response.status_code != 401 and not is_public(case.path):
+            # the keyed server's key has a rate limit: every answer to it says how much is left
+            assert "x-ratelimit-remaining" in response.headers, response.headers
         if response.status_code >= 400:
             body = response.json()
             assert set(body) == {"error"} and body["error"]["code"] and body["error"]["request_id"]

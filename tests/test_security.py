@@ -307,12 +307,16 @@ def test_openapi_documents_the_bearer_scheme_only_with_keys(keyed, sandbox):
         assert op["security"] == [{"bearer": []}], path
         assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert "X-Request-ID" in op["responses"]["401"]["headers"]
+        # a key may have a rate limit (tests/test_key_rotation.py): 429 with Retry-After and X-RateLimit-*
+        assert op["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        assert {"Retry-After", "X-RateLimit-Limit", "X-Request-ID"} <= set(op["responses"]["429"]["headers"])
     for path in ("/healthz", "/readyz"):
         assert "security" not in spec["paths"][path]["get"]
     with sandbox.server.client() as c:
         plain = c.get("/openapi.json").json()
     assert "securitySchemes" not in plain.get("components", {})
     assert not any("security" in op for item in plain["paths"].values() for op in item.values())
+    assert not any("429" in op["responses"] for item in plain["paths"].values() for op in item.values())
 
 
 def test_keys_never_reach_the_log(keyed):

@@ -80,6 +80,14 @@ FAULTS = [
           ("CAPTIONER_API_KEYS", "not a JSON list"), absent=(SECRET,)),
     Fault("api-keys-file-missing", {"api_keys_file": "/nonexistent/captioner/keys"}, 2,
           ("CAPTIONER_API_KEYS_FILE", "cannot read", "No such file")),
+    Fault("api-key-hash-malformed", {"api_keys": f"sha256:{'ab' * 31}zz"}, 2,
+          ("CAPTIONER_API_KEYS", "sha256:", "64 hexadecimal digits"), absent=("ab" * 31,)),
+    Fault("api-key-rate-option-bad", {"api_keys": f"{SECRET}-0123456789 rate=lots"}, 2,
+          ("CAPTIONER_API_KEYS", "rate=", "requests per minute"), absent=(SECRET,)),
+    Fault("api-key-rate-limit-0", {"api_keys": f"{SECRET}-0123456789", "api_key_rate_limit": "0"}, 2,
+          ("CAPTIONER_API_KEY_RATE_LIMIT", "greater than or equal to 1"), absent=(SECRET,)),
+    Fault("api-key-rate-limit-without-keys", {"api_key_rate_limit": "60"}, 2,
+          ("CAPTIONER_API_KEY_RATE_LIMIT", "need API keys")),
     # -- the host
     Fault("port-in-use", status=3, hold_port=True, expect=("address already in use",)),
 ]
