@@ -1,7 +1,8 @@
 # `make default-model FLICKR8K=<folder>` regenerates models/default from Flickr8k in its authors'
 # text format (Flickr8k.token.txt, the three split lists, the images; README: "The default model"),
 # seeded: features -> training (chosen on validation CIDEr) -> a draft export -> decoding settings
-# chosen on validation -> the final export (parity checks, then the one evaluation on the test split).
+# chosen on validation -> the final export (parity checks, then the one evaluation on the test split)
+# -> the confidence calibration fitted on validation (docs/confidence.md).
 PYTHON ?= .venv/bin/python
 CAPTIONER ?= .venv/bin/captioner
 WORK ?= work/default-model
@@ -70,6 +71,8 @@ default-model: install
 		--out $(WORK)/decoding.json --no-progress
 	$(CAPTIONER) export --checkpoint $(WORK)/run/best.pt --format flickr8k --data $(FLICKR8K) --out models/default \
 		--name $(NAME) --version $(VERSION) --decoding $(WORK)/decoding.json --parity-split val --no-progress
+	$(CAPTIONER) confidence --bundle models/default --format flickr8k --data $(FLICKR8K) --split val --write \
+		--out $(WORK)/confidence.json --no-progress
 
 # The scene model (the default until 2.0; a copy lives in tests/fixtures/scenes-sat-lite0), from
 # generated data: no download needed.

@@ -114,6 +114,19 @@ class RecommendedDecoding(_Model):
     chosen_on: str | None = Field(None, description="what the choice was made on (dataset, split, images, criterion)")
 
 
+class ConfidenceCalibration(_Model):
+    """How the service calibrates a caption's confidence (app/confidence.py): logistic(slope * the
+    mean token log-probability + intercept), fitted by `captioner confidence` on the validation split
+    to estimate the probability that the caption's CIDEr-D reaches `threshold`. Without this block
+    the confidence is the raw geometric mean of the token probabilities."""
+
+    method: Literal["logistic"] = Field("logistic", description="the curve: logistic over the mean token log-probability")
+    slope: float = Field(gt=0.0, allow_inf_nan=False, description="> 0: a more probable caption never gets a lower confidence")
+    intercept: float = Field(allow_inf_nan=False)
+    threshold: float | None = Field(None, description="the per-image CIDEr-D whose reaching the confidence estimates")
+    fitted_on: str | None = Field(None, description="what it was fitted on (dataset, split, images, decoding)")
+
+
 # ---- what the service does not need: how the model was trained, proved and scored -------------
 # Every field of these blocks is optional, so that they can never stop a bundle from loading; the
 # exporter writes all of them.
@@ -233,6 +246,7 @@ class Manifest(_Model):
     max_length: int = Field(gt=0)
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     decoding: RecommendedDecoding | None = None
+    confidence: ConfidenceCalibration | None = None
     labels: Labels | None = None
     files: dict[str, FileEntry]
     training: Training | None = None
@@ -288,6 +302,7 @@ class Bundle:
         self.encoder_path = path / manifest.files["encoder"].path
         self.decoder_path = path / manifest.files["decoder"].path
         self.recommended_decoding = manifest.decoding or RecommendedDecoding()
+        self.confidence_calibration = manifest.confidence  # None: captions get the raw confidence
         self.labels = labels  # class names by class id (labels.json), or None: no ImageNet head
 
     @property

@@ -153,7 +153,9 @@ def caption(
                 record: dict[str, object] = {
                     "image": str(path),
                     "captions": [{"text": c.text, "score": c.score, "normalized_score": c.normalized_score,
-                                  "tokens": c.tokens} for c in captions],
+                                  "tokens": c.tokens, "token_probs": c.token_probs, "end_prob": c.end_prob,
+                                  "confidence": c.confidence,
+                                  "low_confidence": c.confidence < settings.min_confidence} for c in captions],
                     "settings": {"strategy": used.strategy, "beam_size": used.beam_size,
                                  "num_captions": used.num_captions, "max_length": used.max_length,
                                  "length_penalty": used.length_penalty,

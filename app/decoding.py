@@ -14,6 +14,11 @@ The rules, which the training side's torch reference decoder (model_export/refer
   n-gram of the row's words.
 - a hypothesis' score is the sum of its log-probabilities (<end> included); the finished
   hypotheses of an image are ranked by score / (words + 1) ** length_penalty, best first.
+- every hypothesis keeps the log-probability of each token it emitted, <end> last
+  (`Hypothesis.token_log_probs`): the model's own log-softmax value for that token at that step, as
+  the step returned it. The rules never renormalise: n-gram blocking and the banned tokens only remove
+  candidates, and the length penalty only reorders finished hypotheses, so neither changes these
+  values (their sum is `score`). app/confidence.py turns them into the caption's confidence.
 
 All rows of all images go through one step call per step, even when the images have different
 settings (each image has its own DecodingConfig: the service batches requests together). The search
@@ -98,6 +103,8 @@ class Hypothesis:
     score: float  # sum of log-probabilities, <end> included
     normalized_score: float
     attention: np.ndarray | None = None  # [len(tokens) + 1, P]: one row per generated token, <end> last
+    # [len(tokens) + 1]: the model's log-probability of each generated token, <end> last (sum: score)
+    token_log_probs: list[float] = field(default_factory=list)
 
 
 # ---- the rules, one small function each -----------------------------------------------------
@@ -170,6 +177,7 @@ class _Row:
     words: list[int]
     score: float
     attention: list[np.ndarray] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)  # one per word, as the step gave it
 
 
 def _candidates(
@@ -273,6 +281,7 @@ def beam_search(
                 local, token = int(block_rows[flat]), int(block_ids[flat])
                 parent = rows[start + local]
                 score = float(block[flat])
+                log_probs = parent.log_probs + [float(cand[start + local, flat % width])]  # the model's own value
                 att = parent.attention + [attention[start + local]] if keep_attention and attention is not None else []
                 if token == special["end"]:
                     open_slots[image] -= 1
@@ -282,10 +291,12 @@ def beam_search(
                             score=score,
                             normalized_score=length_normalized(score, len(parent.words) + 1, configs[image].length_penalty),
                             attention=np.stack(att) if att else None,
+                            token_log_probs=log_probs,
                         )
                     )
                 else:
-                    new_rows.append(_Row(image=image, words=parent.words + [token], score=score, attention=att))
+                    new_rows.append(_Row(image=image, words=parent.words + [token], score=score, attention=att,
+                                         log_probs=log_probs))
                     new_parents.append(start + local)
                     new_tokens.append(token)
             start = stop

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from app.bundle import IMAGENET_OUTPUT, Bundle
+from app.confidence import confidence
 from app.decoding import DecodingConfig, Hypothesis, beam_search
 from app.engine_graphs import REORDER_GRAPH, SELECT_GRAPH
 
@@ -50,6 +51,10 @@ class Caption:
     score: float
     normalized_score: float
     attention: np.ndarray | None = None  # [len(tokens) + 1, P] for attention models, when asked
+    token_probs: list[float] = field(default_factory=list)  # the model's probability of each word of `tokens`
+    end_prob: float = 0.0  # ... and of the <end> after them
+    confidence: float = 0.0  # app/confidence.py: in [0, 1], calibrated when the bundle says how
+    token_log_probs: list[float] = field(default_factory=list)  # every generated token's, <end> last
 
 
 @dataclass
@@ -351,6 +356,8 @@ class Engine:
 
     def _to_caption(self, hyp: Hypothesis, attention: bool = True) -> Caption:
         words = self.bundle.words(hyp.tokens)
+        probs = [min(1.0, float(np.exp(lp))) for lp in hyp.token_log_probs]
+        specials = set(self.bundle.special.values())  # as Bundle.words leaves them out (never generated)
         return Caption(
             text=" ".join(words),
             tokens=words,
@@ -358,6 +365,10 @@ class Engine:
             score=hyp.score,
             normalized_score=hyp.normalized_score,
             attention=hyp.attention if attention else None,
+            token_probs=[p for t, p in zip(hyp.tokens, probs, strict=False) if t not in specials],
+            end_prob=probs[-1] if len(probs) > len(hyp.tokens) else 0.0,
+            confidence=confidence(hyp.token_log_probs, self.bundle.confidence_calibration),
+            token_log_probs=list(hyp.token_log_probs),
         )
 
     def warmup(self) -> None:

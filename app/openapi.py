@@ -26,6 +26,9 @@ Image captioning: a CNN encoder and an LSTM decoder (exported to ONNX, served by
 * Decoding settings (`strategy`, `beam_size`, `num_captions`, `max_length`, `length_penalty`,
   `no_repeat_ngram_size`) are query parameters, and so is `labels`: how many ImageNet-1k labels to
   answer per image beside its captions (models with labels; `GET /v1/model` says).
+* Every caption carries its words' probabilities (`token_probs`, `end_prob`) and a `confidence` in
+  0..1; `min_confidence` (query parameter, or the service's setting) flags the captions below it
+  `low_confidence: true` (still returned, and counted in `/metrics`) so they can go to a person.
 
 Every error is `{"error": {"code", "message", "request_id"}}`. Send `X-Request-ID` to choose the
 request id (up to 128 of `A-Z a-z 0-9 . _ : - @ + =`); otherwise one is generated. It is echoed on

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +30,10 @@ class CaptionItem(BaseModel):
                 "score": -4.21,
                 "normalized_score": -0.6,
                 "tokens": ["a", "cat", "sitting", "on", "the", "grass"],
+                "token_probs": [0.91, 0.62, 0.35, 0.74, 0.88, 0.41],
+                "end_prob": 0.28,
+                "confidence": 0.75,
+                "low_confidence": False,
             }
         }
     )
@@ -40,6 +44,23 @@ class CaptionItem(BaseModel):
         description="The ranking score: score / (words + 1) ** length_penalty."
     )
     tokens: list[str] = Field(description="The caption's words, special tokens left out.")
+    token_probs: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        description="One per entry of `tokens`: the model's probability (its softmax) of that word where it was "
+        "written. n-gram blocking and the length penalty never change these values."
+    )
+    end_prob: float = Field(
+        ge=0.0, le=1.0, description="The model's probability of ending the caption after its last word (<end>)."
+    )
+    confidence: float = Field(
+        ge=0.0, le=1.0,
+        description="How sure the model is of this caption, 0-1 (docs/confidence.md): the geometric mean of "
+        "`token_probs` and `end_prob`, mapped through the model's calibration when its bundle has one (the "
+        "default model's estimates the chance that the caption's CIDEr-D against people's captions reaches 0.5, "
+        "fitted on Flickr8k validation photos: a ranking aid for routing, not a guarantee).",
+    )
+    low_confidence: bool = Field(
+        description="confidence < min_confidence (the request's, else the service's setting; 0 flags none)."
+    )
 
 
 class Label(BaseModel):
@@ -282,6 +303,9 @@ class ModelInfo(BaseModel):
                 "attention": True,
                 "labels": True,
                 "default_labels": 3,
+                "confidence_calibration": {"method": "logistic", "slope": 3.72, "intercept": 3.32, "threshold": 0.5,
+                                           "fitted_on": "flickr8k val (1000 images), beam 3, ..."},
+                "min_confidence": 0.0,
                 "evaluation": {"split": "test", "images": 1000, "greedy": {"BLEU-4": 0.71, "CIDEr": 4.1}},
                 "provider": "CPUExecutionProvider",
                 "device": "cpu",
@@ -303,6 +327,13 @@ class ModelInfo(BaseModel):
     attention: bool
     labels: bool = Field(description="Whether the model answers ImageNet-1k labels (`?labels=K`).")
     default_labels: int = Field(description="Labels per image when a request does not say (0 for a model without).")
+    confidence_calibration: dict[str, Any] | None = Field(
+        None, description="The manifest's confidence calibration (docs/confidence.md); absent: captions get the raw "
+        "confidence, the geometric mean of their token probabilities."
+    )
+    min_confidence: float = Field(
+        0.0, description="The service's default min_confidence: captions below it are flagged low_confidence (0: none)."
+    )
     evaluation: dict[str, Any] | None = Field(None, description="The manifest's evaluation metrics, if present.")
     provider: str = Field(description="The onnxruntime execution provider actually in use.")
     device: Literal["cpu", "cuda"]

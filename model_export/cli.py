@@ -277,6 +277,57 @@ def tune_decoding_cmd(
         typer.echo(f"wrote {out}", err=True)
 
 
+def confidence_cmd(
+    bundle: Path = typer.Option(Path("models/default"), help="Model bundle folder"),
+    data: Path = typer.Option(..., help="Karpathy split JSON, COCO captions JSON or a Flickr8k folder"),
+    images: Path | None = typer.Option(None, help="Image root folder (flickr8k: found in --data unless given)"),
+    format: DataFormat = typer.Option(DataFormat.karpathy),
+    split: str = typer.Option("val", help="Measure and fit on this split (never the test split)"),
+    limit: int | None = typer.Option(None, help="The split's first N images only"),
+    strategy: str | None = typer.Option(None, help="greedy or beam (default: beam, as the service)"),
+    beam_size: int | None = typer.Option(None, help="Beam size (default 3, as the service)"),
+    threshold: float = typer.Option(0.5, help="Per-image CIDEr-D the calibrated confidence estimates the chance of reaching"),
+    bins: int = typer.Option(10, min=2, max=100, help="Reliability table bins over 0..1"),
+    folds: int = typer.Option(5, min=2, max=20, help="Cross-fitting folds for the out-of-sample calibration check"),
+    out: Path | None = typer.Option(None, help="Write the full result as JSON here"),
+    write: bool = typer.Option(False, "--write", help="Store the fitted calibration in the bundle's manifest.json"),
+    device: str = typer.Option("auto", help="auto, cuda or cpu"),
+    threads: int | None = typer.Option(None, help="onnxruntime threads"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Caption confidence vs per-image CIDEr-D (correlations, reliability tables) and its calibration."""
+
+    def run():
+        from model_export.confidence import evaluate_confidence, with_strategy
+        from model_export.evaluate import recommended_decoding
+
+        dataset = load_dataset(data, images, format)
+        decoding = with_strategy(recommended_decoding(_load(bundle)), strategy, beam_size)
+        return evaluate_confidence(bundle, dataset, split=split, limit=limit, decoding=decoding, threshold=threshold,
+                                   bins=bins, folds=folds, device=device, threads=threads, progress=progress)
+
+    def _load(path: Path):
+        from app.bundle import load_bundle
+
+        return load_bundle(path, verify=False)
+
+    from model_export.confidence import format_report, write_calibration
+
+    try:
+        result = _guard(run)
+    except ValueError as exc:  # a bad split, strategy or beam size
+        fail(str(exc))
+    typer.echo(format_report(result))
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {out}", err=True)
+    if write:
+        if result.get("calibration") is None:
+            fail("no calibration to write: confidence does not separate the captions above and below the threshold")
+        _guard(lambda: write_calibration(bundle, result["calibration"]))
+        typer.echo(f"wrote the calibration into {bundle / 'manifest.json'}", err=True)
+
+
 def add_labels_cmd(
     bundle: Path = typer.Option(..., help="Bundle folder without labels (exported before they existed); changed in place"),
     images: list[Path] = typer.Option(
@@ -325,6 +376,7 @@ COMMANDS = {
     "export": export_cmd,
     "evaluate": evaluate_cmd,
     "tune-decoding": tune_decoding_cmd,
+    "confidence": confidence_cmd,
     "add-labels": add_labels_cmd,
 }
 

@@ -111,3 +111,14 @@ def test_labels_name_what_the_imagenet_weights_see(bundle):
     assert [r.captions[0].text for r in (cat, coffee)] == [c[0].text for c in plain]
     parity = bundle.manifest.parity
     assert parity.labels_max_abs_random <= 1e-4 and parity.labels_max_abs_real <= 1e-4
+
+
+def test_confidence_is_calibrated_on_validation_as_documented(bundle):
+    """The manifest's confidence curve was fitted on the validation split (never the test split),
+    and docs/confidence.md quotes its parameters."""
+    calibration = bundle.manifest.confidence
+    assert calibration is not None and calibration.method == "logistic" and calibration.slope > 0
+    assert "flickr8k val (1000 images), beam 3" in calibration.fitted_on and "test" not in calibration.fitted_on
+    doc = (REPO / "docs" / "confidence.md").read_text(encoding="utf-8")
+    assert f"a = {calibration.slope}, b = {calibration.intercept}" in doc
+    assert calibration.threshold == 0.5 and "five human captions is at least 0.5" in doc

@@ -131,6 +131,9 @@ def test_caption_jpeg(client, cat_jpeg):
     assert cap["score"] < 0
     # normalized score = score / (words + 1) ** 1.0
     assert cap["normalized_score"] == pytest.approx(cap["score"], rel=1e-5)  # default length_penalty 0: the sum
+    # how sure (tests/test_confidence.py has the rest): min_confidence is off by default
+    assert len(cap["token_probs"]) == len(cap["tokens"]) and 0.0 <= cap["confidence"] <= 1.0
+    assert cap["low_confidence"] is False
     assert body["settings"] == {"strategy": "beam", "beam_size": 3, "num_captions": 1, "max_length": 16,
                                 "length_penalty": 0.0, "no_repeat_ngram_size": 0}
     assert body["model"] == {"name": "tiny-sat", "version": "0.0.1"}

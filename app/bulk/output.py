@@ -3,7 +3,7 @@ to, and resumed from.
 
 The record schema (one per image; paths relative to the folder, `/`-separated):
 
-  JSON lines (default)  {"path": "a/b.jpg", "captions": [{"text", "score", "normalized_score"}, ...],
+  JSON lines (default)  {"path": "a/b.jpg", "captions": [{"text", "score", "normalized_score", "confidence"}, ...],
                          "labels": [{"name", "class_id", "probability"}, ...]}
                         {"path": "a/bad.jpg", "error": {"code": "corrupt_image", "message": "..."}}
   CSV (`--format csv`, or an --out ending in .csv): the columns `CSV_COLUMNS`; one row per caption
@@ -18,6 +18,8 @@ The record schema (one per image; paths relative to the folder, `/`-separated):
   pyarrow (the `ray` extra).
 
 `labels` is absent (JSON) / empty (CSV) when none were asked (--labels 0) and in error records.
+A caption's `confidence` (0-1, app/confidence.py) is in the JSON lines only (absent from captions of a
+service too old to answer it); the CSV columns and the Parquet schema are unchanged.
 
 Resuming (`open_output`): the paths already in the file, captioned or failed, are done; a truncated
 last line (a killed run) is cut off first; `retry_errors` drops the error records (the file is
@@ -60,7 +62,7 @@ class Record:
     """What the output says about one file: its captions (and labels), or an error."""
 
     path: str
-    captions: list[dict[str, Any]] | None = None  # {text, score, normalized_score}, best first
+    captions: list[dict[str, Any]] | None = None  # {text, score, normalized_score[, confidence]}, best first
     error: dict[str, str] | None = None  # {code, message}
     labels: list[dict[str, Any]] | None = None  # {name, class_id, probability}, best first; None: not asked
 
@@ -104,16 +106,21 @@ def error_record(rel: str, code: str, message: str) -> Record:
 
 
 def caption_dicts(captions: Iterable[Any]) -> list[dict[str, Any]]:
-    """Engine Captions (or API caption dicts) -> {text, score, normalized_score} dicts, scores rounded
-    to 6 decimals (None where not finite)."""
+    """Engine Captions (or API caption dicts) -> {text, score, normalized_score, confidence} dicts,
+    numbers rounded to 6 decimals (None where not finite); no `confidence` where the caption has none
+    (an API answer from an older service)."""
     out = []
     for c in captions:
         def get(key: str, c: Any = c) -> Any:
-            return c.get(key) if isinstance(c, dict) else getattr(c, key)
+            return c.get(key) if isinstance(c, dict) else getattr(c, key, None)
 
         score, norm = float(get("score")), float(get("normalized_score"))
-        out.append({"text": get("text"), "score": round(score, 6) if math.isfinite(score) else None,
-                    "normalized_score": round(norm, 6) if math.isfinite(norm) else None})
+        item = {"text": get("text"), "score": round(score, 6) if math.isfinite(score) else None,
+                "normalized_score": round(norm, 6) if math.isfinite(norm) else None}
+        confidence = get("confidence")
+        if confidence is not None:
+            item["confidence"] = round(float(confidence), 6) if math.isfinite(float(confidence)) else None
+        out.append(item)
     return out
 
 

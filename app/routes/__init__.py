@@ -120,3 +120,20 @@ def labels_count(
 
 
 LabelsDep = Annotated[int, Depends(labels_count)]
+
+
+def min_confidence(
+    settings: SettingsDep,
+    min_confidence: Annotated[
+        float,
+        Query(ge=0.0, le=1.0, allow_inf_nan=False,
+              description="Flag captions whose `confidence` is below this with `low_confidence: true` (they are still "
+              "returned, and counted in /metrics), e.g. to send them to a person. 0 = flag none. Default: the "
+              "service's min_confidence setting (0)."),
+    ] = None,  # type: ignore[assignment]
+) -> float:
+    """The request's confidence threshold: the setting's where not given."""
+    return settings.min_confidence if min_confidence is None else float(min_confidence)
+
+
+MinConfidenceDep = Annotated[float, Depends(min_confidence)]

@@ -15,9 +15,10 @@ from app.attention import attention_map
 from app.engine import Caption, ImageResult
 from app.engine import Label as EngineLabel
 from app.errors import APIError, error_responses, request_id_of
+from app.metrics import Metrics
 from app.pipeline import IMAGE_FORMATS, Prepared
 from app.preprocess import ImageDecodeError
-from app.routes import DecodingDep, EngineDep, LabelsDep, MetricsDep, SettingsDep
+from app.routes import DecodingDep, EngineDep, LabelsDep, MetricsDep, MinConfidenceDep, SettingsDep
 from app.schemas import (
     BatchItem,
     BatchItemError,
@@ -38,12 +39,16 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -1e30
 
 
-def _items(captions: Sequence[Caption]) -> list[CaptionItem]:
-    return [
-        CaptionItem(text=c.text, score=_finite(c.score), normalized_score=_finite(c.normalized_score),
-                    tokens=list(c.tokens))
-        for c in captions
-    ]
+def _items(captions: Sequence[Caption], min_confidence: float, metrics: Metrics) -> list[CaptionItem]:
+    """The API's captions; each flagged low_confidence below `min_confidence` and counted in the metrics."""
+    items = []
+    for c in captions:
+        low = c.confidence < min_confidence
+        metrics.observe_caption(c.confidence, low)
+        items.append(CaptionItem(text=c.text, score=_finite(c.score), normalized_score=_finite(c.normalized_score),
+                                 tokens=list(c.tokens), token_probs=list(c.token_probs), end_prob=c.end_prob,
+                                 confidence=c.confidence, low_confidence=low))
+    return items
 
 
 def _labels(labels: Sequence[EngineLabel]) -> list[Label] | None:
@@ -71,7 +76,9 @@ _SINGLE_ERRORS = {
     operation_id="create_caption",
     summary="Caption one image",
     description=f"Upload one image ({IMAGE_FORMATS}) as the multipart field `image`. Decoding settings "
-    "are query parameters; the answer lists the captions best first, with the settings actually used.",
+    "are query parameters; the answer lists the captions best first, with the settings actually used. Each "
+    "caption has its words' probabilities and a `confidence` (0-1); those below `min_confidence` are flagged "
+    "`low_confidence`.",
     response_model=CaptionResponse,
     response_model_exclude_none=True,
     responses=error_responses(400, 409, 413, 415, 422, 503, 504, descriptions=_SINGLE_ERRORS),
@@ -81,6 +88,7 @@ async def create_caption(
     image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
     config: DecodingDep,
     labels: LabelsDep,
+    min_confidence: MinConfidenceDep,
     engine: EngineDep,
     metrics: MetricsDep,
     attention: Annotated[
@@ -96,7 +104,7 @@ async def create_caption(
     results, t_infer = await pipeline.caption(request, [prepared.array], config, attention=attention, labels=labels)
     captions = results[0].captions
     return CaptionResponse(
-        captions=_items(captions),
+        captions=_items(captions, min_confidence, metrics),
         settings=DecodingSettings.of(config, bundle.max_length),
         model=ModelRef(name=bundle.name, version=bundle.version),
         timings_ms=Timings(decode_image=_ms(prepared.decode_s), preprocess=_ms(prepared.preprocess_s),
@@ -131,6 +139,7 @@ async def create_captions_batch(
     images: Annotated[list[UploadFile], File(description=f"The image files ({IMAGE_FORMATS}), one part each.")],
     config: DecodingDep,
     labels: LabelsDep,
+    min_confidence: MinConfidenceDep,
     engine: EngineDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -169,7 +178,8 @@ async def create_captions_batch(
             results.append(BatchItem(index=index, filename=upload.filename, error=slot))
         else:
             done = captions[slot]
-            results.append(BatchItem(index=index, filename=upload.filename, captions=_items(done.captions),
+            results.append(BatchItem(index=index, filename=upload.filename,
+                                     captions=_items(done.captions, min_confidence, metrics),
                                      labels=_labels(done.labels)))
     return BatchResponse(
         results=results,

@@ -36,6 +36,9 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         attention=bool(bundle.attention),
         labels=engine.has_labels,
         default_labels=settings.labels_for(engine.has_labels),
+        confidence_calibration=(bundle.confidence_calibration.model_dump(mode="json", exclude_unset=True)
+                                if bundle.confidence_calibration is not None else None),
+        min_confidence=settings.min_confidence,
         evaluation=evaluation.model_dump(mode="json", exclude_unset=True) if evaluation is not None else None,
         provider=engine.provider,
         device="cuda" if engine.device == "cuda" else "cpu",

@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from app.bundle import (
     IMAGENET_OUTPUT,
     Architecture,
+    ConfidenceCalibration,
     Evaluation,
     FileEntry,
     Labels,
@@ -323,6 +324,7 @@ def make_tiny_bundle(
     row_layout: bool = False,
     decoding: dict | None = None,
     labels: bool = False,
+    confidence: dict | None = None,
 ) -> Path:
     """Write a complete bundle into the folder ``path`` (created if needed) and return it.
 
@@ -330,6 +332,7 @@ def make_tiny_bundle(
     (features/att_proj are [N, 1, 1] zeros, alpha is all ones). The same arguments always give
     byte-identical files. ``labels=True`` adds a stand-in ImageNet head (LABEL_CLASSES classes, its
     own random weights, so the captions are those of the same bundle without labels) and labels.json.
+    ``confidence``: the manifest's confidence calibration block (``{"slope": ..., "intercept": ...}``).
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,6 +378,7 @@ def make_tiny_bundle(
         max_length=max_length,
         # not validated here: tests write out-of-range recommendations for load_bundle to refuse
         decoding=RecommendedDecoding.model_construct(**decoding) if decoding else None,
+        confidence=ConfidenceCalibration.model_validate(confidence) if confidence else None,
         labels=Labels(classes=LABEL_CLASSES, source="tests/support/bundle_factory.py") if labels else None,
         files=files,
         training=Training(data=TrainingData(name="random weights (tests/support/bundle_factory.py)"), epochs=0,
