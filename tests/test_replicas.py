@@ -361,10 +361,10 @@ def _write_into_docs(action: str, f: dict) -> None:
     begin, end = f"<!-- replicas-{action}:begin -->", f"<!-- replicas-{action}:end -->"
     text = DOCS.read_text()
     assert begin in text and end in text, f"{DOCS} has no {begin} ... {end} block"
-    failures = ", ".join(f"{n} × {code}" for code, n in f["failures"].items()) or "none"
+    failures = ", ".join(f"{n} × {code}" for code, n in f["failures"].items())
+    failures = f"{failures} (all in flight on it at that moment)" if failures else "none"
     line = (f"| {'SIGKILL to one replica' if action == 'kill' else 'SIGTERM to one replica, then start'} "
-            f"| {f['requests']:,} in {f['load_seconds']} s | {f['ok']:,} | {failures} "
-            f"({f['failed_in_flight_at_action']} in flight on it at that moment) | {f['eject_ms']} ms | "
+            f"| {f['requests']:,} in {f['load_seconds']} s | {f['ok']:,} | {failures} | {f['eject_ms']} ms | "
             f"{f['ready_ms']} ms | {f['readmit_ms']} ms ({f['readmit_after_ready_ms']} ms after ready) | "
             f"{f['served_by_victim_after_readmit']} | {f['slowest_ms']} ms |")
     DOCS.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{line}\n{end}", text,
