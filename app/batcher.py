@@ -12,7 +12,11 @@ task takes them out in batches and runs `Engine.caption` on the inference thread
   for the beams of every job (app/decoding.py decodes each image with its own settings);
 - a full queue (`max_queue_images` waiting images) refuses new jobs at once (503 + Retry-After);
   a job past its deadline is dropped from the queue, or its result discarded, and answers 504;
-  a job whose client went away leaves the queue and frees its place.
+  a job whose client went away leaves the queue and frees its place; if it is already in the
+  engine, it is marked cancelled and its rows leave the beam search at the next step (the other
+  jobs of the call decode on, with the same captions; app/decoding.py), counted as
+  `captioner_rejected_requests_total{reason="client_gone_running"}` and in the decoder counters
+  (a running job past its deadline, or whose request task was cancelled, is given up the same way).
 
 With batching off, the worker runs one job per engine call (still queued, bounded and timed).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from app import tracing
 from app.decoding import DecodingConfig
+from app.engine import EngineStats
 
 log = logging.getLogger("captioner.batcher")
 
@@ -88,6 +95,11 @@ class _Job:
     deadline: float  # time.perf_counter() value
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    enqueued_ns: int = field(default_factory=time.time_ns)  # the same instant, for trace spans
+    # set when nobody waits for the result any more while the job is in the engine (read by its thread)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    running: bool = False
+    trace_context: Any = None  # the request's trace context (app/tracing.py), None when not tracing
 
     @property
     def images(self) -> int:
@@ -188,7 +200,7 @@ class DynamicBatcher:
                 "retry later", self.retry_after())
         loop = asyncio.get_running_loop()
         job = _Job(arrays, config, attention, labels, deadline if deadline is not None else math.inf,
-                   loop.create_future())
+                   loop.create_future(), trace_context=tracing.current_context())
         self._queue.append(job)
         self._queued_images += images
         self._gauge()
@@ -208,9 +220,9 @@ class DynamicBatcher:
                 watcher.cancel()
         if job.future in done:
             return job.future.result()
-        self._withdraw(job)
+        was_running = self._withdraw(job)
         if watcher is not None and watcher in done and watcher.result():
-            self.count_rejection("client_gone")
+            self.count_rejection("client_gone_running" if was_running else "client_gone")
             raise ClientGone()
         self.count_rejection("deadline")
         raise DeadlineExceeded()
@@ -222,16 +234,21 @@ class DynamicBatcher:
                 return True
             await asyncio.sleep(0.05)
 
-    def _withdraw(self, job: _Job) -> None:
-        """Take a job out of the queue if it is still there; a running job's result is dropped."""
+    def _withdraw(self, job: _Job) -> bool:
+        """Take a job out of the queue if it is still there; a running job is marked cancelled (its
+        rows leave the search at the next step) and its result dropped. True if it was running."""
         if not job.future.done():
             job.future.cancel()
+        if job.running:
+            job.cancelled.set()
+            return True
         try:
             self._queue.remove(job)
         except ValueError:
-            return
+            return False
         self._queued_images -= job.images
         self._gauge()
+        return False
 
     # ---- the worker -------------------------------------------------------------------------
 
@@ -292,9 +309,22 @@ class DynamicBatcher:
         labels = [job.labels for job in batch for _ in job.arrays]
         self._running_images = len(arrays)
         started = time.perf_counter()
+        started_ns = time.time_ns()
+        spans: list[tuple[_Job, range]] = []
+        offset = 0
+        for job in batch:
+            job.running = True
+            spans.append((job, range(offset, offset + job.images)))
+            offset += job.images
+        stats = EngineStats()
+
+        def cancelled() -> set[int]:
+            """The images of the jobs nobody waits for any more (asked by the search at every step)."""
+            return {i for job, images in spans if job.cancelled.is_set() for i in images}
 
         def call():
-            return self.engine.run(arrays, configs, attention=attention, labels=labels)
+            return self.engine.run(arrays, configs, attention=attention, labels=labels, cancelled=cancelled,
+                                   stats=stats)
 
         try:
             results = await loop.run_in_executor(self.executor, call)
@@ -306,10 +336,20 @@ class DynamicBatcher:
             return
         finally:
             self._running_images = 0
+            for job in batch:
+                job.running = False
         elapsed = time.perf_counter() - started
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (elapsed / len(arrays))
+        search = stats.search
+        if not search.cancelled_images:  # a cut-short call says nothing about the time per image
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (elapsed / len(arrays))
+        else:
+            log.debug("engine call of %d images: %d cancelled, %d beam rows dropped, %d steps",
+                      len(arrays), len(search.cancelled_images), search.dropped_rows, search.steps)
         if self.metrics is not None:
             self.metrics.observe_batch(len(arrays), elapsed)
+            self.metrics.observe_search(search.steps, search.rows, search.dropped_rows, len(search.cancelled_images))
+        tracing.engine_spans([(job.trace_context, job.enqueued_ns, job.images, job.cancelled.is_set())
+                              for job in batch], started_ns, stats, len(arrays))
         offset = 0
         for job in batch:
             part = results[offset : offset + job.images]

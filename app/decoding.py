@@ -24,11 +24,18 @@ All rows of all images go through one step call per step, even when the images h
 settings (each image has its own DecodingConfig: the service batches requests together). The search
 asks each step only for every row's best few tokens (`StepOutput.top`), so an engine can run TopK
 where the log-probabilities live and copy [rows, k] instead of [rows, vocabulary] to the host.
+
+Cancellation: `beam_search(..., cancelled=...)` asks before every step which images nobody waits for
+any more (the batcher: their client hung up while the engine ran). Their rows leave the search at
+once: the next step call gets only the other rows (the step sees fewer rows, and an image without
+rows gets no block in the engine's layout), their hypotheses are dropped (the image's result is
+empty), and when no row is left the search stops. The other images' rows, parents and tokens are the
+same as without the cancellation, so their captions are too. `SearchStats` counts the steps and rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -172,6 +179,17 @@ class StepFn(Protocol):
 
 
 @dataclass
+class SearchStats:
+    """What one `beam_search` call did (filled in when passed): step calls, rows decoded over all steps,
+    and the rows and images dropped because they were cancelled."""
+
+    steps: int = 0
+    rows: int = 0
+    dropped_rows: int = 0
+    cancelled_images: set[int] = field(default_factory=set)
+
+
+@dataclass
 class _Row:
     image: int
     words: list[int]
@@ -230,6 +248,8 @@ def beam_search(
     special: dict[str, int],
     keep_attention: bool = False,
     vocab_size: int | None = None,
+    cancelled: Callable[[], Collection[int]] | None = None,
+    stats: SearchStats | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode `num_images` images at once, each with its own settings (`config`: one resolved config
     for all, or one per image; they may differ in every setting, and still share each step call).
@@ -237,6 +257,9 @@ def beam_search(
     `step(tokens, parents, row_image)`: `parents[i]` is the index, in the previous call's rows, of
     the row that new row i continues (at the first call: the image index, whose initial state the
     step must use). Returns, per image, its `num_captions` hypotheses, best first.
+
+    `cancelled()`, asked before every step, names the images to give up (see the module docstring):
+    their rows are dropped before the step and their result is an empty list. `stats`: filled in.
     """
     configs = [config] * num_images if isinstance(config, DecodingConfig) else list(config)
     if len(configs) != num_images:
@@ -250,10 +273,22 @@ def beam_search(
     parents = np.arange(num_images, dtype=np.int64)
     tokens = np.full(num_images, special["start"], dtype=np.int64)
 
+    stats = stats if stats is not None else SearchStats()
+
     for t in range(int(max_length.max()) + 1):
+        if cancelled is not None and rows:
+            gone = set(cancelled()) - stats.cancelled_images
+            if gone:
+                stats.cancelled_images |= gone
+                keep = [i for i, r in enumerate(rows) if r.image not in gone]
+                stats.dropped_rows += len(rows) - len(keep)
+                rows = [rows[i] for i in keep]
+                parents, tokens = parents[keep], tokens[keep]  # still indices into the last call's rows
         if not rows:
             break
         row_image = np.fromiter((r.image for r in rows), dtype=np.int64, count=len(rows))
+        stats.steps += 1
+        stats.rows += len(rows)
         out, attention = step(tokens, parents, row_image)
         if isinstance(out, np.ndarray):
             out = DenseLogProbs(out)
@@ -304,8 +339,11 @@ def beam_search(
         parents = np.asarray(new_parents, dtype=np.int64)
         tokens = np.asarray(new_tokens, dtype=np.int64)
 
-    results = []
+    results: list[list[Hypothesis]] = []
     for image in range(num_images):
+        if image in stats.cancelled_images:
+            results.append([])
+            continue
         ranked = sorted(enumerate(finished[image]), key=lambda item: (-item[1].normalized_score, item[0]))
         results.append([h for _, h in ranked[: configs[image].num_captions]])
     return results

@@ -12,12 +12,21 @@ Per step only each row's best few tokens reach the search: a tiny TopK graph (ap
 on the decoder's log-probabilities where they are. With IO binding (the default on CUDA) the grid,
 h/c and the log-probabilities stay in device memory in buffers allocated once per call and reused at
 every step; only token ids go in and [rows, k] candidates come out.
+
+Cancellation (`run(..., cancelled=...)`, app/decoding.py): a cancelled image's rows leave the search
+at the next step. On the host path an image without live rows (cancelled, or all its beams ended)
+also leaves the decoder's layout: the step runs on the blocks of the images still decoding, with
+their features (sliced once per change of the live set), so the decoder call has fewer rows. With IO
+binding the buffers keep their size (padding rows are computed and ignored); the search still sheds
+the rows, and the call ends as soon as no image is left. `EngineStats` times the two halves and
+counts the steps (the service's metrics and trace spans).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +35,7 @@ import onnxruntime as ort
 
 from app.bundle import IMAGENET_OUTPUT, Bundle
 from app.confidence import confidence
-from app.decoding import DecodingConfig, Hypothesis, beam_search
+from app.decoding import DecodingConfig, Hypothesis, SearchStats, beam_search
 from app.engine_graphs import REORDER_GRAPH, SELECT_GRAPH
 
 log = logging.getLogger("captioner.engine")
@@ -72,6 +81,22 @@ class ImageResult:
 
     captions: list[Caption]
     labels: list[Label]
+
+
+@dataclass
+class EngineStats:
+    """What one `Engine.run` call did: the encoder's and the search's wall-clock times (time.time_ns(),
+    for trace spans) and the search's counts (steps, rows, cancelled images)."""
+
+    encode_start_ns: int = 0
+    encode_end_ns: int = 0
+    decode_start_ns: int = 0
+    decode_end_ns: int = 0
+    search: SearchStats = field(default_factory=SearchStats)
+
+    @property
+    def steps(self) -> int:
+        return self.search.steps
 
 
 def _providers(device: str) -> tuple[list, str]:
@@ -189,18 +214,30 @@ class Engine:
         # the previous call's outputs, and where each of its live rows sits in them
         state = {"h": encoded["h0"], "c": encoded["c0"], "slots": np.arange(n)}
 
+        live_key: bytes | None = None
+        live_static = static
+
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
-            slots, per_block = block_slots(row_image, n)
-            rows = n * per_block
+            nonlocal live_key, live_static
+            live = np.unique(row_image)  # the images still decoding (sorted; the search keeps their order)
+            blocks = n
+            if live.size < n:  # only their blocks, with their features: fewer decoder rows
+                blocks = int(live.size)
+                row_image = np.searchsorted(live, row_image)
+                if live.tobytes() != live_key:
+                    live_key = live.tobytes()
+                    live_static = {name: value[live] for name, value in static.items()}
+            slots, per_block = block_slots(row_image, blocks)
+            rows = blocks * per_block
             source = state["slots"][parents]
-            feeds = {"tokens": np.zeros(rows, dtype=np.int64), **static}
+            feeds = {"tokens": np.zeros(rows, dtype=np.int64), **(live_static if blocks < n else static)}
             feeds["tokens"][slots] = tokens
             for name in ("h", "c"):
                 padded = np.zeros((rows, state[name].shape[1]), dtype=np.float32)
                 padded[slots] = state[name][source]
                 feeds[name] = padded
             if "row_image" in self._decoder_inputs:
-                feeds["row_image"] = np.repeat(np.arange(n, dtype=np.int64), per_block)
+                feeds["row_image"] = np.repeat(np.arange(blocks, dtype=np.int64), per_block)
             result = self.decoder.run(outputs, feeds)
             state["h"], state["c"], state["slots"] = result[1], result[2], slots
             attention = result[3][slots] if self._has_alpha and keep_attention else None
@@ -307,9 +344,14 @@ class Engine:
         config: DecodingConfig | Sequence[DecodingConfig],
         attention: bool | Sequence[bool] = False,
         labels: int | Sequence[int] = 0,
+        cancelled: Callable[[], Collection[int]] | None = None,
+        stats: EngineStats | None = None,
     ) -> list[ImageResult]:
         """`caption`, plus each image's `labels` best ImageNet labels (0: none; bundles with labels
-        only, else ValueError): one ImageResult per image."""
+        only, else ValueError): one ImageResult per image. `cancelled()`: the images nobody waits for
+        any more, asked before every decoder step (their rows are dropped, their result has no
+        captions); `stats`: filled in with the times and counts of this call."""
+        stats = stats if stats is not None else EngineStats()
         batch = images if isinstance(images, np.ndarray) else np.stack(list(images))
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[0] == 0:
@@ -326,6 +368,7 @@ class Engine:
             raise ValueError(f"the model {self.bundle.name} has no ImageNet labels")
         resolved = [c.resolved(self.bundle.max_length) for c in configs]
         keep_attention = self._has_alpha and any(wants)
+        stats.encode_start_ns = time.time_ns()
         if self.io_binding:
             widest = max(c.beam_size for c in resolved)  # resolved: greedy has beam_size 1
             step, probs = self._make_bound_step(batch, widest, keep_attention, want_labels)
@@ -333,6 +376,7 @@ class Engine:
             encoded = self.encode(batch, want_labels)
             probs = encoded.get(IMAGENET_OUTPUT)
             step = self._make_step(encoded, keep_attention)
+        stats.encode_end_ns = stats.decode_start_ns = time.time_ns()  # (with IO binding: the encoder and buffers)
         hypotheses = beam_search(
             step,
             num_images=n,
@@ -340,7 +384,10 @@ class Engine:
             special=self.bundle.special,
             keep_attention=keep_attention,
             vocab_size=self._vocab_out,
+            cancelled=cancelled,
+            stats=stats.search,
         )
+        stats.decode_end_ns = time.time_ns()
         return [
             ImageResult([self._to_caption(h, want) for h in per_image], self._top_labels(probs, i, top_k[i]))
             for i, (per_image, want) in enumerate(zip(hypotheses, wants, strict=True))

@@ -5,16 +5,25 @@ BodyLimitMiddleware -> the routes.
 
 Each is plain ASGI: it reads only the request's headers (never the body, except BodyLimitMiddleware
 counting it as it streams), so a refusal costs next to nothing.
+
+When tracing is on (app/tracing.py: OTEL_* variables), RequestContextMiddleware also opens the
+request's SERVER span, parented to the caller's W3C `traceparent`, and times the `receive` (the body
+read from the socket) and `respond` (the answer sent) child spans by wrapping `receive` and `send`
+(probes and scrapes, UNTRACED_PATHS, make no traces).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.errors import REQUEST_ID_HEADER, PayloadTooLarge, error_json, new_request_id
 from app.logs import access_log, service_log
 from app.metrics import Metrics
@@ -24,6 +33,8 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
 # Methods whose requests carry a body: BodyLimitMiddleware counts it; a refusal before reading it
 # closes the connection (app/auth.py too).
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Probes and scrapes make no traces (they would drown the requests' traces, every few seconds).
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -35,7 +46,8 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 class RequestContextMiddleware:
     """Request id (accepted if safe, else generated), echoed on every response; one JSON access-log
-    line and the request metrics per request; unexpected exceptions become a bare 500."""
+    line and the request metrics per request; unexpected exceptions become a bare 500; the request's
+    trace spans when tracing is on."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, state: Any, known_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -60,6 +72,10 @@ class RequestContextMiddleware:
         status = 500
         started = False
         rid_header = (REQUEST_ID_HEADER.lower().encode(), rid.encode())
+        tracer = tracing.tracer()
+        end_trace: Callable[[str, str, int], dict[str, str]] | None = None
+        if tracer is not None and scope.get("path", "") not in UNTRACED_PATHS:
+            receive, send, end_trace = self._trace(tracer, scope, rid, receive, send)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
@@ -85,6 +101,7 @@ class RequestContextMiddleware:
             route_label = self._route_label(scope)
             method = scope.get("method", "")
             self.metrics.observe_request(route_label, method, status, duration)
+            trace_fields = end_trace(method, route_label, status) if end_trace is not None else {}
             access_log.info(
                 "request",
                 extra={"fields": {
@@ -95,8 +112,74 @@ class RequestContextMiddleware:
                     "duration_ms": round(duration * 1000.0, 3),
                     "request_id": rid,
                     "client": (scope.get("client") or ("", 0))[0],
+                    **trace_fields,  # trace_id, when tracing
                 }},
             )
+
+    @staticmethod
+    def _trace(tracer: Any, scope: Scope, rid: str, receive: Receive,
+               send: Send) -> tuple[Receive, Send, Callable[[str, str, int], dict[str, str]]]:
+        """Open the SERVER span (the caller's `traceparent` its parent), make it current, and wrap
+        `receive` and `send` to time the body's arrival and the answer's departure. Returns them and
+        `end(method, route, status)`, which closes the spans (named "METHOD route") and gives the
+        access log its trace id."""
+        parent = tracing.extract(scope.get("headers", ()))
+        method = scope.get("method", "")
+        server_span = tracer.start_span(
+            method or "HTTP", context=parent, kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": scope.get("path", ""),
+                        "captioner.request_id": rid})
+        request_context = trace.set_span_in_context(server_span, parent)
+        token = otel_context.attach(request_context)
+        body_started: int | None = None
+        body_bytes = 0
+        received = False
+        respond_span: Any = None
+
+        async def traced_receive() -> Message:
+            nonlocal body_started, body_bytes, received
+            if body_started is None:
+                body_started = time.time_ns()
+            message = await receive()
+            if message["type"] == "http.request" and not received:
+                body_bytes += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    received = True
+                    tracing.record_span("receive", request_context, body_started, **{"http.request.body.size": body_bytes})
+            return message
+
+        async def traced_send(message: Message) -> None:
+            nonlocal respond_span
+            if message["type"] == "http.response.start" and respond_span is None:
+                respond_span = tracer.start_span("respond", context=request_context,
+                                                 attributes={"http.response.status_code": int(message["status"])})
+            await send(message)
+            if (message["type"] == "http.response.body" and not message.get("more_body", False)
+                    and respond_span is not None and respond_span.is_recording()):
+                respond_span.end()
+
+        def end(method: str, route: str, status: int) -> dict[str, str]:
+            if respond_span is not None and respond_span.is_recording():  # the client left mid-answer
+                respond_span.end()
+            return RequestContextMiddleware._end_trace(server_span, token, method, route, status)
+
+        return traced_receive, traced_send, end
+
+    @staticmethod
+    def _end_trace(server_span: Any, token: Any, method: str, route: str, status: int) -> dict[str, str]:
+        if route != "unmatched":
+            server_span.update_name(f"{method} {route}")
+            server_span.set_attribute("http.route", route)
+        server_span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            server_span.set_status(trace.Status(trace.StatusCode.ERROR))
+        span_context = server_span.get_span_context()
+        server_span.end()
+        try:
+            otel_context.detach(token)
+        except Exception:  # the context of a finished request: nothing to restore
+            pass
+        return {"trace_id": format(span_context.trace_id, "032x")} if span_context.is_valid else {}
 
     def _route_label(self, scope: Scope) -> str:
         """The route template (bounded label values); 'unmatched' for unknown paths."""

@@ -33,7 +33,7 @@ class FakeEngine:
         self.gate.set()
         self.entered = threading.Event()
 
-    def run(self, arrays, configs, attention=False, labels=0):
+    def run(self, arrays, configs, attention=False, labels=0, cancelled=None, stats=None):
         self.entered.set()
         self.gate.wait(10)
         call = [(float(a.flat[0]), c, w) for a, c, w in zip(arrays, configs, attention)]

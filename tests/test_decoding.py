@@ -10,7 +10,14 @@ import math
 import numpy as np
 import pytest
 
-from app.decoding import DecodingConfig, DenseLogProbs, banned_ngram_tokens, beam_search, length_normalized
+from app.decoding import (
+    DecodingConfig,
+    DenseLogProbs,
+    SearchStats,
+    banned_ngram_tokens,
+    beam_search,
+    length_normalized,
+)
 
 SPECIAL = {"pad": 0, "start": 1, "end": 2, "unk": 3}
 FIRST_WORD = 4
@@ -334,3 +341,51 @@ def test_only_the_best_few_tokens_are_read_unless_the_rules_need_more(config):
     fulls = sum(kind == "full" for kind, _ in reads)
     tops = sum(kind == "top" for kind, _ in reads)
     assert tops > 0 and fulls <= tops // 2
+
+
+# ---- cancellation: a cancelled image's rows leave the search ---------------------------------------
+
+CANCEL_CONFIGS = [DecodingConfig(beam_size=4, max_length=10).resolved(),
+                  DecodingConfig(beam_size=3, num_captions=2, max_length=10, no_repeat_ngram_size=2).resolved(),
+                  DecodingConfig(strategy="greedy", max_length=10).resolved()]
+
+
+def test_a_cancelled_image_leaves_the_search_at_the_next_step_and_the_others_decode_as_before():
+    full_model, full_stats = ToyModel(6, seed=5, sharp=1.0), SearchStats()
+    full = beam_search(full_model.step_fn(), 3, CANCEL_CONFIGS, SPECIAL, stats=full_stats)
+
+    model, stats = ToyModel(6, seed=5, sharp=1.0), SearchStats()
+    asked = []
+
+    def cancelled():
+        asked.append(model.calls)
+        return {0} if model.calls >= 2 else set()  # image 0's client hangs up after two steps
+
+    got = beam_search(model.step_fn(), 3, CANCEL_CONFIGS, SPECIAL, cancelled=cancelled, stats=stats)
+    assert asked[:3] == [0, 1, 2]  # asked before every step
+    assert got[0] == [] and full[0]  # the cancelled image has no result
+    assert got[1:] == full[1:]  # the others: the very same hypotheses (tokens, scores, log-probabilities)
+    assert stats.cancelled_images == {0} and stats.dropped_rows > 0
+    # the first two steps are the same; from the third on, the step gets fewer rows: image 0's are gone
+    assert model.rows_per_call[:2] == full_model.rows_per_call[:2]
+    assert model.rows_per_call[2] == full_model.rows_per_call[2] - stats.dropped_rows
+    assert stats.rows < full_stats.rows and stats.rows == sum(model.rows_per_call)
+    assert stats.steps == model.calls <= full_stats.steps == full_model.calls
+
+
+def test_when_every_image_is_cancelled_the_search_stops():
+    model, stats = ToyModel(6, seed=5, sharp=1.0), SearchStats()
+    config = DecodingConfig(beam_size=3, max_length=10).resolved()
+    got = beam_search(model.step_fn(), 2, config, SPECIAL, stats=stats,
+                      cancelled=lambda: {0, 1} if model.calls >= 3 else ())
+    assert got == [[], []]
+    assert model.calls == stats.steps == 3
+    assert stats.cancelled_images == {0, 1}
+
+
+def test_cancelling_before_the_first_step_decodes_only_the_others():
+    model = ToyModel(6, seed=5, sharp=1.0)
+    alone = beam_search(ToyModel(6, seed=5, sharp=1.0).step_fn(), 3, CANCEL_CONFIGS, SPECIAL)
+    got = beam_search(model.step_fn(), 3, CANCEL_CONFIGS, SPECIAL, cancelled=lambda: {1})
+    assert got[1] == [] and got[0] == alone[0] and got[2] == alone[2]
+    assert model.rows_per_call[0] == 2  # the first step: one row for each image still wanted
