@@ -21,6 +21,9 @@ Off unless keys are configured (`CAPTIONER_API_KEYS` and/or `CAPTIONER_API_KEYS_
   A file that became unreadable or invalid changes nothing: the keys in use stay, one warning is
   logged per bad version (never a key) and counted in `captioner_api_keys_reloads_total{result="error"}`;
   the next valid version is picked up (an info line with the number of keys, `result="ok"`).
+* admin keys (`CAPTIONER_ADMIN_API_KEYS`, `admin_keys`): the model swap routes
+  (app/routes/models.py) check for one of them with the same constant-time comparison; they are
+  accepted as API keys too. Without them those routes answer 403 `admin_disabled`.
 * optional rate limits per key (app/ratelimit.py, a token bucket by key digest): a key over its
   limit gets 429 `rate_limited` with `Retry-After`, before the body is read; every answer to a
   request of a key with a limit carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
@@ -320,14 +323,21 @@ def install_auth(app, settings) -> bool:
     if not settings.all_api_keys():
         return False
     metrics = getattr(app.state, "metrics", None)
-    store = KeyStore(
-        [k.get_secret_value() for k in settings.api_keys], settings.api_keys_file,
+    store = KeyStore(  # an admin key (CAPTIONER_ADMIN_API_KEYS) is an API key too
+        [k.get_secret_value() for k in [*settings.api_keys, *settings.admin_api_keys]], settings.api_keys_file,
         rate_limit=settings.api_key_rate_limit, rate_burst=settings.api_key_rate_burst, metrics=metrics,
         fallback_file_entries=settings.all_api_keys()[len(settings.api_keys):],  # the file's, as read at start-up
     )
     app.state.api_keys = store
     app.add_middleware(APIKeyMiddleware, store=store, metrics_public=settings.metrics_public, metrics=metrics)
     return True
+
+
+def admin_keys(settings) -> APIKeys | None:
+    """The keys of the admin routes (CAPTIONER_ADMIN_API_KEYS, compared like the API keys), or None:
+    the admin routes are off (403 admin_disabled)."""
+    entries = [k.get_secret_value() for k in settings.admin_api_keys]
+    return APIKeys(entries) if entries else None
 
 
 def _integer_header(description: str, minimum: int = 0) -> dict[str, Any]:

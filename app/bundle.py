@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.decoding import MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM_SIZE
@@ -171,8 +172,29 @@ class Training(_Model):
     checkpoint: str | None = None
 
 
+class ReferenceCaption(_Model):
+    """One reference caption: the greedy caption of the encoder input `reference_input(seed, ...)`."""
+
+    seed: int = Field(ge=0, description="the seed of the deterministic encoder input (app/bundle.py reference_input)")
+    tokens: list[str] = Field(description="the greedy caption's words, special tokens left out")
+
+
+def reference_input(seed: int, preprocessing: Preprocessing) -> np.ndarray:
+    """The deterministic encoder input [3, H, W] of a reference caption: a 3 x 3 grid of seeded flat
+    colours in [-1, 1] (no image file, so no decoder or resampling can change it between exporter and
+    service). Flat regions, unlike pixel noise, get captions that differ from seed to seed and from
+    model to model, which is what makes the comparison worth doing."""
+    height, width = preprocessing.image_size
+    cells = np.random.default_rng(seed).uniform(-1.0, 1.0, (3, 3, 3)).astype(np.float32)
+    rows = np.minimum(np.arange(height) * 3 // height, 2)
+    cols = np.minimum(np.arange(width) * 3 // width, 2)
+    return np.ascontiguousarray(cells[:, rows][:, :, cols])
+
+
 class Parity(_Model):
-    """What `captioner export` proved before it wrote the bundle: torch vs onnxruntime."""
+    """What `captioner export` proved before it wrote the bundle: torch vs onnxruntime. `reference`:
+    greedy captions of a few deterministic inputs, which the service re-captions before it switches
+    to the bundle (`POST /v1/models/{name}/load`)."""
 
     tolerance: float | None = None
     precision: Literal["fp32", "fp16", "int8"] | None = None
@@ -186,6 +208,8 @@ class Parity(_Model):
     beam3_identical: int | None = None
     images: int | None = None
     split: str | None = None
+    reference: list[ReferenceCaption] | None = Field(
+        None, description="greedy captions of deterministic inputs, checked by the service before it serves the bundle")
 
 
 class Accuracy(_Model):

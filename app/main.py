@@ -10,7 +10,7 @@ one clear log line and a non-zero exit. No torch anywhere.
 How a request flows: app/middleware.py (request id, access log, overload, body limit; app/auth.py for
 API keys) -> a route in app/routes/ -> app/pipeline.py (read and decode the upload, submit it) ->
 app/batcher.py (dynamic batching) -> app/engine.py (the ONNX graphs) -> app/decoding.py (the search).
-The other parts have their own modules: app/logs.py, app/metrics.py, app/openapi.py.
+The other parts have their own modules: app/logs.py, app/metrics.py, app/openapi.py, app/tracing.py.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.concurrency import run_in_threadpool
 
-from app.auth import EXPOSED_AUTH_HEADERS, install_auth
+from app import tracing
+from app.auth import EXPOSED_AUTH_HEADERS, admin_keys, install_auth
 from app.errors import REQUEST_ID_HEADER, install_error_handlers
 from app.logs import configure_logging, service_log
 from app.metrics import Metrics
@@ -38,45 +38,44 @@ from app.settings import Settings, SettingsError, load_settings
 def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from app.batcher import DynamicBatcher
-        from app.bundle import BundleError, load_bundle
-        from app.engine import Engine, EngineError
+        from app.models import BundleRefused, ModelRegistry, ServedModel
 
         state = app.state
         metrics: Metrics = state.metrics
         started = time.perf_counter()
-        try:
-            bundle = await run_in_threadpool(load_bundle, settings.bundle)
-            engine = await run_in_threadpool(Engine, bundle, settings.device, settings.threads)
-            await run_in_threadpool(engine.warmup)
-        except (BundleError, EngineError) as exc:
-            kind = "model bundle" if isinstance(exc, BundleError) else "inference engine"
-            message = f"cannot start: {kind} error: {exc}"
-            state.startup_error = message
-            service_log.error(message, extra={"fields": {"bundle": str(settings.bundle), "device": settings.device}})
-            raise RuntimeError(message) from None
-        state.bundle = bundle
-        state.engine = engine
         state.inference_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-inference")
+
+        def default_changed(served: ServedModel) -> None:  # app.state's shortcuts follow the default model
+            state.bundle, state.engine, state.batcher = served.bundle, served.engine, served.batcher
+            metrics.model.info({"name": served.name, "version": served.version, "provider": served.engine.provider,
+                                "device": served.engine.device})
+
+        registry = ModelRegistry(settings, metrics, state.inference_executor, on_default=default_changed)
+        try:
+            await registry.start()  # CAPTIONER_BUNDLE, or each repository name's newest version (app/models.py)
+        except BundleRefused as exc:
+            kind = "inference engine" if exc.check in ("engine", "warmup") else "model bundle"
+            message = f"cannot start: {kind} error: {exc.message}"
+            state.startup_error = message
+            where = str(settings.model_repository or settings.bundle)
+            service_log.error(message, extra={"fields": {"bundle": where, "device": settings.device}})
+            await registry.close(timeout=1.0)
+            state.inference_executor.shutdown()
+            raise RuntimeError(message) from None
+        state.models = registry
+        bundle, engine = state.bundle, state.engine
         state.preprocess_executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers(),
                                                        thread_name_prefix="captioner-preprocess")
-        state.batcher = DynamicBatcher(
-            engine, state.inference_executor, enabled=settings.batching, max_batch_images=settings.max_batch_images,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0, max_queue_images=settings.max_queue_images,
-            metrics=metrics,
-        )
-        state.batcher.start()
         keys = getattr(state, "api_keys", None)
         if keys is not None:  # re-read the API keys file when it changes (app/auth.py)
             keys.start()
         state.ready = True
         metrics.ready.set(1)
-        metrics.model.info({"name": bundle.name, "version": bundle.version, "provider": engine.provider,
-                            "device": engine.device})
         service_log.info(
             "ready",
             extra={"fields": {"model": bundle.name, "version": bundle.version, "provider": engine.provider,
-                              "device": engine.device, "bundle": str(settings.bundle),
+                              "device": engine.device, "bundle": str(settings.model_repository or settings.bundle),
+                              "models": registry.loaded(),
                               "startup_ms": round((time.perf_counter() - started) * 1000.0, 1)}},
         )
         try:
@@ -86,9 +85,9 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
             metrics.ready.set(0)
             if keys is not None:
                 await keys.stop()
-            batcher = getattr(state, "batcher", None)
-            if batcher is not None:  # uvicorn has finished the in-flight requests; this is a backstop
-                await batcher.close(timeout=settings.request_timeout_s)
+            # uvicorn has finished the in-flight requests; this is a backstop
+            await registry.close(timeout=settings.request_timeout_s)
+            tracing.shutdown()  # flush the spans still buffered (only when exporting)
             for name in ("inference_executor", "preprocess_executor"):
                 executor = getattr(state, name, None)
                 if executor is not None:
@@ -107,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             print(f"captioner: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    tracing.configure_from_env()  # OTEL_* (app/tracing.py): off, at no cost, unless an exporter is asked for
 
     from PIL import Image
 
@@ -127,14 +127,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.startup_error = None
     app.state.api_keys = None  # app/auth.py's KeyStore when API keys are configured
+    app.state.models = None  # app/models.py's ModelRegistry, once started
+    app.state.admin_keys = admin_keys(settings)  # the admin routes' keys (app/auth.py), or None
 
     install_error_handlers(app)
 
-    from app.routes import attention, captions, demo, health, model
+    from app.routes import attention, captions, demo, health, model, models
 
     app.include_router(attention.router)  # before captions: /v1/captions/attention.png stays its own route
     app.include_router(captions.router)
     app.include_router(model.router)
+    app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(demo.router)
 
@@ -153,8 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=not wildcard,
         )
     known_paths = frozenset(
-        str(getattr(route, "path", "")) for router in (attention.router, captions.router, model.router, health.router,
-                                                       demo.router)
+        str(getattr(route, "path", "")) for router in (attention.router, captions.router, model.router, models.router,
+                                                       health.router, demo.router)
         for route in router.routes
     )
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, state=app.state, known_paths=known_paths)

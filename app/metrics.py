@@ -22,7 +22,16 @@ class Metrics:
         self.queue_images = Gauge("captioner_queue_images", "Images waiting for the engine (dynamic batcher queue).",
                                   registry=r)
         self.rejected = Counter("captioner_rejected_requests", "Requests refused or dropped by the batcher, by reason "
-                                "(queue_full, deadline, client_gone).", ["reason"], registry=r)
+                                "(queue_full, deadline, client_gone; client_gone_running: the client hung up while its job "
+                                "was in the engine, and its beam rows were dropped).", ["reason"], registry=r)
+        # the beam search (app/decoding.py): decoder step calls, the rows they decoded, and what cancellation saved
+        self.decoder_steps = Counter("captioner_decoder_steps", "Decoder step calls (one per step of each engine "
+                                     "call, for all its rows).", registry=r)
+        self.decoder_rows = Counter("captioner_decoder_rows", "Beam rows decoded, summed over the steps.", registry=r)
+        self.cancelled_rows = Counter("captioner_cancelled_rows", "Beam rows dropped from a running search because "
+                                      "their client hung up.", registry=r)
+        self.cancelled_images = Counter("captioner_cancelled_images", "Images whose search was given up while "
+                                        "running because their client hung up.", registry=r)
         self.queue = Histogram("captioner_queue_seconds", "Time a request waited in the batcher's queue.",
                                registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.inference = Histogram("captioner_inference_seconds", "Engine time per call (encoder + search).",
@@ -43,6 +52,18 @@ class Metrics:
                                        "the keys in use stay).", ["result"], registry=r)
         for result in ("ok", "error"):
             self.api_key_reloads.labels(result)
+        # the model repository (app/models.py): per model and version
+        self.model_requests = Counter("captioner_model_requests", "Requests to the model routes by the model and "
+                                      "version that answered them, route and status.",
+                                      ["model", "version", "route", "status"], registry=r)
+        self.model_latency = Histogram("captioner_model_request_duration_seconds", "Latency of the model routes "
+                                       "by model and version.", ["model", "version", "route"], registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.models_loaded = Gauge("captioner_model_loaded", "1 while this model version is loaded (active or "
+                                   "draining its last requests), 0 once unloaded.", ["model", "version"], registry=r)
+        self.model_loads = Counter("captioner_model_loads", "Loads and rollbacks by model and result (ok: switched; "
+                                   "refused: a check failed, the old version kept serving).", ["model", "result"],
+                                   registry=r)
         self.rate_limited = Counter("captioner_rate_limited_requests", "Requests refused with 429 because their API "
                                     "key was over its rate limit.", registry=r)
 
@@ -50,10 +71,22 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 
+    def observe_model_request(self, model: str, version: str, route: str, status: int, seconds: float) -> None:
+        self.model_requests.labels(model, version, route, str(status)).inc()
+        self.model_latency.labels(model, version, route).observe(seconds)
+
     def observe_batch(self, images: int, inference_s: float) -> None:
         self.images.inc(images)
         self.batch_size.observe(images)
         self.inference.observe(inference_s)
+
+    def observe_search(self, steps: int, rows: int, dropped_rows: int, cancelled_images: int) -> None:
+        self.decoder_steps.inc(steps)
+        self.decoder_rows.inc(rows)
+        if dropped_rows:
+            self.cancelled_rows.inc(dropped_rows)
+        if cancelled_images:
+            self.cancelled_images.inc(cancelled_images)
 
     def observe_caption(self, confidence: float, low: bool) -> None:
         self.confidence.observe(confidence)

@@ -19,6 +19,7 @@ from fastapi import Request, UploadFile
 from PIL import Image
 from starlette.formparsers import MultiPartParser
 
+from app import tracing
 from app.batcher import ClientGone, DeadlineExceeded, Overloaded, TooLarge
 from app.bundle import Preprocessing
 from app.decoding import DecodingConfig
@@ -94,8 +95,9 @@ async def load_upload(request: Request, upload: UploadFile, spec: Preprocessing,
     """Read one upload and prepare it in the service's image-decoding pool. Raises ImageDecodeError."""
     settings: Settings = request.app.state.settings
     data = await read_upload(upload, settings)
-    return await asyncio.get_running_loop().run_in_executor(
-        request.app.state.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
+    with tracing.span("preprocess", **{"captioner.upload.bytes": len(data)}):
+        return await asyncio.get_running_loop().run_in_executor(
+            request.app.state.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
 
 
 def upload_error(exc: ImageDecodeError, metrics: Metrics) -> APIError:
@@ -125,7 +127,9 @@ async def caption(request: Request, arrays: list[np.ndarray], config: DecodingCo
     start = getattr(request.state, "start_time", None) or time.perf_counter()
     submitted = time.perf_counter()
     try:
-        result = await request.app.state.batcher.submit(
+        served = getattr(request.state, "served", None)  # the model the request picked (app/routes get_served)
+        batcher = served.batcher if served is not None else request.app.state.batcher
+        result = await batcher.submit(
             arrays, config, attention=attention, deadline=start + settings.request_timeout_s,
             disconnected=request.is_disconnected, labels=labels,
         )

@@ -358,3 +358,83 @@ class Readiness(BaseModel):
 
     status: Literal["ready"] = "ready"
     model: ModelRef
+
+
+# ---- the model repository (app/models.py, app/routes/models.py) --------------------------------
+
+
+class CheckResult(BaseModel):
+    """One check a bundle passed before it was served."""
+
+    name: Literal["sha256", "warmup", "smoke", "parity"] = Field(
+        description="sha256: every file matches the manifest; warmup: the engine built and captioned a blank image; "
+        "smoke: a greedy caption of a fixed input is not empty; parity: the manifest's reference captions "
+        "(parity.reference) came out word for word.")
+    passed: bool | None = Field(description="null: skipped (a bundle whose manifest records no reference captions).")
+    detail: str
+
+
+class LoadedModel(BaseModel):
+    """A model version in memory."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {
+            "name": "flickr8k-sat-lite0", "version": "2.0.0", "state": "active", "default": True,
+            "provider": "CPUExecutionProvider", "device": "cpu", "memory_bytes": 21733120,
+            "loaded_at": "2026-01-01T12:00:00Z", "load_seconds": 1.9, "in_flight": 3,
+            "checks": [{"name": "sha256", "passed": True, "detail": "5 files match the manifest"}],
+        }}
+    )
+
+    name: str
+    version: str
+    state: Literal["active", "draining"] = Field(
+        description="active: new requests for its name get it; draining: replaced, finishing the requests that "
+        "started on it, then unloaded.")
+    default: bool = Field(description="Requests without `?model=` get this name.")
+    provider: str = Field(description="The onnxruntime execution provider.")
+    device: Literal["cpu", "cuda"]
+    memory_bytes: int = Field(description="Bytes of its ONNX graphs (the weights its sessions hold).")
+    loaded_at: str = Field(description="When it was loaded, UTC.")
+    load_seconds: float = Field(description="Reading, checking and warming it up took this long.")
+    in_flight: int = Field(description="Requests under way on it.")
+    checks: list[CheckResult]
+
+
+class RepositoryModel(BaseModel):
+    """A name of the model repository and its versions."""
+
+    name: str
+    versions: list[str] = Field(description="The versions the repository holds, oldest first.")
+    active: str | None = Field(description="The version serving it.")
+    previous: list[str] = Field(description="The versions it served before, oldest first; rollback returns to the last.")
+
+
+class ModelList(BaseModel):
+    """What is loaded and what the repository holds."""
+
+    default: str = Field(description="The model a request without `?model=` gets.")
+    loaded: list[LoadedModel]
+    repository: list[RepositoryModel]
+    process_rss_bytes: int | None = Field(description="The service process's resident memory (Linux), all models "
+                                          "included.")
+
+
+class LoadRequest(BaseModel):
+    """Which version to load."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"version": "2.0.0"}})
+
+    version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+                         description="A version of this name in the model repository.")
+
+
+class LoadResult(BaseModel):
+    """A load or rollback that succeeded: the version now serving new requests."""
+
+    name: str
+    version: str = Field(description="The version now active.")
+    previous: str | None = Field(description="The version it replaced (now draining), or null when nothing changed.")
+    changed: bool = Field(description="false: that version was already the active one.")
+    load_seconds: float = Field(description="Reading, checking and warming it up (0 when nothing changed).")
+    checks: list[CheckResult]

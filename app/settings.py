@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ENV_PREFIX = "CAPTIONER_"
 MiB = 1024 * 1024
 # Settings whose values are secrets: never echoed in an error message.
-SECRET_FIELDS = frozenset({"api_keys"})
+SECRET_FIELDS = frozenset({"api_keys", "admin_api_keys"})
 
 log = logging.getLogger("captioner.settings")
 
@@ -59,7 +59,17 @@ class Settings(BaseSettings):
     )
 
     # --- model and execution ---
-    bundle: Path = Field(Path("models/default"), description="Path of the model bundle folder.")
+    bundle: Path = Field(Path("models/default"), description="Path of the model bundle folder (a model repository "
+                         "of one; not together with model_repository).")
+    model_repository: Path | None = Field(
+        None, description="A folder of bundles as <name>/<version>/ (each a bundle folder whose manifest names that "
+        "model and version). Each name's newest version is loaded at start-up; `?model=name[:version]` picks one, "
+        "`POST /v1/models/{name}/load` swaps versions (README: Model versions). Unset: serve `bundle` alone.",
+    )
+    default_model: str | None = Field(
+        None, description="The model a request without `?model=` gets: a name of the repository, or name:version to "
+        "start on that version. Unset: the first name in alphabetical order.",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
         description="Execution device. auto: CUDA when onnxruntime can load it, else CPU (with a warning); "
@@ -173,6 +183,12 @@ class Settings(BaseSettings):
         None, ge=1, le=MAX_RATE, description="Most requests a key with a rate limit may send at once (its bucket "
         "size). A key's own `burst=` overrides it. Unset: the key's rate limit (one minute's worth)."
     )
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys of the admin routes (`POST /v1/models/{name}/load` and `.../rollback`), comma-separated, "
+        "entries as in api_keys (rate limits do not apply). These routes need `Authorization: Bearer <admin key>`; "
+        "unset: they answer 403 admin_disabled. An admin key is also accepted wherever an API key is.",
+    )
     _file_api_keys: list[SecretStr] = PrivateAttr(default_factory=list)  # read from api_keys_file
 
     @field_validator("device", "log_level", "default_strategy", mode="before")
@@ -204,7 +220,7 @@ class Settings(BaseSettings):
                 value = [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -220,7 +236,7 @@ class Settings(BaseSettings):
                 value = [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("api_keys", mode="after")
+    @field_validator("api_keys", "admin_api_keys", mode="after")
     @classmethod
     def _check_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         for index, key in enumerate(value):
@@ -239,6 +255,34 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _load_keys_file(self) -> Settings:
         self._file_api_keys = [] if self.api_keys_file is None else _read_keys_file(self.api_keys_file)
+        return self
+
+    @model_validator(mode="after")
+    def _check_repository(self) -> Settings:
+        if self.model_repository is None:
+            if self.default_model is not None:
+                raise ValueError("CAPTIONER_DEFAULT_MODEL needs CAPTIONER_MODEL_REPOSITORY (a single bundle is its "
+                                 "own default)")
+            return self
+        if "bundle" in self.model_fields_set:
+            raise ValueError("set CAPTIONER_BUNDLE or CAPTIONER_MODEL_REPOSITORY, not both (a single bundle is a "
+                             "repository of one)")
+        root = self.model_repository
+        if not root.is_dir():
+            raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: {root} is not a folder")
+        try:
+            found = any((v / "manifest.json").is_file() for n in root.iterdir() if n.is_dir() for v in n.iterdir()
+                        if v.is_dir())
+        except OSError as exc:
+            raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: cannot read {root} ({exc.strerror})") from None
+        if not found:
+            raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: {root} holds no bundle (expected <name>/<version>/"
+                             "manifest.json)")
+        if self.default_model is not None:
+            name, _, version = self.default_model.partition(":")
+            if not (root / name / (version or ".")).is_dir() or not name or "/" in self.default_model:
+                raise ValueError(f"CAPTIONER_DEFAULT_MODEL: {self.default_model!r} is not a model of the repository "
+                                 f"{root}")
         return self
 
     def all_api_keys(self) -> list[str]:

@@ -351,6 +351,22 @@ def add_labels_cmd(
     typer.echo(f"added labels to {bundle} (parity: {json.dumps(report)})")
 
 
+def add_reference_cmd(
+    bundle: Path = typer.Option(..., help="Bundle folder whose manifest has no parity.reference yet; manifest.json "
+                                "is changed in place"),
+) -> None:
+    """Record the reference captions the service checks before it switches to a new version of a
+    model (`captioner export` writes them; docs/bundle-format.md)."""
+
+    def run():
+        from model_export.reference import add_reference
+
+        return add_reference(bundle)
+
+    reference = _guard(run)
+    typer.echo(f"recorded {len(reference)} reference captions in {bundle / 'manifest.json'}")
+
+
 def _sample_photos(spec) -> list:
     try:
         from skimage import data as skdata
@@ -378,6 +394,7 @@ COMMANDS = {
     "tune-decoding": tune_decoding_cmd,
     "confidence": confidence_cmd,
     "add-labels": add_labels_cmd,
+    "add-reference": add_reference_cmd,
 }
 
 

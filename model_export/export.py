@@ -60,7 +60,7 @@ from model_export.features import preprocessing_for
 from model_export.images import load_pixels
 from model_export.labels import labels_spec, reference_probs, write_labels
 from model_export.model import Captioner, EncoderGraph, HalfEncoderGraph, HalfStepGraph, StepGraph
-from model_export.reference import reference_decode
+from model_export.reference import reference_captions, reference_decode
 from model_export.train import load_checkpoint
 
 TOLERANCE = 1e-4
@@ -321,7 +321,8 @@ def export_bundle(
         write_manifest()  # provisional, inside the temporary folder only: the engine reads bundles
         engine = Engine(load_bundle(tmp), device="cpu")
         captions = check_caption_parity(model, engine, images, special, max_length, precision)
-        final = {"parity": Parity(**numeric, **captions, images=len(images), split=parity_split)}
+        final = {"parity": Parity(**numeric, **captions, images=len(images), split=parity_split,
+                                  reference=reference_captions(engine, spec))}
         if evaluate_split:
             result = evaluate_bundle(tmp, dataset, split=evaluate_split, limit=evaluate_limit, device="cpu", progress=progress)
             print(format_table(result), flush=True)

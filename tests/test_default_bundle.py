@@ -122,3 +122,15 @@ def test_confidence_is_calibrated_on_validation_as_documented(bundle):
     doc = (REPO / "docs" / "confidence.md").read_text(encoding="utf-8")
     assert f"a = {calibration.slope}, b = {calibration.intercept}" in doc
     assert calibration.threshold == 0.5 and "five human captions is at least 0.5" in doc
+
+
+def test_default_bundle_passes_the_checks_of_a_model_swap(bundle):
+    """`POST /v1/models/{name}/load` would accept models/default: every check ran and passed, the
+    reference captions (`captioner add-reference`) included, and they differ between inputs."""
+    from app.models import build_served
+    from app.settings import Settings
+
+    served = build_served(bundle.path, Settings(device="cpu", threads=2))
+    assert {c.name: c.passed for c in served.checks} == {"sha256": True, "warmup": True, "smoke": True, "parity": True}
+    reference = bundle.manifest.parity.reference
+    assert len(reference) == 4 and len({tuple(r.tokens) for r in reference}) > 1, reference

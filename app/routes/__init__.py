@@ -3,14 +3,18 @@ query parameters. No route module imports another; the request's path from uploa
 app/pipeline.py.
 
 Everything a route needs (settings, the engine, metrics) lives on `app.state` and is handed in with
-`Depends`, so tests can build an app with `create_app(settings)` and nothing is global.
+`Depends`, so tests can build an app with `create_app(settings)` and nothing is global. The engine
+is that of the model the request picked (`?model=`, `get_served`: app/models.py's registry).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query, Request, Response
 
 from app import pipeline
 from app.bundle import MAX_LABELS
@@ -25,6 +29,7 @@ from app.decoding import (
 from app.engine import Engine
 from app.errors import APIError
 from app.metrics import Metrics
+from app.models import MODEL_SPEC_PATTERN, ModelNotFound, ModelRegistry, ServedModel
 from app.settings import Settings
 
 
@@ -36,8 +41,8 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_engine(request: Request) -> Engine:
-    """The loaded, warmed-up engine; 503 `not_ready` before that."""
+def get_default_engine(request: Request) -> Engine:
+    """The default model's loaded, warmed-up engine; 503 `not_ready` before that."""
     state = request.app.state
     engine = getattr(state, "engine", None)
     if engine is None or not getattr(state, "ready", False):
@@ -46,10 +51,65 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+async def get_served(
+    request: Request,
+    response: Response,
+    model: Annotated[
+        str,
+        Query(max_length=257, pattern=MODEL_SPEC_PATTERN,
+              description="The model to answer: a name of `GET /v1/models` (its active version) or name:version "
+              "(only while that version is the active one). Default: the service's default model. Unknown or "
+              "unloaded: 404 model_not_found, listing the loaded models."),
+    ] = None,  # type: ignore[assignment]
+) -> AsyncIterator[ServedModel]:
+    """The model that answers this request (app/models.py), held until the request has answered, so a
+    swap lets it finish on this version. Counts the request by model and version in /metrics and
+    names the version in the X-Model-Version header."""
+    get_default_engine(request)  # 503 not_ready before start-up has finished
+    registry: ModelRegistry = request.app.state.models
+    try:
+        served = registry.resolve(model)
+    except ModelNotFound as exc:
+        raise APIError(404, "model_not_found", str(exc),
+                       details=[{"loc": ["query", "model"], "msg": key, "type": "available_model"}
+                                for key in exc.available]) from None
+    served.acquire()
+    request.state.served = served
+    response.headers[MODEL_VERSION_HEADER] = served.key
+    status = 200
+    try:
+        yield served
+    except APIError as exc:
+        status = exc.status_code
+        raise
+    except asyncio.CancelledError:  # the client went away mid-request
+        status = 499
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        served.release()
+        start = getattr(request.state, "start_time", None)
+        route = str(getattr(request.scope.get("route"), "path", "unmatched"))
+        request.app.state.metrics.observe_model_request(
+            served.name, served.version, route, status, time.perf_counter() - start if start else 0.0)
+
+
+def get_engine(served: Annotated[ServedModel, Depends(get_served)]) -> Engine:
+    """The engine of the model that answers this request (`?model=`)."""
+    return served.engine
+
+
 # Annotated dependencies for route signatures.
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServedDep = Annotated[ServedModel, Depends(get_served)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+DefaultEngineDep = Annotated[Engine, Depends(get_default_engine)]
 
 
 # The query parameters are typed without `| None` on purpose: their OpenAPI schemas stay plain

@@ -12,7 +12,7 @@ from app import pipeline
 from app.attention import attention_map, render_attention_png
 from app.errors import APIError, error_responses
 from app.pipeline import IMAGE_FORMATS
-from app.routes import DecodingDep, EngineDep, LabelsDep, MetricsDep
+from app.routes import MODEL_VERSION_HEADER, DecodingDep, EngineDep, LabelsDep, MetricsDep, ServedDep
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 
@@ -22,6 +22,8 @@ class PNGResponse(Response):
 
 
 _ERRORS = {
+    404: "`model` names no loaded model (or a version that is not the active one): code model_not_found; the "
+    "error's details list the loaded models.",
     409: "The model has no attention (a Show-and-Tell bundle): code attention_unavailable; or `labels` > 0 but "
     "it has no ImageNet labels: code labels_unavailable.",
     413: "The request body is over the size limit (refused without reading it all), or the image has "
@@ -59,7 +61,7 @@ def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict[int | str
             "description": "The attention picture (PNG).",
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **_json_errors(400, 409, 413, 415, 422, 503, 504, descriptions=_ERRORS),
+        **_json_errors(400, 404, 409, 413, 415, 422, 503, 504, descriptions=_ERRORS),
     },
 )
 async def create_attention_png(
@@ -68,6 +70,7 @@ async def create_attention_png(
     config: DecodingDep,
     labels: LabelsDep,
     engine: EngineDep,
+    served: ServedDep,
     metrics: MetricsDep,
     panel: Annotated[int, Query(ge=64, le=512, description="Longer side of each panel, in pixels.")] = 224,
     columns: Annotated[int, Query(ge=1, le=12, description="Panels per row.")] = 4,
@@ -88,4 +91,4 @@ async def create_attention_png(
         render_attention_png, prepared.image, amap["tokens"], amap["weights"], amap["grid"],
         panel=panel, columns=columns, title=f"{best.text} · {named}" if named else best.text,
     )
-    return PNGResponse(content=png, headers={"Cache-Control": "no-store"})
+    return PNGResponse(content=png, headers={"Cache-Control": "no-store", MODEL_VERSION_HEADER: served.key})

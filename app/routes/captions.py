@@ -62,6 +62,8 @@ def _ms(seconds: float) -> float:
 # ---- routes ---------------------------------------------------------------------------------------
 
 _SINGLE_ERRORS = {
+    404: "`model` names no loaded model (or a version that is not the active one): code model_not_found; the "
+    "error's details list the loaded models.",
     413: "The request body is over the size limit (refused without reading it all), or the image has "
     "more pixels than max_image_pixels (refused from its header, before decoding).",
     415: f"The upload is not an image, or not one of {IMAGE_FORMATS}.",
@@ -81,7 +83,7 @@ _SINGLE_ERRORS = {
     "`low_confidence`.",
     response_model=CaptionResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 409, 413, 415, 422, 503, 504, descriptions=_SINGLE_ERRORS),
+    responses=error_responses(400, 404, 409, 413, 415, 422, 503, 504, descriptions=_SINGLE_ERRORS),
 )
 async def create_caption(
     request: Request,
@@ -116,6 +118,8 @@ async def create_caption(
 
 
 _BATCH_ERRORS = {
+    404: "`model` names no loaded model (or a version that is not the active one): code model_not_found; the "
+    "error's details list the loaded models.",
     409: "`labels` > 0 but the model has no ImageNet labels: code labels_unavailable.",
     413: "The request body is over the size limit (refused without reading it all).",
     422: "No `images` field, more files than max_batch_files, or an invalid decoding parameter. "
@@ -132,7 +136,7 @@ _BATCH_ERRORS = {
     "for one that did not (the others still succeed). All good files go through the model together.",
     response_model=BatchResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 409, 413, 422, 503, 504, descriptions=_BATCH_ERRORS),
+    responses=error_responses(400, 404, 409, 413, 422, 503, 504, descriptions=_BATCH_ERRORS),
 )
 async def create_captions_batch(
     request: Request,

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.errors import error_responses
-from app.routes import EngineDep, MetricsDep
+from app.routes import DefaultEngineDep, MetricsDep
 from app.schemas import Health, ModelRef, Readiness
 
 router = APIRouter(tags=["health"])
@@ -30,7 +30,7 @@ async def get_health() -> Health:
     response_model=Readiness,
     responses=error_responses(503),
 )
-async def get_readiness(engine: EngineDep) -> Readiness:
+async def get_readiness(engine: DefaultEngineDep) -> Readiness:
     bundle = engine.bundle
     return Readiness(model=ModelRef(name=bundle.name, version=bundle.version))
 

@@ -16,7 +16,9 @@ router = APIRouter(prefix="/v1", tags=["model"])
     operation_id="get_model_info",
     summary="The loaded model bundle, the execution provider in use, and the limits",
     response_model=ModelInfo,
-    responses=error_responses(503),
+    description="The default model, or the one `?model=name[:version]` names (404 model_not_found when it is "
+    "not loaded; `GET /v1/models` lists them all).",
+    responses=error_responses(404, 503),
 )
 async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
     bundle = engine.bundle

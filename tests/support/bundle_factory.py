@@ -44,8 +44,10 @@ from app.bundle import (
     Labels,
     Manifest,
     ModelId,
+    Parity,
     Preprocessing,
     RecommendedDecoding,
+    ReferenceCaption,
     SpecialTokens,
     Training,
     TrainingData,
@@ -159,7 +161,8 @@ def _build_encoder(rng: np.random.Generator, attention: bool, labels_rng: np.ran
     return _finish(graph, "tiny-encoder")
 
 
-def _build_decoder(rng: np.random.Generator, attention: bool, row_layout: bool = False) -> onnx.ModelProto:
+def _build_decoder(rng: np.random.Generator, attention: bool, row_layout: bool = False,
+                   end_bias: float = -9.0) -> onnx.ModelProto:
     vocab_size = len(VOCAB)
     d, a = (FEAT, ATT) if attention else (1, 1)
     p = GRID * GRID if attention else 1
@@ -193,7 +196,7 @@ def _build_decoder(rng: np.random.Generator, attention: bool, row_layout: bool =
     w_out[:, end] *= 0.3
     w_out[clock, :] = 0.0
     w_out[clock, end] = 14.0
-    b_out[end] = -9.0
+    b_out[end] = end_bias  # the default -9 ends after a few words; -30 never before max_length
     w_ctx[:, end] = 0.0
     # <pad> and <start> are never a next token; <unk> is rare
     bigram[:, end] = 0.0
@@ -325,6 +328,8 @@ def make_tiny_bundle(
     decoding: dict | None = None,
     labels: bool = False,
     confidence: dict | None = None,
+    reference: bool = False,
+    end_bias: float = -9.0,
 ) -> Path:
     """Write a complete bundle into the folder ``path`` (created if needed) and return it.
 
@@ -333,13 +338,16 @@ def make_tiny_bundle(
     byte-identical files. ``labels=True`` adds a stand-in ImageNet head (LABEL_CLASSES classes, its
     own random weights, so the captions are those of the same bundle without labels) and labels.json.
     ``confidence``: the manifest's confidence calibration block (``{"slope": ..., "intercept": ...}``).
+    ``reference=True`` records `parity.reference`: the greedy captions of REFERENCE_SEEDS' inputs
+    (app/bundle.py reference_input), made with the service's own engine, as `captioner export` does.
+    ``end_bias``: the <end> logit's bias (-30: captions never end before max_length, for long searches).
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
     encoder = _build_encoder(rng, attention, np.random.default_rng(seed + 7919) if labels else None)
-    decoder = _build_decoder(rng, attention, row_layout)
+    decoder = _build_decoder(rng, attention, row_layout, end_bias)
     onnx.save_model(encoder, out / "encoder.onnx")
     onnx.save_model(decoder, out / "decoder.onnx")
     (out / "vocab.json").write_text(json.dumps({"tokens": VOCAB}, indent=1) + "\n", encoding="utf-8")
@@ -386,9 +394,28 @@ def make_tiny_bundle(
         evaluation=Evaluation.model_validate(evaluation),
     )
     (out / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+    if reference:
+        manifest = manifest.model_copy(update={"parity": Parity(reference=reference_captions(out))})
+        (out / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     if with_eval:
         (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+REFERENCE_SEEDS = (0, 1, 2)
+
+
+def reference_captions(bundle_path: Path, seeds: tuple[int, ...] = REFERENCE_SEEDS) -> list[ReferenceCaption]:
+    """The greedy captions of the reference inputs, by the service's engine on CPU (no torch)."""
+    from app.bundle import load_bundle, reference_input
+    from app.decoding import DecodingConfig
+    from app.engine import Engine
+
+    bundle = load_bundle(bundle_path)
+    engine = Engine(bundle, "cpu", threads=1)
+    greedy = DecodingConfig(strategy="greedy", beam_size=1, num_captions=1)
+    results = engine.run([reference_input(seed, bundle.preprocessing) for seed in seeds], greedy)
+    return [ReferenceCaption(seed=seed, tokens=r.captions[0].tokens) for seed, r in zip(seeds, results, strict=True)]
 
 
 if __name__ == "__main__":  # python -m tests.support.bundle_factory OUT_DIR [--no-attention]

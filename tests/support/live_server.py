@@ -40,7 +40,8 @@ class LiveServer:
 
 def service_env(bundle: Path, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CAPTIONER_")}
-    env["CAPTIONER_BUNDLE"] = str(bundle)
+    if "model_repository" not in settings:  # a repository replaces the single bundle
+        env["CAPTIONER_BUNDLE"] = str(bundle)
     env["CAPTIONER_DEVICE"] = "cpu"
     env["CAPTIONER_THREADS"] = "1"
     for key, value in settings.items():
