@@ -359,7 +359,7 @@ def add_reference_cmd(
     model (`captioner export` writes them; docs/bundle-format.md)."""
 
     def run():
-        from model_export.reference import add_reference
+        from model_export.parity_reference import add_reference
 
         return add_reference(bundle)
 

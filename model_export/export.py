@@ -60,7 +60,8 @@ from model_export.features import preprocessing_for
 from model_export.images import load_pixels
 from model_export.labels import labels_spec, reference_probs, write_labels
 from model_export.model import Captioner, EncoderGraph, HalfEncoderGraph, HalfStepGraph, StepGraph
-from model_export.reference import reference_captions, reference_decode
+from model_export.parity_reference import reference_captions
+from model_export.reference import reference_decode
 from model_export.train import load_checkpoint
 
 TOLERANCE = 1e-4

@@ -1,46 +1,86 @@
-"""`parity.reference` of a bundle: the greedy captions of a few deterministic inputs
-(`app.bundle.reference_input`), which the service captions again and compares word for word before it
-switches to a newly loaded version (app/models.py; docs/bundle-format.md).
-
-`captioner export` records them for every new bundle; `captioner add-reference --bundle DIR` adds
-them to a bundle exported before they existed. Both caption with the bundle's own onnxruntime graphs
-on CPU, as the service does. No torch here.
+"""The PyTorch reference decoder: greedy and beam search, one image at a time, as the popular
+tutorials decode. It is the ground truth the ONNX decoding (app/decoding.py) is checked against
+at export, so it follows the same rules (see that module's docstring) but shares no code with it:
+- `beam` slots per image; each step keeps the best `open slots` extensions by cumulative
+  log-probability; an extension ending in <end> closes a slot; stop when no slot is open.
+- <pad>, <start>, <unk> never generated; no <end> first; only <end> after max_length words.
+- rank finished hypotheses by score / (words + 1) ** length_penalty.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-from app.bundle import Preprocessing, ReferenceCaption, load_bundle, reference_input
-from app.decoding import DecodingConfig
-from app.engine import Engine
+import torch
 
-REFERENCE_SEEDS = (0, 1, 2, 3)
+from model_export.model import Captioner
 
 
-def reference_captions(engine: Engine, spec: Preprocessing) -> list[ReferenceCaption]:
-    """The engine's greedy captions of the reference inputs."""
-    config = DecodingConfig(strategy="greedy", beam_size=1, num_captions=1)
-    results = engine.run([reference_input(seed, spec) for seed in REFERENCE_SEEDS], config)
-    return [ReferenceCaption(seed=seed, tokens=r.captions[0].tokens if r.captions else [])
-            for seed, r in zip(REFERENCE_SEEDS, results, strict=True)]
+@dataclass
+class RefHypothesis:
+    tokens: list[int]
+    score: float
+    normalized_score: float
 
 
-def add_reference(bundle_dir: Path) -> list[ReferenceCaption]:
-    """Record `parity.reference` in the manifest of the bundle at `bundle_dir` (its files' sha256s are
-    checked first; only manifest.json changes, through a temporary file renamed over it)."""
-    bundle = load_bundle(bundle_dir)
-    engine = Engine(bundle, device="cpu")
-    reference = reference_captions(engine, bundle.manifest.preprocessing)
-    manifest = bundle.manifest
-    parity = manifest.parity.model_copy(update={"reference": reference}) if manifest.parity is not None else None
-    if parity is None:
-        from app.bundle import Parity
-
-        parity = Parity(reference=reference)
-    updated = manifest.model_copy(update={"parity": parity})
-    path = Path(bundle_dir) / "manifest.json"
-    tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(updated.to_json())
-    tmp.replace(path)
-    return reference
+@torch.no_grad()
+def reference_decode(
+    model: Captioner,
+    image: torch.Tensor,
+    special: dict[str, int],
+    beam: int = 1,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    num_captions: int = 1,
+) -> list[RefHypothesis]:
+    """Decode one preprocessed image [3, H, W]; returns the best `num_captions` hypotheses."""
+    model.eval()
+    features, h0, c0, att_proj = model.encode(image.unsqueeze(0))
+    live_tokens: list[list[int]] = [[]]
+    device = image.device
+    live_scores = torch.zeros(1, dtype=torch.float64, device=device)
+    h, c = h0, c0
+    previous = torch.tensor([special["start"]], device=device)
+    slots = beam
+    done: list[RefHypothesis] = []
+    for t in range(max_length + 1):
+        if not live_tokens:
+            break
+        log_probs, h, c, _ = model.decoder.step(previous, h, c, features, att_proj)  # one image: one block
+        log_probs = log_probs.double()
+        for name in ("pad", "start", "unk"):
+            log_probs[:, special[name]] = float("-inf")
+        if t == 0:
+            log_probs[:, special["end"]] = float("-inf")
+        if t >= max_length:
+            keep = log_probs[:, special["end"]].clone()
+            log_probs.fill_(float("-inf"))
+            log_probs[:, special["end"]] = keep
+        totals = (log_probs + live_scores.unsqueeze(1)).flatten()
+        vocab = log_probs.shape[1]
+        # stable descending sort: equal totals keep flat order (lower row, then lower token id)
+        order = torch.sort(totals, descending=True, stable=True).indices
+        chosen = [int(i) for i in order[:slots] if torch.isfinite(totals[i])]
+        next_tokens, next_scores, parents, next_words = [], [], [], []
+        for flat in chosen:
+            row, token = divmod(flat, vocab)
+            score = float(totals[flat])
+            if token == special["end"]:
+                slots -= 1
+                words = len(live_tokens[row]) + 1
+                normalized = score / words**length_penalty if length_penalty else score
+                done.append(RefHypothesis(list(live_tokens[row]), score, normalized))
+            else:
+                next_words.append(live_tokens[row] + [token])
+                next_scores.append(score)
+                parents.append(row)
+                next_tokens.append(token)
+        if not next_words:
+            break
+        index = torch.tensor(parents, dtype=torch.long, device=device)
+        h, c = h.index_select(0, index), c.index_select(0, index)
+        previous = torch.tensor(next_tokens, dtype=torch.long, device=device)
+        live_scores = torch.tensor(next_scores, dtype=torch.float64, device=device)
+        live_tokens = next_words
+    ranked = sorted(enumerate(done), key=lambda item: (-item[1].normalized_score, item[0]))
+    return [hyp for _, hyp in ranked[:num_captions]]

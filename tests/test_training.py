@@ -174,6 +174,14 @@ def test_export_writes_a_bundle_that_proved_parity(bundle):
     assert len(loaded.vocab) == manifest["architecture"]["vocab_size"] and loaded.has_labels
     photo = to_array(Image.fromarray(skdata.coffee()), loaded.preprocessing)[None]
     assert Engine(loaded, device="cpu").run(photo, DecodingConfig(), labels=1)[0].labels[0].class_id == 967
+    # the reference captions a model swap checks (model_export/parity_reference.py), and the swap's
+    # checks pass on the exported bundle
+    assert [r["seed"] for r in parity["reference"]] == [0, 1, 2, 3] and all(r["tokens"] for r in parity["reference"])
+    from app.models import build_served
+    from app.settings import Settings
+
+    served = build_served(bundle, Settings(device="cpu", threads=1))
+    assert {c.name: c.passed for c in served.checks} == {"sha256": True, "warmup": True, "smoke": True, "parity": True}
 
 
 def test_onnx_captions_equal_the_torch_reference_for_other_settings(bundle, trained, scenes):
