@@ -286,9 +286,9 @@ class Episode:
             "action": self.action, "replicas": REPLICAS, "concurrency": CONCURRENCY,
             "load_seconds": round(max(o.end for o in self.outcomes) - self.t_load, 1),
             "requests": len(self.outcomes), "ok": len(self.outcomes) - len(failures),
-            "failures": {str(k): sum(1 for o in failures if o.status == k) for k in sorted({o.status for o in failures},
-                                                                                         key=str)},
-            "failed_in_flight_at_action": sum(1 for o in failures if o.start <= self.t_action <= o.end),
+            "failures": {("closed" if k is None else str(k)): sum(1 for o in failures if o.status == k)
+                         for k in sorted({o.status for o in failures}, key=str)},
+            "failed_started_before_action": sum(1 for o in failures if o.start <= self.t_action <= o.end),
             "eject_ms": ms(self.t_down), "ready_ms": ms(self.t_ready), "readmit_ms": ms(self.t_up),
             "readmit_after_ready_ms": None if self.t_up is None else round((self.t_up - self.t_ready) * 1000),
             "served_by_victim_after_readmit": sum(1 for o in after_up if o.replica == self.readmitted_slot),
@@ -361,7 +361,8 @@ def _write_into_docs(action: str, f: dict) -> None:
     begin, end = f"<!-- replicas-{action}:begin -->", f"<!-- replicas-{action}:end -->"
     text = DOCS.read_text()
     assert begin in text and end in text, f"{DOCS} has no {begin} ... {end} block"
-    failures = ", ".join(f"{n} × {code}" for code, n in f["failures"].items())
+    failures = ", ".join(f"{n} × {'connection closed, no answer' if code == 'closed' else code}"
+                         for code, n in f["failures"].items())
     failures = f"{failures} (all in flight on it at that moment)" if failures else "none"
     line = (f"| {'SIGKILL to one replica' if action == 'kill' else 'SIGTERM to one replica, then start'} "
             f"| {f['requests']:,} in {f['load_seconds']} s | {f['ok']:,} | {failures} | {f['eject_ms']} ms | "
@@ -434,16 +435,25 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
     figures = record(episode)
     outcomes = episode.outcomes
     assert len(outcomes) > 100, f"too little load to say anything: {len(outcomes)} requests"
-    # Every request got an HTTP answer (no client error, no timeout), well within the client's timeout.
-    assert all(o.status is not None for o in outcomes), [o for o in outcomes if o.status is None][:5]
-    failures = [o for o in outcomes if o.status != 200]
-    assert {o.status for o in failures} <= {502, 503}, [(o.status, o.error) for o in failures]
     by_id = {line["request_id"]: line for line in episode.log}
+    failures = [o for o in outcomes if o.status != 200]
     for o in failures:
-        assert o.start <= episode.t_action <= o.end, f"{o} failed but was not in flight when the replica was killed"
         line = by_id.get(o.request_id)
+        # In flight on the killed replica: sent to it before the balancer took it out, and still
+        # unanswered when the signal went (a request sent in the instant between the signal and the
+        # process's death counts: the replica had accepted it).
         assert line and line["server"] == episode.slot, f"{o} failed on {line}, not on the killed {episode.slot}"
-        assert o.error in ("bad_gateway", "no_replica_available"), o.error
+        assert episode.t_down is not None and line["ts"] <= episode.t_down + 0.01 and o.end >= episode.t_action, \
+            f"{o} failed but was not in flight on the killed replica: {line}"
+        if o.status is None:
+            # The replica died while HAProxy was still forwarding the request's body to it: HAProxy 2.6
+            # then closes the client's connection without an answer ("SD" in its log), within milliseconds.
+            assert line["termination"].startswith("SD"), f"{o} got no answer: {line}"
+            assert "RemoteProtocolError" in (o.error or ""), o.error
+        else:
+            assert o.status in (502, 503) and o.error in ("bad_gateway", "no_replica_available"), (o, line)
+    # Every request ended well within the client's timeout (no hang).
+    assert max(o.end - o.start for o in outcomes) < CLIENT_TIMEOUT_S
     # The balancer took it out, sent nothing to it until it was ready again, and then readmitted it.
     assert episode.t_down is not None, "the balancer never marked the killed replica down"
     assert episode.t_up is not None and episode.t_up > episode.t_down, "the replica was never readmitted"

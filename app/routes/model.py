@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["model"])
     response_model=ModelInfo,
     description="The default model, or the one `?model=name[:version]` names (404 model_not_found when it is "
     "not loaded; `GET /v1/models` lists them all).",
-    responses=error_responses(404, 503),
+    responses=error_responses(404, 422, 503),
 )
 async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
     bundle = engine.bundle
