@@ -30,7 +30,7 @@ from app.cli_options import (
 from app.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from app.engine import Label
+    from app.inference.engine import Label
 
 
 def _settings_or_exit(**overrides: object) -> Settings:
@@ -99,9 +99,9 @@ def caption(
 ) -> None:
     """Caption image files locally (no server): load the bundle, run the engine, print the captions
     and, for a bundle with labels, each image's best ImageNet labels (`--labels K`)."""
-    from app.bundle import BundleError, load_bundle
-    from app.engine import Engine, EngineError
-    from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
+    from app.inference.bundle import BundleError, load_bundle
+    from app.inference.engine import Engine, EngineError
+    from app.inference.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 
     settings = _settings_or_exit(bundle=bundle, device=device, threads=threads)
     def decoding(recommended=None):

@@ -1,5 +1,5 @@
 """The command-line options that several commands share (`caption`, `caption-dir`, `serve`), defined
-once. Their bounds come from the limits in app/decoding.py and app/bundle.py, so the CLI refuses
+once. Their bounds come from the limits in app/inference/decoding.py and app/inference/bundle.py, so the CLI refuses
 what the HTTP API refuses; unset (None) means "the service's default, else the model's recommendation"."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from app.bundle import MAX_LABELS
-from app.decoding import (
+from app.inference.bundle import MAX_LABELS
+from app.inference.decoding import (
     MAX_BEAM_SIZE,
     MAX_LENGTH_LIMIT,
     MAX_LENGTH_PENALTY,

@@ -7,10 +7,11 @@ Start-up (the lifespan) loads and checks the bundle, builds the onnxruntime engi
 only then does uvicorn accept connections and `/readyz` answer 200. A bad bundle stops start-up with
 one clear log line and a non-zero exit. No torch anywhere.
 
-How a request flows: app/middleware.py (request id, access log, overload, body limit; app/auth.py for
-API keys) -> a route in app/routes/ -> app/pipeline.py (read and decode the upload, submit it) ->
-app/batcher.py (dynamic batching) -> app/engine.py (the ONNX graphs) -> app/decoding.py (the search).
-The other parts have their own modules: app/logs.py, app/metrics.py, app/openapi.py, app/tracing.py.
+How a request flows: app/api/middleware.py (request id, access log, overload, body limit; app/api/auth.py for
+API keys) -> a route in app/api/routes/ -> app/api/pipeline.py (read and decode the upload, submit it) ->
+app/serving/batcher.py (dynamic batching) -> app/inference/engine.py (the ONNX graphs) ->
+app/inference/decoding.py (the search). The other parts have their own modules: app/observability/
+(logs, metrics, tracing), app/api/openapi.py.
 """
 
 from __future__ import annotations
@@ -25,20 +26,20 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app import tracing
-from app.auth import EXPOSED_AUTH_HEADERS, admin_keys, install_auth
-from app.errors import REQUEST_ID_HEADER, install_error_handlers
-from app.logs import configure_logging, service_log
-from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, OverloadMiddleware, RequestContextMiddleware
-from app.openapi import API_DESCRIPTION, API_TITLE, API_VERSION, OPENAPI_TAGS, build_openapi
+from app.api.auth import EXPOSED_AUTH_HEADERS, admin_keys, install_auth
+from app.api.errors import REQUEST_ID_HEADER, install_error_handlers
+from app.api.middleware import BodyLimitMiddleware, OverloadMiddleware, RequestContextMiddleware
+from app.api.openapi import API_DESCRIPTION, API_TITLE, API_VERSION, OPENAPI_TAGS, build_openapi
+from app.observability import tracing
+from app.observability.logs import configure_logging, service_log
+from app.observability.metrics import Metrics
 from app.settings import Settings, SettingsError, load_settings
 
 
 def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from app.models import BundleRefused, ModelRegistry, ServedModel
+        from app.serving.registry import BundleRefused, ModelRegistry, ServedModel
 
         state = app.state
         metrics: Metrics = state.metrics
@@ -52,7 +53,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
 
         registry = ModelRegistry(settings, metrics, state.inference_executor, on_default=default_changed)
         try:
-            await registry.start()  # CAPTIONER_BUNDLE, or each repository name's newest version (app/models.py)
+            await registry.start()  # CAPTIONER_BUNDLE, or each repository name's newest version (app/serving/registry.py)
         except BundleRefused as exc:
             kind = "inference engine" if exc.check in ("engine", "warmup") else "model bundle"
             message = f"cannot start: {kind} error: {exc.message}"
@@ -67,7 +68,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
         state.preprocess_executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers(),
                                                        thread_name_prefix="captioner-preprocess")
         keys = getattr(state, "api_keys", None)
-        if keys is not None:  # re-read the API keys file when it changes (app/auth.py)
+        if keys is not None:  # re-read the API keys file when it changes (app/api/auth.py)
             keys.start()
         state.ready = True
         metrics.ready.set(1)
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             print(f"captioner: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    tracing.configure_from_env()  # OTEL_* (app/tracing.py): off, at no cost, unless an exporter is asked for
+    tracing.configure_from_env()  # OTEL_* (app/observability/tracing.py): off, at no cost, unless an exporter is asked for
 
     from PIL import Image
 
@@ -126,17 +127,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.engine = None
     app.state.startup_error = None
-    app.state.api_keys = None  # app/auth.py's KeyStore when API keys are configured
-    app.state.models = None  # app/models.py's ModelRegistry, once started
-    app.state.admin_keys = admin_keys(settings)  # the admin routes' keys (app/auth.py), or None
+    app.state.api_keys = None  # app/api/auth.py's KeyStore when API keys are configured
+    app.state.models = None  # app/serving/registry.py's ModelRegistry, once started
+    app.state.admin_keys = admin_keys(settings)  # the admin routes' keys (app/api/auth.py), or None
 
     install_error_handlers(app)
 
-    from app.routes import attention, captions, demo, health, model, models
+    from app.api.routes import attention, captions, demo, health, models
 
     app.include_router(attention.router)  # before captions: /v1/captions/attention.png stays its own route
     app.include_router(captions.router)
-    app.include_router(model.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(demo.router)
@@ -156,8 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=not wildcard,
         )
     known_paths = frozenset(
-        str(getattr(route, "path", "")) for router in (attention.router, captions.router, model.router, models.router,
-                                                       health.router, demo.router)
+        str(getattr(route, "path", "")) for router in (attention.router, captions.router, models.router, health.router,
+                                                       demo.router)
         for route in router.routes
     )
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, state=app.state, known_paths=known_paths)

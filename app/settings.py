@@ -22,9 +22,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.api_keys import HASH_PREFIX, MAX_API_KEY_LENGTH, MAX_RATE, MIN_API_KEY_LENGTH, entry_problem, read_keys_file
-from app.bundle import MAX_LABELS
-from app.decoding import (
+from app.inference.bundle import MAX_LABELS
+from app.inference.decoding import (
     MAX_BEAM_SIZE,
     MAX_LENGTH_LIMIT,
     MAX_LENGTH_PENALTY,
@@ -32,9 +31,10 @@ from app.decoding import (
     DecodingConfig,
     Strategy,
 )
+from app.security.keys import HASH_PREFIX, MAX_API_KEY_LENGTH, MAX_RATE, MIN_API_KEY_LENGTH, entry_problem, read_keys_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.bundle import RecommendedDecoding
+    from app.inference.bundle import RecommendedDecoding
 
 ENV_PREFIX = "CAPTIONER_"
 MiB = 1024 * 1024
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     )
 
     # --- decoding defaults (each can be overridden per request) ---
-    # (bounds: app/decoding.py's limits; the combination is checked by DecodingConfig below)
+    # (bounds: app/inference/decoding.py's limits; the combination is checked by DecodingConfig below)
     default_strategy: Strategy = Field("beam", description="Default decoding strategy.")
     default_beam_size: int = Field(3, ge=1, le=MAX_BEAM_SIZE, description=f"Default beam size (1-{MAX_BEAM_SIZE}).")
     default_num_captions: int = Field(
@@ -155,14 +155,14 @@ class Settings(BaseSettings):
         "request's `min_confidence` overrides it.",
     )
 
-    # --- security (app/auth.py) ---
+    # --- security (app/api/auth.py) ---
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="API keys, comma-separated (or a JSON list). When set (here or in api_keys_file), every "
         "route but /healthz, /readyz, the demo page and the API docs needs `Authorization: Bearer <key>`. "
         f"Each entry: a key ({MIN_API_KEY_LENGTH}-{MAX_API_KEY_LENGTH} visible ASCII characters) or its SHA-256 "
         f"as `{HASH_PREFIX}<64 hex digits>`, optionally followed by ` rate=<n|off>` and ` burst=<n>` "
-        "(app/api_keys.py, README: Security).",
+        "(app/security/keys.py, README: Security).",
     )
     api_keys_file: Path | None = Field(
         None,
@@ -298,7 +298,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_decoding_defaults(self) -> Settings:
-        # The decoding rules live in app/decoding.py; check the defaults with them once, here.
+        # The decoding rules live in app/inference/decoding.py; check the defaults with them once, here.
         try:
             self.decoding_defaults()
         except ValueError as exc:
@@ -340,7 +340,7 @@ class Settings(BaseSettings):
 
 
 def _read_keys_file(path: Path) -> list[SecretStr]:
-    """The entries of an API keys file (app/api_keys.py checks each; its errors never quote one)."""
+    """The entries of an API keys file (app/security/keys.py checks each; its errors never quote one)."""
     return [SecretStr(entry) for entry in read_keys_file(path)]
 
 

@@ -24,8 +24,8 @@ from common import REPO, environment, test_images, write_report
 
 
 def measure(bundle_dir: Path, images: np.ndarray, batch: int, repeat: int, runs: int, threads: int | None) -> dict:
-    from app.bundle import load_bundle
-    from app.engine import Engine
+    from app.inference.bundle import load_bundle
+    from app.inference.engine import Engine
     from model_export.evaluate import recommended_decoding
 
     bundle = load_bundle(bundle_dir)

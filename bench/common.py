@@ -45,7 +45,7 @@ def build_model(size: str = "default", seed: int = 0, backbone: str = "efficient
 
 def export_bench_bundle(model, out_dir: Path, max_length: int = 16) -> Path:
     """The torch model as a bundle folder the serving engine loads (sha256s, manifest, vocab)."""
-    from app.bundle import FORMAT_VERSION, Manifest, ModelId, SpecialTokens
+    from app.inference.bundle import FORMAT_VERSION, Manifest, ModelId, SpecialTokens
     from model_export.export import architecture_of, export_onnx, file_entries
     from model_export.features import preprocessing_for
 
@@ -214,11 +214,11 @@ def torch_batched_beam_search(model, images, beam: int, max_length: int, special
 def batcher_rate(engine, arrays, config, concurrency: int, enabled: bool, seconds: float,
                  max_batch_images: int = 64) -> dict:
     """In-process dynamic batching: `concurrency` clients each submit one image at a time to
-    app/batcher.py's DynamicBatcher for `seconds`. Images/s and latency percentiles (ms)."""
+    app/serving/batcher.py's DynamicBatcher for `seconds`. Images/s and latency percentiles (ms)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from app.batcher import DynamicBatcher
+    from app.serving.batcher import DynamicBatcher
 
     latencies: list[float] = []
 

@@ -4,9 +4,9 @@
 
 Same weights (bench/common.py exports the torch model into a bundle), same preprocessed images, one
 run. Images per second for:
-- torch, one image at a time: model_export/reference.py (the per-image loop of the tutorials);
+- torch, one image at a time: model_export/torch_decoder.py (the per-image loop of the tutorials);
 - torch, batched: bench/common.py torch_batched_beam_search (fixed width, TopK on the device);
-- engine, one image at a time and batched (app/engine.py on onnxruntime; plain and IO binding).
+- engine, one image at a time and batched (app/inference/engine.py on onnxruntime; plain and IO binding).
 Ratios are engine / torch. `--device cuda` runs both sides on the GPU (bench/gpu.py does that).
 """
 
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from app.bundle import load_bundle
-    from app.decoding import DecodingConfig
-    from app.engine import Engine
-    from model_export.reference import reference_decode
+    from app.inference.bundle import load_bundle
+    from app.inference.decoding import DecodingConfig
+    from app.inference.engine import Engine
+    from model_export.torch_decoder import reference_decode
 
     model = build_model(args.size).to(args.device)
     images = test_images(max(args.images, args.per_image))

@@ -109,7 +109,7 @@ def overload(tmp: Path, image: bytes, capacity: int, bundle: Path, deadline_s: f
 def soak(tmp: Path, image: bytes, requests: int, concurrency: int, warmup: int) -> dict:
     """Many requests to a tiny bundle; memory after warm-up and at the end."""
     sys.path.insert(0, str(REPO))
-    from tests.support.bundle_factory import make_tiny_bundle
+    from model_export.tiny_bundle import make_tiny_bundle
 
     bundle = make_tiny_bundle(tmp / "tiny", attention=True)
     service = Service(bundle, tmp / "soak.log")
@@ -144,7 +144,7 @@ def soak(tmp: Path, image: bytes, requests: int, concurrency: int, warmup: int) 
             "statuses": dict(statuses), "unexpected_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
             "rss_kib_after_warmup": after_warmup, "rss_kib_end": end["VmRSS"], "rss_kib_peak": end["VmHWM"],
             "rss_growth_after_warmup_percent": round(100.0 * (end["VmRSS"] - after_warmup) / after_warmup, 2),
-            "bundle": "tests/support/bundle_factory.py tiny attention bundle", "warmup_requests": warmup,
+            "bundle": "model_export/tiny_bundle.py tiny attention bundle", "warmup_requests": warmup,
         }
     finally:
         service.close()

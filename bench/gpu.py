@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--repeat", "1" if quick else "3", "--max-length", "4" if quick else "16",
     ])
 
-    from app.bundle import load_bundle
-    from app.decoding import DecodingConfig
-    from app.engine import Engine
+    from app.inference.bundle import load_bundle
+    from app.inference.decoding import DecodingConfig
+    from app.inference.engine import Engine
 
     images = test_images(16)
     config = DecodingConfig(beam_size=3, max_length=4 if quick else 16)

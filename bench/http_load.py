@@ -2,7 +2,7 @@
 
     python bench/http_load.py --json bench/results/http_load.json
 
-1. The in-process engine's throughput (app/engine.py, batches of max_batch_images, the same JPEG
+1. The in-process engine's throughput (app/inference/engine.py, batches of max_batch_images, the same JPEG
    decoded once) is the yardstick.
 2. The real service (`python -m app.cli serve`, uvicorn, 127.0.0.1) under a load generator in a
    separate process (wrk when installed, else bench/loadgen.py) at concurrency 1, 8 and 32:
@@ -95,9 +95,9 @@ def load(url: str, image: Path, concurrency: int, duration: float, loadgen: str)
 
 
 def engine_rate(bundle: Path, image: Path, batch: int, seconds: float) -> float:
-    from app.bundle import load_bundle
-    from app.engine import Engine
-    from app.preprocess import decode_image, draft_size, to_array
+    from app.inference.bundle import load_bundle
+    from app.inference.engine import Engine
+    from app.inference.preprocess import decode_image, draft_size, to_array
     from model_export.evaluate import recommended_decoding
 
     b = load_bundle(bundle)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from app.bundle import load_bundle
-    from app.engine import Engine
+    from app.inference.bundle import load_bundle
+    from app.inference.engine import Engine
     from model_export.evaluate import recommended_decoding
 
     bundle = load_bundle(args.bundle)

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from app.bundle import Preprocessing
-    from app.preprocess import decode_image, draft_size, to_array
+    from app.inference.bundle import Preprocessing
+    from app.inference.preprocess import decode_image, draft_size, to_array
 
     spec = Preprocessing(image_size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), scale=255.0)
     jpegs = photo_jpegs(args.images, args.width, args.height)

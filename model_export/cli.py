@@ -74,7 +74,7 @@ def _guard(fn):
 
 def _own_errors() -> tuple[type[Exception], ...]:
     # imported here: `generate-scenes` alone must not pay for importing torch
-    from app.bundle import BundleError
+    from app.inference.bundle import BundleError
     from model_export.export import ExportError
     from model_export.labels import LabelsError
     from model_export.metrics import JavaMissing
@@ -307,7 +307,7 @@ def confidence_cmd(
                                    bins=bins, folds=folds, device=device, threads=threads, progress=progress)
 
     def _load(path: Path):
-        from app.bundle import load_bundle
+        from app.inference.bundle import load_bundle
 
         return load_bundle(path, verify=False)
 
@@ -339,7 +339,7 @@ def add_labels_cmd(
     def run():
         import numpy as np
 
-        from app.bundle import load_bundle
+        from app.inference.bundle import load_bundle
         from model_export.images import load_pixels
         from model_export.labels import add_labels
 
@@ -359,7 +359,7 @@ def add_reference_cmd(
     model (`captioner export` writes them; docs/bundle-format.md)."""
 
     def run():
-        from model_export.parity_reference import add_reference
+        from model_export.reference_captions import add_reference
 
         return add_reference(bundle)
 
@@ -376,7 +376,7 @@ def _sample_photos(spec) -> list:
 
     from PIL import Image
 
-    from app.preprocess import decode_image, to_array
+    from app.inference.preprocess import decode_image, to_array
 
     out = []
     for name in ("chelsea", "coffee", "astronaut", "rocket"):

@@ -2,7 +2,7 @@
 
 On a dataset split (the validation split: never the test split) the serving engine captions every
 image with one decoding (default: the bundle's recommended one, as the service decodes), and each
-caption gets its raw confidence (app/confidence.py: the geometric mean of its token probabilities,
+caption gets its raw confidence (app/inference/confidence.py: the geometric mean of its token probabilities,
 <end> included) and its CIDEr-D against the image's references (pycocoevalcap's `Cider` on the
 dataset's own tokens, as the trainer's validation scores; the document frequencies come from the
 references of the images scored). Then:
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.bundle import ConfidenceCalibration, Manifest, load_bundle
-from app.confidence import confidence, mean_log_prob, raw_confidence
-from app.decoding import DecodingConfig
-from app.engine import Engine
+from app.inference.bundle import ConfidenceCalibration, Manifest, load_bundle
+from app.inference.confidence import confidence, mean_log_prob, raw_confidence
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
 from model_export.data.karpathy import CaptionDataset
 from model_export.images import iter_batches
 

@@ -1,6 +1,6 @@
 """`captioner evaluate`: score a model bundle on a dataset split through onnxruntime (no torch).
 
-Greedy, beam-3 and beam-5 captions from the serving engine itself (`app.engine`), then BLEU-1..4,
+Greedy, beam-3 and beam-5 captions from the serving engine itself (`app.inference.engine`), then BLEU-1..4,
 METEOR, ROUGE-L and CIDEr via pycocoevalcap; on generated scenes also the attribute check (every
 object's colour and shape named). The rows share the other decoding settings (length penalty,
 n-gram blocking): the bundle's recommended ones unless given.
@@ -16,9 +16,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from app.bundle import load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine
+from app.inference.bundle import load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
 from model_export.data.karpathy import CaptionDataset
 from model_export.data.scenes import attribute_accuracy
 from model_export.images import iter_batches

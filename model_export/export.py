@@ -5,7 +5,7 @@ moved into place:
 1. torch vs onnxruntime, max abs difference <= 1e-4 on the encoder outputs and on the step
    log-probabilities (and state), for random and for real images;
 2. identical greedy and beam-3 captions between the torch reference decoder
-   (model_export/reference.py) and the serving engine (app/engine.py on the ONNX graphs) on at
+   (model_export/torch_decoder.py) and the serving engine (app/inference/engine.py on the ONNX graphs) on at
    least 50 test images.
 `--precision fp16` writes float16 graphs (float32 inputs and outputs, so the engine is unchanged;
 half the size; faster on GPUs). They are checked against the float32 torch model with their own
@@ -36,7 +36,7 @@ import onnxruntime as ort
 import torch
 from pydantic import ValidationError
 
-from app.bundle import (
+from app.inference.bundle import (
     FORMAT_VERSION,
     IMAGENET_OUTPUT,
     Architecture,
@@ -53,15 +53,15 @@ from app.bundle import (
     sha256_file,
     unknown_keys,
 )
-from app.decoding import DecodingConfig
-from app.engine import Engine
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
 from model_export.data.karpathy import CaptionDataset
 from model_export.features import preprocessing_for
 from model_export.images import load_pixels
 from model_export.labels import labels_spec, reference_probs, write_labels
 from model_export.model import Captioner, EncoderGraph, HalfEncoderGraph, HalfStepGraph, StepGraph
-from model_export.parity_reference import reference_captions
-from model_export.reference import reference_decode
+from model_export.reference_captions import reference_captions
+from model_export.torch_decoder import reference_decode
 from model_export.train import load_checkpoint
 
 TOLERANCE = 1e-4
@@ -316,7 +316,8 @@ def export_bundle(
             written = manifest.model_copy(update={**update, "files": files})
             unknown = unknown_keys(written)
             if unknown:  # every key the exporter writes is a Manifest field (docs/bundle-format.md)
-                raise ExportError(f"the manifest has keys app/bundle.py's Manifest does not describe: {', '.join(unknown)}")
+                raise ExportError("the manifest has keys app/inference/bundle.py's Manifest does not describe: "
+                                  + ", ".join(unknown))
             (tmp / "manifest.json").write_text(written.to_json())
 
         write_manifest()  # provisional, inside the temporary folder only: the engine reads bundles

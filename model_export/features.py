@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bundle import Preprocessing
+from app.inference.bundle import Preprocessing
 from model_export.data.errors import DatasetError
 from model_export.images import iter_batches
 from model_export.model import Backbone

@@ -1,6 +1,6 @@
 """Image files -> model input arrays for training and evaluation. No torch here.
 
-Images go through the serving side's own decoding and preprocessing (`app.preprocess`), so the
+Images go through the serving side's own decoding and preprocessing (`app.inference.preprocess`), so the
 model is trained and evaluated on exactly the pixels the service feeds it.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.bundle import Preprocessing
-from app.preprocess import ImageDecodeError, decode_image, draft_size, to_array
+from app.inference.bundle import Preprocessing
+from app.inference.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 from model_export.data.errors import DatasetError
 
 TRAINING_MAX_PIXELS = 200_000_000

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.bundle import IMAGENET_OUTPUT, BundleError, Labels, Parity, load_bundle, sha256_file
+from app.inference.bundle import IMAGENET_OUTPUT, BundleError, Labels, Parity, load_bundle, sha256_file
 
 IMAGENET_CLASSES = 1000
 TOLERANCE = 1e-4  # torch vs onnxruntime, max abs difference on the probabilities

@@ -1,7 +1,7 @@
 """Fixtures shared by the test modules: tiny bundles built once per session, and live servers.
 
 * ``tiny_bundle`` / ``tiny_bundle_no_attention``: the tiny Show-Attend-Tell / Show-and-Tell bundle with
-  make_tiny_bundle's defaults (tests/support/bundle_factory.py).
+  make_tiny_bundle's defaults (model_export/tiny_bundle.py).
 * ``tiny_bundles(attention=True, **options)``: any other tiny bundle (``max_length=8``, ``row_layout=True``,
   ``decoding={...}``), each set of arguments built once per session.
 * ``copy_bundle(bundle, name)``: a copy in the test's tmp_path, for the tests that damage a bundle.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bundle_factory import make_tiny_bundle
+from model_export.tiny_bundle import make_tiny_bundle
 from tests.support.live_server import LiveServer, live_server
 
 

@@ -1,4 +1,4 @@
-"""Attention maps: app/attention.py (pure functions) and the API that uses them:
+"""Attention maps: app/inference/attention_map.py (pure functions) and the API that uses them:
 `POST /v1/captions?attention=true` (JSON weights) and `POST /v1/captions/attention.png` (a picture),
 with an attention bundle, a Show-and-Tell bundle (409 attention_unavailable) and models/default."""
 
@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.attention import (
+from app.inference.attention_map import (
     attention_map,
     colorize,
     grid_shape,
@@ -23,7 +23,7 @@ from app.attention import (
     token_labels,
 )
 from app.settings import load_settings
-from tests.support.bundle_factory import VOCAB
+from model_export.tiny_bundle import VOCAB
 from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -168,8 +168,8 @@ def test_attention_json(sat, cat_jpeg):
 
 
 def test_attention_matches_the_engine(sat, cat_jpeg):
-    from app.decoding import DecodingConfig
-    from app.preprocess import decode_image, draft_size, to_array
+    from app.inference.decoding import DecodingConfig
+    from app.inference.preprocess import decode_image, draft_size, to_array
 
     engine = sat.app.state.engine
     spec = engine.bundle.preprocessing

@@ -336,7 +336,7 @@ def _mixed_batch_results(r, **_):
 
 def _same_as_upright(r, client, **_):
     """The EXIF-rotated upload is captioned as the upright photo, not as the sideways pixels."""
-    from app.preprocess import decode_image
+    from app.inference.preprocess import decode_image
 
     rotated = r.json()["captions"][0]
     upright = upload(upright_jpeg)(client, None).json()["captions"][0]

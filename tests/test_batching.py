@@ -1,4 +1,4 @@
-"""The dynamic batcher (app/batcher.py): unit tests on a controllable fake engine, then the real
+"""The dynamic batcher (app/serving/batcher.py): unit tests on a controllable fake engine, then the real
 service on 127.0.0.1 with the real default bundle."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.batcher import ClientGone, DeadlineExceeded, DynamicBatcher, Overloaded, TooLarge
-from app.decoding import DecodingConfig
-from app.engine import ImageResult
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import ImageResult
+from app.serving.batcher import ClientGone, DeadlineExceeded, DynamicBatcher, Overloaded, TooLarge
 from tests.support.live_server import live_server
 
 REPO = Path(__file__).resolve().parent.parent

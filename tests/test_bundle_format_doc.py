@@ -1,4 +1,4 @@
-"""docs/bundle-format.md cannot drift from the manifest's one definition (`app.bundle.Manifest`):
+"""docs/bundle-format.md cannot drift from the manifest's one definition (`app.inference.bundle.Manifest`):
 its example manifest is a valid manifest, shows every field the model defines, and has no key the
 model does not; the shipped bundles' manifests validate and have no unknown keys either."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from app.bundle import Manifest, unknown_keys
-from tests.support.bundle_factory import make_tiny_bundle
+from app.inference.bundle import Manifest, unknown_keys
+from model_export.tiny_bundle import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "bundle-format.md"
@@ -74,7 +74,7 @@ def test_the_documented_example_shows_every_field_of_the_model():
         for name, field in model.model_fields.items()
         if name not in shown.get(model, set())
     ]
-    assert missing == [], f"fields of app/bundle.py's Manifest that {DOC.name}'s example does not show: {missing}"
+    assert missing == [], f"fields of app/inference/bundle.py's Manifest that {DOC.name}'s example does not show: {missing}"
 
 
 def test_the_document_names_every_top_level_field():

@@ -1,6 +1,6 @@
 """A client that hangs up while its request is in the engine stops costing work: its rows leave the
-beam search at the next step (app/batcher.py marks the running job cancelled, app/decoding.py drops
-its rows, app/engine.py runs the decoder on the others' blocks only).
+beam search at the next step (app/serving/batcher.py marks the running job cancelled, app/inference/decoding.py drops
+its rows, app/inference/engine.py runs the decoder on the others' blocks only).
 
 The engine on the tiny bundle first (the other images' captions are exactly those of a call without
 the cancellation, on both step paths), then the real service on 127.0.0.1 with a bundle whose captions
@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app.bundle import load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine, EngineStats
+from app.inference.bundle import load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine, EngineStats
 from tests.support.live_server import LiveServer, image_bytes
 
 MAX_LENGTH = 64
@@ -34,7 +34,7 @@ SLOW_ENGINE = r'''
 import os, time
 _delay = float(os.environ.get("TEST_STEP_DELAY_S", "0") or 0)
 if _delay:
-    import app.engine as _engine
+    import app.inference.engine as _engine
 
     _make_step = _engine.Engine._make_step
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from app.bulk import CSV_COLUMNS, OLD_CSV_COLUMNS, labels_from_csv, labels_to_csv, retry_after_seconds, sniff_image
 from captioner.cli import cli
-from tests.support.bundle_factory import LABEL_NAMES
+from model_export.tiny_bundle import LABEL_NAMES
 from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")

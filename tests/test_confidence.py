@@ -1,5 +1,5 @@
 """How sure the model is: each caption's token probabilities are the model's own, its confidence is
-app/confidence.py's formula (raw, or the bundle's calibration), min_confidence flags and counts the
+app/inference/confidence.py's formula (raw, or the bundle's calibration), min_confidence flags and counts the
 less sure captions, and `captioner confidence` measures and fits it (on generated scenes here;
 docs/confidence.md has the Flickr8k numbers)."""
 
@@ -18,10 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from app.bulk.output import caption_dicts
-from app.bundle import BundleError, ConfidenceCalibration, load_bundle
-from app.confidence import confidence, logistic, mean_log_prob, raw_confidence
-from app.decoding import DecodingConfig, beam_search
-from app.engine import Engine
+from app.inference.bundle import BundleError, ConfidenceCalibration, load_bundle
+from app.inference.confidence import confidence, logistic, mean_log_prob, raw_confidence
+from app.inference.decoding import DecodingConfig, beam_search
+from app.inference.engine import Engine
 from app.settings import SettingsError, load_settings
 from tests.support.live_server import REPO, image_bytes, service_env
 from tests.test_decoding import SPECIAL, Repeater, ToyModel

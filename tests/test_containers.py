@@ -7,7 +7,7 @@ What runs (about 1 minute warm, 3 to 4 cold, on 2 cores):
   that plus Python from apt (`localhost/captioner-ci-python:bookworm-*`, stands in for
   python:*-slim in docker/Dockerfile.cpu). Both are cached by tag in podman's store.
 * Both images built with `--build-arg BASE=...` from a staged copy of the build context that holds a
-  tiny bundle (tests/support/bundle_factory.py) as models/default, so the tests never wait for the real
+  tiny bundle (model_export/tiny_bundle.py) as models/default, so the tests never wait for the real
   model; podman's layer cache makes rebuilds take seconds.
 * The images hold no torch and no model_export; their sizes are printed (and written into
   docs/containers.md with UPDATE_CONTAINER_DOCS=1).

@@ -1,4 +1,4 @@
-"""app/decoding.py on tiny hand-made step models: exhaustive search agrees with beam search where
+"""app/inference/decoding.py on tiny hand-made step models: exhaustive search agrees with beam search where
 the beam is wide enough, greedy is beam size 1, batching changes nothing, and each rule holds."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from app.decoding import (
+from app.inference.decoding import (
     DecodingConfig,
     DenseLogProbs,
     SearchStats,

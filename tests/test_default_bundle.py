@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from app.bundle import load_bundle
-from app.engine import Engine
-from app.preprocess import to_array
+from app.inference.bundle import load_bundle
+from app.inference.engine import Engine
+from app.inference.preprocess import to_array
 from model_export.evaluate import recommended_decoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_confidence_is_calibrated_on_validation_as_documented(bundle):
 def test_default_bundle_passes_the_checks_of_a_model_swap(bundle):
     """`POST /v1/models/{name}/load` would accept models/default: every check ran and passed, the
     reference captions (`captioner add-reference`) included, and they differ between inputs."""
-    from app.models import build_served
+    from app.serving.registry import build_served
     from app.settings import Settings
 
     served = build_served(bundle.path, Settings(device="cpu", threads=2))

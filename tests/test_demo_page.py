@@ -1,4 +1,4 @@
-"""The demo page (`GET /`, app/static/index.html) in a real headless Chromium against a real uvicorn:
+"""The demo page (`GET /`, app/api/static/index.html) in a real headless Chromium against a real uvicorn:
 upload an image, see the captions, hover/click a word and see its heatmap drawn on the canvas; a
 non-image and bad settings give the API's error message as text; a Show-and-Tell bundle says that
 it has no heatmaps; a bundle with ImageNet labels shows them under the caption.

@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from app.bundle import load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine, EngineError
-from app.engine_graphs import REORDER_GRAPH, SELECT_GRAPH, build_reorder_model, build_select_model
+from app.inference.bundle import load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine, EngineError
+from app.inference.graphs import REORDER_GRAPH, SELECT_GRAPH, build_reorder_model, build_select_model
 
 
 def test_committed_reorder_graph_is_the_one_app_engine_graphs_builds():

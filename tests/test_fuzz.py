@@ -1,11 +1,11 @@
 """Property-based fuzzing (hypothesis) of the two places where untrusted values enter:
 
-* `DecodingConfig` (app/decoding.py): every combination of settings either constructs (exactly when
+* `DecodingConfig` (app/inference/decoding.py): every combination of settings either constructs (exactly when
   it is valid by the documented rules) or raises ValueError; never another exception. The same for
   `with_overrides`, which is what a request's query parameters go through. The values are of the types
   the edges hand in (the query parameters and the settings are parsed to str / int / float first):
   any string, any integer, any float including nan and +-inf, None.
-* `decode_image` (app/preprocess.py): random bytes, and valid images of every accepted format with
+* `decode_image` (app/inference/preprocess.py): random bytes, and valid images of every accepted format with
   random bytes flipped, cut off, inserted or their header's size fields rewritten, give either an RGB
   image within the pixel limit or an ImageDecodeError with a known code; never another exception.
 
@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app.decoding import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, DecodingConfig
-from app.preprocess import ImageDecodeError, decode_image
+from app.inference.decoding import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, DecodingConfig
+from app.inference.preprocess import ImageDecodeError, decode_image
 
 CONFIG_EXAMPLES = 2000
 OVERRIDE_EXAMPLES = 1500
@@ -56,7 +56,7 @@ ngram_sizes = st.one_of(st.integers(min_value=0, max_value=3), small_ints)
 
 
 def is_valid(strategy, beam_size, num_captions, max_length, length_penalty, no_repeat_ngram_size) -> bool:
-    """The documented rules, written independently of app/decoding.py."""
+    """The documented rules, written independently of app/inference/decoding.py."""
     if strategy not in ("greedy", "beam"):
         return False
     if not 1 <= beam_size <= MAX_BEAM_SIZE or num_captions < 1:

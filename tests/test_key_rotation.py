@@ -1,5 +1,5 @@
-"""API keys that rotate, hashed keys and per-key rate limits (app/auth.py, app/api_keys.py,
-app/ratelimit.py), against real uvicorn processes serving a tiny bundle, plus a few in-process checks
+"""API keys that rotate, hashed keys and per-key rate limits (app/api/auth.py, app/security/keys.py,
+app/security/ratelimit.py), against real uvicorn processes serving a tiny bundle, plus a few in-process checks
 of the parts (a fake clock for the token bucket, a Kubernetes-style Secret folder for the reload).
 
 * rotation under load: client threads send requests with key A (and with key B) without pause while
@@ -431,7 +431,7 @@ def test_rate_limits_are_documented_and_no_key_is_logged(limited):
 
 
 def test_token_bucket_with_a_fake_clock():
-    from app.ratelimit import RateLimit, TokenBuckets
+    from app.security.ratelimit import RateLimit, TokenBuckets
 
     now = [100.0]
     buckets = TokenBuckets(clock=lambda: now[0])
@@ -452,7 +452,7 @@ def test_token_bucket_with_a_fake_clock():
 
 
 def test_entry_syntax():
-    from app.api_keys import entry_problem, parse_entry
+    from app.security.keys import entry_problem, parse_entry
 
     entry = parse_entry(f"  sha256:{sha256_hex(KEY_H).upper()}\trate=30  burst=5 ")
     assert entry.digest == hashlib.sha256(KEY_H.encode()).digest() and (entry.rate, entry.burst) == (30, 5)
@@ -475,7 +475,7 @@ def test_entry_syntax():
 
 
 def test_hashed_keys_are_compared_against_every_key(monkeypatch):
-    from app import auth
+    from app.api import auth
 
     calls = []
     real = auth.hmac.compare_digest
@@ -491,8 +491,8 @@ def test_hashed_keys_are_compared_against_every_key(monkeypatch):
 
 def test_key_store_follows_a_secret_volume(tmp_path):
     """`KeyStore.check` (what the lifespan's task runs once a second) on each kind of change."""
-    from app.auth import KeyStore
-    from app.metrics import Metrics
+    from app.api.auth import KeyStore
+    from app.observability.metrics import Metrics
 
     volume = SecretVolume(tmp_path / "secret", f"{KEY_A}\n")
     metrics = Metrics()

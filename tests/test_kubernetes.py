@@ -16,9 +16,9 @@
   be skipped in the manifest with a `checkov.io/skip` annotation giving the reason. Under
   REQUIRE_KUBERNETES_TESTS=1 (CI) a missing checkov is a failure.
 * The manifests against the service's code, never restated: the probe paths are routes of
-  `app.main.create_app()` and public in `app.auth`; the container port is the Settings default; every
+  `app.main.create_app()` and public in `app.api.auth`; the container port is the Settings default; every
   `CAPTIONER_*` variable is a Settings field and its value valid; the HPA's and the Prometheus
-  adapter's metric is a gauge of `app.metrics.Metrics`; terminationGracePeriodSeconds covers the
+  adapter's metric is a gauge of `app.observability.metrics.Metrics`; terminationGracePeriodSeconds covers the
   preStop wait plus uvicorn's graceful-shutdown timeout as `app.cli.serve` configures it; the image
   names, uid and bundle path are those of docker-compose.yml and the Dockerfiles. Finally a live
   server runs with the Deployment's environment and answers the probes as the kubelet sends them.
@@ -90,9 +90,9 @@ try:
 except ImportError:
     _unavailable("kubernetes-validate is not installed: install the test extra (pip install -e '.[test]')")
 
-from app.auth import is_public  # noqa: E402
+from app.api.auth import is_public  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.metrics import Metrics  # noqa: E402
+from app.observability.metrics import Metrics  # noqa: E402
 from app.settings import ENV_PREFIX, Settings, SettingsError, load_settings  # noqa: E402
 from tests.support.live_server import live_server  # noqa: E402
 
@@ -457,7 +457,7 @@ def test_probes_are_public_routes_of_the_service(rendered, name, clean_env):
         path, port = probe["httpGet"]["path"], probe["httpGet"]["port"]
         status = _get(path)
         assert status != 404, f"{kind} {path} is not a route of app.main.create_app()"
-        assert status != 401 and is_public(path), f"{kind} {path} needs an API key (app.auth): the kubelet sends none"
+        assert status != 401 and is_public(path), f"{kind} {path} needs an API key (app.api.auth): the kubelet sends none"
         assert port in ports or port in ports.values(), f"{kind} port {port} is not a container port"
         assert probe["timeoutSeconds"] < probe["periodSeconds"]
     # Before the warm-up the liveness route answers and the readiness route does not.
@@ -563,7 +563,7 @@ def test_autoscaling_metrics_are_the_services_gauges(rendered):
         custom = [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"]
         assert custom == (["captioner_queue_images"] if name.endswith("+components") else [])
         for metric in custom:
-            assert metric in gauges, f"{metric} is not a gauge of app.metrics.Metrics"
+            assert metric in gauges, f"{metric} is not a gauge of app.observability.metrics.Metrics"
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         pdb = _one(rendered[name], "PodDisruptionBudget")["spec"]
         assert pdb.get("maxUnavailable", 0) >= 1, "the PDB must never block a drain"
@@ -577,7 +577,7 @@ def test_prometheus_adapter_rule_serves_the_queue_gauge(rendered):
     served = set()
     for rule in values["rules"]["custom"]:
         series = re.match(r"^(\w+)\{", rule["seriesQuery"]).group(1)
-        assert series in gauges, f"{series} is not a gauge of app.metrics.Metrics"
+        assert series in gauges, f"{series} is not a gauge of app.observability.metrics.Metrics"
         assert re.search(rule["name"]["matches"], series)
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}, "a per-pod metric"
         served.add(rule["name"].get("as", series))

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from app.bundle import BundleError, load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine
-from app.preprocess import to_array
-from tests.support.bundle_factory import LABEL_CLASSES, LABEL_NAMES
+from app.inference.bundle import BundleError, load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
+from app.inference.preprocess import to_array
+from model_export.tiny_bundle import LABEL_CLASSES, LABEL_NAMES
 from tests.support.live_server import REPO, image_bytes, service_env
 
 SCENES = REPO / "tests" / "fixtures" / "scenes-sat-lite0"  # exported before labels existed

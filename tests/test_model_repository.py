@@ -1,7 +1,7 @@
-"""Serving from a model repository (app/models.py): `?model=`, `GET /v1/models`, and swapping versions
+"""Serving from a model repository (app/serving/registry.py): `?model=`, `GET /v1/models`, and swapping versions
 with no downtime (`POST /v1/models/{name}/load`, `.../rollback`), against a real uvicorn on 127.0.0.1.
 
-The repository holds tiny bundles (tests/support/bundle_factory.py) of one name in two good versions
+The repository holds tiny bundles (model_export/tiny_bundle.py) of one name in two good versions
 with different weights (so their captions differ), one with a flipped byte (sha256 mismatch) and one
 whose recorded reference captions are wrong (parity mismatch), plus a second name.
 """
@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-from app.bundle import load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine
-from app.pipeline import prepare
-from tests.support.bundle_factory import make_tiny_bundle
+from app.api.pipeline import prepare
+from app.inference.bundle import load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
+from model_export.tiny_bundle import make_tiny_bundle
 from tests.support.live_server import REPO, LiveServer, free_port, image_bytes, service_env
 
 ADMIN = "admin-key-0123456789abcdef"

@@ -1,13 +1,43 @@
-"""The module layout the code relies on (DEVELOPERS.md): the request path reads routes -> pipeline ->
-batcher -> engine -> decoding, so no route module imports another, and the serving side never imports
-the training side."""
+"""The layers of `app/` (DEVELOPERS.md, "The layers"), as import rules that a folder's name promises:
+
+    app/inference/      bundle, engine, decoding, graphs, preprocess, confidence, attention_map: imports
+                        only itself (no HTTP, no settings class, no metrics), so the training side and the
+                        benchmarks can share it
+    app/observability/  logs, metrics, tracing; app/security/: API key entries, token buckets: leaves
+    app/serving/        the batcher and the model registry: inference, observability, settings
+    app/api/            routes, pipeline, middleware, errors, schemas, openapi, auth: anything but bulk and the CLI
+    app/bulk/           caption-dir: inference, settings, the shared CLI options; never the HTTP layer
+    model_export/       imports only app.inference; bench/ too, except where a benchmark measures another layer
+
+The request path reads routes -> pipeline -> batcher -> engine -> decoding, so no route module imports
+another, and the serving side never imports the training side.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
+
+# Which parts of `app` each layer may import (besides itself). "app.settings" etc. are top-level modules.
+ALLOWED: dict[str, set[str]] = {
+    "app.inference": set(),
+    "app.observability": set(),
+    "app.security": set(),
+    "app.serving": {"app.inference", "app.observability", "app.settings"},
+    "app.api": {"app.inference", "app.serving", "app.observability", "app.security", "app.settings"},
+    "app.bulk": {"app.inference", "app.settings", "app.cli_options"},
+}
+# The benchmarks that measure a layer above inference import it (and only it), by name.
+BENCH_EXCEPTIONS = {
+    "common.py": {"app.serving"},  # the dynamic batcher's benchmark drives DynamicBatcher in process
+    "bulk.py": {"app.bulk"},  # local vs Ray caption-dir runs
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -21,18 +51,75 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def app_layers(path: Path) -> set[str]:
+    """The parts of `app` that the module at `path` imports: `app.<package>` or `app.<top-level module>`."""
+    parts: set[str] = set()
+    for name in imported_modules(path):
+        pieces = name.split(".")
+        if pieces[0] == "app" and len(pieces) > 1:
+            parts.add(".".join(pieces[:2]))
+    return parts
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_what_its_folder_allows(layer):
+    folder = REPO / Path(*layer.split("."))
+    paths = sorted(folder.rglob("*.py"))
+    assert len(paths) >= 2, f"{layer}: no modules found in {folder}"
+    allowed = ALLOWED[layer] | {layer}
+    for path in paths:
+        bad = app_layers(path) - allowed
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: {layer} may import only {sorted(allowed)}"
+
+
+def test_the_inference_layer_knows_no_http_settings_or_metrics():
+    third_party = {"fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic_settings", "httpx", "opentelemetry"}
+    for path in sorted((REPO / "app" / "inference").rglob("*.py")):
+        top = {name.split(".")[0] for name in imported_modules(path)}
+        assert not top & third_party, f"{path.relative_to(REPO)} imports {sorted(top & third_party)}"
+
+
+def test_the_training_side_uses_only_the_inference_layer():
+    paths = sorted((REPO / "model_export").rglob("*.py"))
+    assert len(paths) >= 10
+    for path in paths:
+        bad = app_layers(path) - {"app.inference"}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: model_export may use only app.inference"
+
+
+def test_the_benchmarks_use_only_the_inference_layer_or_the_layer_they_measure():
+    paths = sorted((REPO / "bench").glob("*.py"))
+    assert len(paths) >= 5
+    for path in paths:
+        allowed = {"app.inference"} | BENCH_EXCEPTIONS.get(path.name, set())
+        bad = app_layers(path) - allowed
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: bench may use only {sorted(allowed)}"
+        assert not {m for m in imported_modules(path) if m == "tests" or m.startswith("tests.")}, (
+            f"{path.relative_to(REPO)} imports the test suite: shared helpers belong in a package")
+
+
 def test_no_route_module_imports_another():
-    routes = sorted((REPO / "app" / "routes").glob("*.py"))
-    route_modules = {f"app.routes.{p.stem}" for p in routes if p.stem != "__init__"}
+    routes = sorted((REPO / "app" / "api" / "routes").glob("*.py"))
+    route_modules = {module_name(p) for p in routes if p.stem not in ("__init__", "deps")}
     assert len(route_modules) >= 5
     for path in routes:
-        own = f"app.routes.{path.stem}"
-        others = (imported_modules(path) & route_modules) - {own}
-        assert not others, f"{path.relative_to(REPO)} imports {sorted(others)}: shared code belongs in app/pipeline.py " \
-                           "or app/routes/__init__.py"
+        others = (imported_modules(path) & route_modules) - {module_name(path)}
+        assert not others, f"{path.relative_to(REPO)} imports {sorted(others)}: shared code belongs in " \
+                           "app/api/pipeline.py or app/api/routes/deps.py"
 
 
 def test_the_serving_side_never_imports_the_training_side():
     for path in sorted((REPO / "app").rglob("*.py")):
         training = {m for m in imported_modules(path) if m == "model_export" or m.startswith("model_export.")}
         assert not training, f"{path.relative_to(REPO)} imports {sorted(training)}"
+
+
+def test_a_rule_breach_is_caught(tmp_path):
+    """The checker itself: a module of the inference layer that imports the metrics is seen."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from app.observability.metrics import Metrics\nimport app.settings\n")
+    assert app_layers(bad) == {"app.observability", "app.settings"}

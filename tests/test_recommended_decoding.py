@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.bundle import BundleError, load_bundle
+from app.inference.bundle import BundleError, load_bundle
 from tests.support.live_server import REPO, image_bytes, live_server, service_env
 
 RECOMMENDED = {"length_penalty": 1.0, "no_repeat_ngram_size": 2, "chosen_on": "tiny test split"}

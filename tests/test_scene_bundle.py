@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bundle import load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine
-from app.preprocess import to_array
+from app.inference.bundle import load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
+from app.inference.preprocess import to_array
 from model_export.data.scenes import caption_objects, render_scene
 
 DEFAULT = Path(__file__).resolve().parent / "fixtures" / "scenes-sat-lite0"

@@ -61,7 +61,7 @@ UPLOADS = {"create_caption", "create_captions_batch", "create_attention_png"}
 WITH_INPUT = sorted(UPLOADS & set(OPERATIONS))
 # `?model=` may name a model that is not loaded: 404 model_not_found (the schema cannot list them)
 WITH_MODEL = sorted((UPLOADS | {"get_model_info"}) & set(OPERATIONS))
-# the admin routes (app/routes/models.py): off on these servers (no CAPTIONER_ADMIN_API_KEYS), 403 admin_disabled
+# the admin routes (app/api/routes/models.py): off on these servers (no CAPTIONER_ADMIN_API_KEYS), 403 admin_disabled
 ADMIN = sorted({"load_model", "rollback_model"} & set(OPERATIONS))
 
 
@@ -134,7 +134,7 @@ def test_every_operation_is_fuzzed(api_schema, keyed_schema):
 
 def _fuzz(schema, server, operation_id: str, mode, max_examples: int, label: str,
           headers: dict | None = None) -> Counter[int]:
-    from app.auth import is_public
+    from app.api.auth import is_public
 
     operation = schema.find_operation_by_id(operation_id)
     seen: Counter[int] = Counter()

@@ -1,6 +1,6 @@
 """Security of the service, against real uvicorn processes serving a tiny bundle:
 
-* optional API keys (app/auth.py): public probes and docs, 401 + `WWW-Authenticate: Bearer` for
+* optional API keys (app/api/auth.py): public probes and docs, 401 + `WWW-Authenticate: Bearer` for
   everything else without a valid key (the same answer whatever was wrong), answered before the body
   is read, every configured key accepted (env list and keys file), keys never logged, the bearer
   scheme in the OpenAPI only when keys are configured;
@@ -278,7 +278,7 @@ def test_metrics_public_setting(bundle):
 
 def test_keys_are_compared_against_every_key(monkeypatch):
     """Constant time: every configured key is compared, whichever matches (no early exit)."""
-    from app import auth
+    from app.api import auth
 
     calls = []
     real = auth.hmac.compare_digest
@@ -394,7 +394,7 @@ def _marked_png(marker: bytes, side: int) -> bytes:
 def test_uploads_are_never_written_to_disk(sandbox):
     """A 3 MB upload (past Starlette's 1 MB spooling threshold) and a 2 x 3 MB batch: the server
     process opens no file for writing, TMPDIR is unchanged, the marker is nowhere on disk or in the log.
-    (Before the fix in app/routes/captions.py, the audit hook recorded a temporary file per upload.)"""
+    (Before the fix in app/api/routes/captions.py, the audit hook recorded a temporary file per upload.)"""
     marker = f"UPLOAD-MARKER-{uuid.uuid4().hex}".encode()
     data = _marked_png(marker, 1000)
     assert len(data) > 2_900_000 and marker in data
@@ -424,7 +424,7 @@ import json, sys
 from app.main import create_app
 from app.settings import Settings
 create_app(Settings(device="cpu"))
-import app.engine, app.bundle
+import app.inference.engine, app.inference.bundle
 print(json.dumps(sorted(m for m in sys.modules if m == "app" or m.startswith("app."))))
 """
 
@@ -440,7 +440,8 @@ def test_service_code_imports_no_http_client():
                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"app.main", "app.routes.captions", "app.preprocess", "app.engine", "app.auth"} <= set(modules)
+    assert {"app.main", "app.api.routes.captions", "app.inference.preprocess", "app.inference.engine",
+            "app.api.auth"} <= set(modules)
     forbidden = {"urllib.request", "urllib3", "http.client", "requests", "httpx", "aiohttp", "socket",
                  "ftplib", "smtplib", "telnetlib", "xmlrpc.client", "websockets", "pycurl", "subprocess"}
     found = []

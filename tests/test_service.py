@@ -637,7 +637,7 @@ def test_cli_caption(tiny_bundle, tmp_path, cat_jpeg):
 
 
 def test_cli_caption_labels(tiny_bundles, tiny_bundle, tmp_path, cat_jpeg, astronaut_png):
-    from tests.support.bundle_factory import LABEL_NAMES
+    from model_export.tiny_bundle import LABEL_NAMES
 
     cat, astronaut = tmp_path / "cat.jpg", tmp_path / "astronaut.png"
     cat.write_bytes(cat_jpeg)

@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing (app/tracing.py): one request makes one trace, parented to the caller's
+"""OpenTelemetry tracing (app/observability/tracing.py): one request makes one trace, parented to the caller's
 W3C `traceparent`, with the receive, preprocess, queue, encode, decode and respond spans; spans go
 over OTLP/HTTP only when OTEL_EXPORTER_OTLP_ENDPOINT is set, and without it nothing is set up and no
 socket is opened."""
@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from app import tracing
 from app.main import create_app
+from app.observability import tracing
 from app.settings import Settings
 from tests.support.live_server import REPO, image_bytes
 
@@ -185,7 +185,7 @@ import json, sys
 events = []
 sys.addaudithook(lambda event, args: events.append(repr(args[1])) if event == "socket.connect" else None)
 from fastapi.testclient import TestClient
-from app import tracing
+from app.observability import tracing
 from app.main import create_app
 from app.settings import Settings
 app = create_app(Settings(bundle=sys.argv[1], device="cpu", threads=1))

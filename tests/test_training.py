@@ -17,16 +17,16 @@ from PIL import Image
 from skimage import data as skdata
 from typer.testing import CliRunner
 
-from app.bundle import load_bundle
-from app.decoding import DecodingConfig
-from app.engine import Engine
-from app.preprocess import to_array
+from app.inference.bundle import load_bundle
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine
+from app.inference.preprocess import to_array
 from captioner.cli import cli
 from model_export.data.scenes import generate_scenes
 from model_export.features import preprocessing_for
 from model_export.images import load_pixels
 from model_export.model import Backbone
-from model_export.reference import reference_decode
+from model_export.torch_decoder import reference_decode
 from model_export.train import load_checkpoint
 
 runner = CliRunner()
@@ -79,7 +79,7 @@ def _imagenet_top1(backbone: Backbone, array: np.ndarray) -> int:
 
 
 def load_pixels_from_array(array: np.ndarray, backbone: Backbone) -> np.ndarray:
-    from app.preprocess import to_array
+    from app.inference.preprocess import to_array
 
     return to_array(Image.fromarray(array), preprocessing_for(backbone))
 
@@ -174,10 +174,10 @@ def test_export_writes_a_bundle_that_proved_parity(bundle):
     assert len(loaded.vocab) == manifest["architecture"]["vocab_size"] and loaded.has_labels
     photo = to_array(Image.fromarray(skdata.coffee()), loaded.preprocessing)[None]
     assert Engine(loaded, device="cpu").run(photo, DecodingConfig(), labels=1)[0].labels[0].class_id == 967
-    # the reference captions a model swap checks (model_export/parity_reference.py), and the swap's
+    # the reference captions a model swap checks (model_export/reference_captions.py), and the swap's
     # checks pass on the exported bundle
     assert [r["seed"] for r in parity["reference"]] == [0, 1, 2, 3] and all(r["tokens"] for r in parity["reference"])
-    from app.models import build_served
+    from app.serving.registry import build_served
     from app.settings import Settings
 
     served = build_served(bundle, Settings(device="cpu", threads=1))

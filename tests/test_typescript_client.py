@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bundle_factory import LABEL_NAMES
+from model_export.tiny_bundle import LABEL_NAMES
 from tests.support.live_server import REPO, image_bytes
 
 skimage_data = pytest.importorskip("skimage.data")

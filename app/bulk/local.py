@@ -20,9 +20,9 @@ from app.bulk.source import ImagePrep, Item, in_batches, os_message
 if TYPE_CHECKING:
     import numpy as np
 
-    from app.bundle import Bundle
-    from app.decoding import DecodingConfig
-    from app.engine import Engine
+    from app.inference.bundle import Bundle
+    from app.inference.decoding import DecodingConfig
+    from app.inference.engine import Engine
     from app.settings import Settings
 
 
@@ -30,7 +30,7 @@ def caption_locally(items: Sequence[Item], engine: Engine, config: DecodingConfi
                     workers: int = 2, labels: int = 0) -> Iterator[list[Record]]:
     """Records per batch, in order: files decoded in `workers` threads (the next batch while the
     engine runs this one), each batch one `engine.run` call (with each image's `labels` best labels)."""
-    from app.preprocess import ImageDecodeError
+    from app.inference.preprocess import ImageDecodeError
 
     prep = ImagePrep(engine.bundle.preprocessing, max_pixels)
 
@@ -79,8 +79,8 @@ def choose_model(*, decoding: dict[str, Any], labels: int | None = None, bundle:
     options, load and check the bundle (sha256s), put the options on its recommended decoding, and
     resolve `labels` (None: the default_labels setting for a model with labels, else 0). BulkError,
     with the message to show, for anything wrong. The local and the Ray captioners both start here."""
-    from app.bundle import BundleError, load_bundle
     from app.cli_options import resolve_labels
+    from app.inference.bundle import BundleError, load_bundle
     from app.settings import SettingsError, load_settings
 
     try:
@@ -122,7 +122,7 @@ class LocalCaptioner:
              bundle: Path | None = None, device: str | None = None, threads: int | None = None) -> LocalCaptioner:
         """`choose_model`, then the engine on its bundle. BulkError, with the message to show, for
         anything wrong (exit status 2)."""
-        from app.engine import Engine, EngineError
+        from app.inference.engine import Engine, EngineError
 
         choice = choose_model(decoding=decoding, labels=labels, bundle=bundle, device=device, threads=threads)
         settings = choice.settings

@@ -18,7 +18,7 @@ The record schema (one per image; paths relative to the folder, `/`-separated):
   pyarrow (the `ray` extra).
 
 `labels` is absent (JSON) / empty (CSV) when none were asked (--labels 0) and in error records.
-A caption's `confidence` (0-1, app/confidence.py) is in the JSON lines only (absent from captions of a
+A caption's `confidence` (0-1, app/inference/confidence.py) is in the JSON lines only (absent from captions of a
 service too old to answer it); the CSV columns and the Parquet schema are unchanged.
 
 Resuming (`open_output`): the paths already in the file, captioned or failed, are done; a truncated

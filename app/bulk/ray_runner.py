@@ -56,9 +56,9 @@ class CaptionActor:
 
     def __init__(self, bundle: str, device: Literal["auto", "cuda", "cpu"], threads: int | None,
                  config: dict[str, Any], labels: int, max_pixels: int) -> None:
-        from app.bundle import load_bundle
-        from app.decoding import DecodingConfig
-        from app.engine import Engine
+        from app.inference.bundle import load_bundle
+        from app.inference.decoding import DecodingConfig
+        from app.inference.engine import Engine
 
         self.engine = Engine(load_bundle(bundle), device=device, threads=threads)
         self.config = DecodingConfig(**config)
@@ -66,7 +66,7 @@ class CaptionActor:
         self.prep = ImagePrep(self.engine.bundle.preprocessing, max_pixels)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from app.preprocess import ImageDecodeError
+        from app.inference.preprocess import ImageDecodeError
 
         records: list[Record | None] = []
         arrays, where = [], []

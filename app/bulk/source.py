@@ -9,7 +9,7 @@
   to_array, the JPEG draft size); an `ImageDecodeError` for a file that is not a usable image.
 * `in_batches`: consecutive batches of items.
 
-Nothing here imports the engine, typer or an HTTP client, and app.preprocess (Pillow, numpy) only
+Nothing here imports the engine, typer or an HTTP client, and app.inference.preprocess (Pillow, numpy) only
 when an `ImagePrep` is first used, so a runner on other machines (Ray workers) can use all of it.
 """
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     import numpy as np
 
-    from app.bundle import Preprocessing
+    from app.inference.bundle import Preprocessing
 
 SNIFF_BYTES = 32  # how much of a file `sniff_image` needs
 
@@ -220,7 +220,7 @@ def in_batches(items: Sequence[T], size: int) -> Iterator[list[T]]:
 class ImagePrep:
     """Bytes -> the encoder's input array ([3, H, W] float32), as the service and the local mode do
     it: decode_image (at most `max_pixels`, JPEGs drafted at the model's size), then to_array.
-    Raises app.preprocess.ImageDecodeError (`.code`, `.message`: the error record's) for bytes that
+    Raises app.inference.preprocess.ImageDecodeError (`.code`, `.message`: the error record's) for bytes that
     are not a usable image. Picklable: build it once and ship it to the workers.
 
         prep = ImagePrep(engine.bundle.preprocessing, settings.max_image_pixels)
@@ -231,6 +231,6 @@ class ImagePrep:
     max_pixels: int
 
     def __call__(self, data: bytes) -> np.ndarray:
-        from app.preprocess import decode_image, draft_size, to_array
+        from app.inference.preprocess import decode_image, draft_size, to_array
 
         return to_array(decode_image(data, self.max_pixels, draft_size(self.spec)), self.spec)

@@ -269,8 +269,8 @@ def ensure_bases() -> dict[str, str]:
 
 
 def make_container_bundle(path: Path) -> Path:
-    """A tiny real bundle (tests/support/bundle_factory.py) readable by the services' users."""
-    from tests.support.bundle_factory import make_tiny_bundle
+    """A tiny real bundle (model_export/tiny_bundle.py) readable by the services' users."""
+    from model_export.tiny_bundle import make_tiny_bundle
 
     path = make_tiny_bundle(path)
     path.chmod(0o755)

@@ -1,0 +1,151 @@
+"""How a request flows, from the upload to the engine's captions, for every captioning route.
+
+    route (app/api/routes/)  ->  read_upload -> prepare (a worker thread: decode, resize, normalise)
+                         ->  caption (app/serving/batcher.py -> app/inference/engine.py -> app/inference/decoding.py)
+
+Each step maps its own failures to the API's errors, so the routes only shape answers:
+an upload that is not a usable image is an `ImageDecodeError` (`upload_error` gives its status and
+counts it in the metrics); the batcher's refusals become 422 / 503 / 504 / 499 in `caption`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Request, UploadFile
+from PIL import Image
+from starlette.formparsers import MultiPartParser
+
+from app.api.errors import APIError
+from app.inference.bundle import Preprocessing
+from app.inference.decoding import DecodingConfig
+from app.inference.engine import Engine, ImageResult
+from app.inference.preprocess import ImageDecodeError, decode_image, draft_size, to_array
+from app.observability import tracing
+from app.observability.metrics import Metrics
+from app.serving.batcher import ClientGone, DeadlineExceeded, Overloaded, TooLarge
+from app.settings import Settings
+
+# Uploads never touch the disk: Starlette spools a file part over 1 MB to a temporary file, but the
+# body limit (app/api/middleware.py) already bounds every request, so keep each part in memory.
+MultiPartParser.spool_max_size = 1 << 62
+
+IMAGE_FORMATS = "JPEG, PNG, GIF (first frame), WebP, BMP or TIFF"
+
+# ImageDecodeError.code -> HTTP status (file_too_large is answered as payload_too_large, 413)
+DECODE_STATUS = {
+    "unsupported_media_type": 415,
+    "corrupt_image": 422,
+    "image_too_large": 413,
+    "empty_file": 422,
+    "file_too_large": 413,
+}
+
+
+@dataclass
+class Prepared:
+    """One upload, ready for the encoder, with the time each half took."""
+
+    array: np.ndarray
+    decode_s: float
+    preprocess_s: float
+    image: Image.Image | None = None  # the upright RGB image, when asked for (the attention picture)
+
+
+def require_attention(engine: Engine) -> None:
+    """409 `attention_unavailable` unless the engine's model produces attention weights."""
+    if not engine.has_attention:
+        raise APIError(409, "attention_unavailable",
+                       f"the model {engine.bundle.name} has no attention (a Show-and-Tell decoder): there are no "
+                       "attention weights to show")
+
+
+def require_labels(engine: Engine) -> None:
+    """409 `labels_unavailable` unless the bundle has the encoder's ImageNet head."""
+    if not engine.has_labels:
+        raise APIError(409, "labels_unavailable",
+                       f"the model {engine.bundle.name} has no ImageNet labels (its bundle has no labels.json); "
+                       "ask with labels=0, or serve a bundle exported with labels")
+
+
+def prepare(data: bytes, max_pixels: int, spec: Preprocessing, keep_image: bool = False) -> Prepared:
+    """Bytes -> encoder input (runs in a worker thread). Raises ImageDecodeError."""
+    t0 = time.perf_counter()
+    img = decode_image(data, max_pixels, draft_size(spec))
+    t1 = time.perf_counter()
+    array = to_array(img, spec)
+    return Prepared(array, t1 - t0, time.perf_counter() - t1, img if keep_image else None)
+
+
+async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes; ImageDecodeError `file_too_large` past `max_upload_bytes`."""
+    limit = settings.max_upload_bytes
+    if upload.size is not None and upload.size > limit:
+        raise ImageDecodeError("file_too_large", f"the file is {upload.size} bytes; the limit is {limit}")
+    data = await upload.read()
+    if len(data) > limit:
+        raise ImageDecodeError("file_too_large", f"the file is {len(data)} bytes; the limit is {limit}")
+    return data
+
+
+async def load_upload(request: Request, upload: UploadFile, spec: Preprocessing, keep_image: bool = False) -> Prepared:
+    """Read one upload and prepare it in the service's image-decoding pool. Raises ImageDecodeError."""
+    settings: Settings = request.app.state.settings
+    data = await read_upload(upload, settings)
+    with tracing.span("preprocess", **{"captioner.upload.bytes": len(data)}):
+        return await asyncio.get_running_loop().run_in_executor(
+            request.app.state.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
+
+
+def upload_error(exc: ImageDecodeError, metrics: Metrics) -> APIError:
+    """The API error for an upload that cannot be used (counted in the metrics by its code)."""
+    metrics.image_error(exc.code)
+    code = "payload_too_large" if exc.code == "file_too_large" else exc.code
+    return APIError(DECODE_STATUS.get(exc.code, 422), code, exc.message)
+
+
+async def load_one(request: Request, upload: UploadFile, spec: Preprocessing, metrics: Metrics,
+                   keep_image: bool = False) -> Prepared:
+    """`load_upload` for a one-image route: an unusable upload is the request's error."""
+    try:
+        return await load_upload(request, upload, spec, keep_image)
+    except ImageDecodeError as exc:
+        raise upload_error(exc, metrics) from None
+
+
+async def caption(request: Request, arrays: list[np.ndarray], config: DecodingConfig,
+                  attention: bool = False, labels: int = 0) -> tuple[list[ImageResult], float]:
+    """Caption the arrays through the dynamic batcher; returns (per image its captions and labels,
+    seconds from submission to result). `attention=True` keeps each caption's attention weights
+    (attention bundles only); `labels`: each image's best ImageNet labels (bundles with labels).
+    Too many images for the queue: 422; queue full: 503 with Retry-After; past the request's
+    deadline: 504; the client hung up: 499."""
+    settings: Settings = request.app.state.settings
+    start = getattr(request.state, "start_time", None) or time.perf_counter()
+    submitted = time.perf_counter()
+    try:
+        served = getattr(request.state, "served", None)  # the model the request picked (app/api/routes get_served)
+        batcher = served.batcher if served is not None else request.app.state.batcher
+        result = await batcher.submit(
+            arrays, config, attention=attention, deadline=start + settings.request_timeout_s,
+            disconnected=request.is_disconnected, labels=labels,
+        )
+    except TooLarge as exc:
+        raise APIError(422, "too_many_files", exc.message + " (max_queue_images)") from None
+    except Overloaded as exc:
+        raise APIError(503, "overloaded", exc.message, headers={"Retry-After": str(exc.retry_after)}) from None
+    except DeadlineExceeded:
+        raise APIError(504, "deadline_exceeded",
+                       f"the request did not finish within request_timeout_s ({settings.request_timeout_s:g} s)") from None
+    except ClientGone:
+        raise APIError(499, "client_closed_request", "the client disconnected before the captions were ready") from None
+    return result.results, time.perf_counter() - submitted
+
+
+def elapsed_ms(request: Request) -> float:
+    """Milliseconds since the request arrived (app/api/middleware.py stamps it)."""
+    start = getattr(request.state, "start_time", None)
+    return round((time.perf_counter() - start) * 1000.0, 3) if start else 0.0

@@ -1,0 +1,199 @@
+"""HTTP routers, one module per resource, and what they share: the dependencies and the decoding
+query parameters. No route module imports another; the request's path from upload to captions is
+app/api/pipeline.py.
+
+Everything a route needs (settings, the engine, metrics) lives on `app.state` and is handed in with
+`Depends`, so tests can build an app with `create_app(settings)` and nothing is global. The engine
+is that of the model the request picked (`?model=`, `get_served`: app/serving/registry.py's registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Query, Request, Response
+
+from app.api import pipeline
+from app.api.errors import APIError
+from app.inference.bundle import MAX_LABELS
+from app.inference.decoding import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH_LIMIT,
+    MAX_LENGTH_PENALTY,
+    MAX_NO_REPEAT_NGRAM_SIZE,
+    DecodingConfig,
+    Strategy,
+)
+from app.inference.engine import Engine
+from app.observability.metrics import Metrics
+from app.serving.registry import MODEL_SPEC_PATTERN, ModelNotFound, ModelRegistry, ServedModel
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_default_engine(request: Request) -> Engine:
+    """The default model's loaded, warmed-up engine; 503 `not_ready` before that."""
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    if engine is None or not getattr(state, "ready", False):
+        raise APIError(503, "not_ready", "the model is not loaded and warmed up yet; retry shortly",
+                       headers={"Retry-After": "1"})
+    return engine
+
+
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+async def get_served(
+    request: Request,
+    response: Response,
+    model: Annotated[
+        str,
+        Query(max_length=257, pattern=MODEL_SPEC_PATTERN,
+              description="The model to answer: a name of `GET /v1/models` (its active version) or name:version "
+              "(only while that version is the active one). Default: the service's default model. Unknown or "
+              "unloaded: 404 model_not_found, listing the loaded models."),
+    ] = None,  # type: ignore[assignment]
+) -> AsyncIterator[ServedModel]:
+    """The model that answers this request (app/serving/registry.py), held until the request has answered, so a
+    swap lets it finish on this version. Counts the request by model and version in /metrics and
+    names the version in the X-Model-Version header."""
+    get_default_engine(request)  # 503 not_ready before start-up has finished
+    registry: ModelRegistry = request.app.state.models
+    try:
+        served = registry.resolve(model)
+    except ModelNotFound as exc:
+        raise APIError(404, "model_not_found", str(exc),
+                       details=[{"loc": ["query", "model"], "msg": key, "type": "available_model"}
+                                for key in exc.available]) from None
+    served.acquire()
+    request.state.served = served
+    response.headers[MODEL_VERSION_HEADER] = served.key
+    status = 200
+    try:
+        yield served
+    except APIError as exc:
+        status = exc.status_code
+        raise
+    except asyncio.CancelledError:  # the client went away mid-request
+        status = 499
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        served.release()
+        start = getattr(request.state, "start_time", None)
+        route = str(getattr(request.scope.get("route"), "path", "unmatched"))
+        request.app.state.metrics.observe_model_request(
+            served.name, served.version, route, status, time.perf_counter() - start if start else 0.0)
+
+
+def get_engine(served: Annotated[ServedModel, Depends(get_served)]) -> Engine:
+    """The engine of the model that answers this request (`?model=`)."""
+    return served.engine
+
+
+# Annotated dependencies for route signatures.
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServedDep = Annotated[ServedModel, Depends(get_served)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+DefaultEngineDep = Annotated[Engine, Depends(get_default_engine)]
+
+
+# The query parameters are typed without `| None` on purpose: their OpenAPI schemas stay plain
+# (`integer`, not `anyOf: [integer, null]`), and the default None means "not given" (so mypy is
+# told to accept each None default).
+def decoding_config(
+    settings: SettingsDep,
+    engine: EngineDep,
+    strategy: Annotated[
+        Strategy,
+        Query(description="Decoding strategy; greedy is beam search with one beam. Default: the service's "
+              "default_strategy (beam)."),
+    ] = None,  # type: ignore[assignment]
+    beam_size: Annotated[
+        int,
+        Query(ge=1, le=MAX_BEAM_SIZE, description="Beams per image (ignored by greedy). Default: the service's "
+              "default_beam_size (3), widened to num_captions if that is larger."),
+    ] = None,  # type: ignore[assignment]
+    num_captions: Annotated[
+        int,
+        Query(ge=1, le=MAX_BEAM_SIZE, description="How many captions to return, best first; at most beam_size."),
+    ] = None,  # type: ignore[assignment]
+    max_length: Annotated[
+        int,
+        Query(ge=1, le=MAX_LENGTH_LIMIT, description="Most words per caption. Default: the model's max_length."),
+    ] = None,  # type: ignore[assignment]
+    length_penalty: Annotated[
+        float,
+        Query(ge=0.0, le=MAX_LENGTH_PENALTY, description="Ranking divides the score by length ** length_penalty. "
+              "Default: the service's default_length_penalty, else the model's recommendation."),
+    ] = None,  # type: ignore[assignment]
+    no_repeat_ngram_size: Annotated[
+        int,
+        Query(ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE, description="Never repeat an n-gram of this size (0 = off). "
+              "Default: the service's default_no_repeat_ngram_size, else the model's recommendation."),
+    ] = None,  # type: ignore[assignment]
+) -> DecodingConfig:
+    """The request's decoding settings on top of the service's and the model's defaults, validated
+    once here (app/inference/decoding.py's rules): a bad combination is a 422 invalid_parameter."""
+    try:
+        return settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(
+            strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+    except (ValueError, TypeError) as exc:
+        raise APIError(422, "invalid_parameter", str(exc)) from None
+
+
+DecodingDep = Annotated[DecodingConfig, Depends(decoding_config)]
+
+
+def labels_count(
+    settings: SettingsDep,
+    engine: EngineDep,
+    labels: Annotated[
+        int,
+        Query(ge=0, le=MAX_LABELS, description="How many ImageNet-1k labels to answer per image, best first (0 = "
+              "none). Default: the service's default_labels (3) when the model has labels, else 0. Asking a model "
+              "without labels for some is a 409 labels_unavailable."),
+    ] = None,  # type: ignore[assignment]
+) -> int:
+    """The request's label count: the setting's default where not given (0 for a bundle without labels)."""
+    if labels is None:
+        return settings.labels_for(engine.has_labels)
+    if labels > 0:
+        pipeline.require_labels(engine)
+    return labels
+
+
+LabelsDep = Annotated[int, Depends(labels_count)]
+
+
+def min_confidence(
+    settings: SettingsDep,
+    min_confidence: Annotated[
+        float,
+        Query(ge=0.0, le=1.0, allow_inf_nan=False,
+              description="Flag captions whose `confidence` is below this with `low_confidence: true` (they are still "
+              "returned, and counted in /metrics), e.g. to send them to a person. 0 = flag none. Default: the "
+              "service's min_confidence setting (0)."),
+    ] = None,  # type: ignore[assignment]
+) -> float:
+    """The request's confidence threshold: the setting's where not given."""
+    return settings.min_confidence if min_confidence is None else float(min_confidence)
+
+
+MinConfidenceDep = Annotated[float, Depends(min_confidence)]
