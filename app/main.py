@@ -10,8 +10,10 @@ one clear log line and a non-zero exit. No torch anywhere.
 How a request flows: app/api/middleware.py (request id, access log, overload, body limit; app/api/auth.py for
 API keys) -> a route in app/api/routes/ -> app/api/pipeline.py (read and decode the upload, submit it) ->
 app/serving/batcher.py (dynamic batching) -> app/inference/engine.py (the ONNX graphs) ->
-app/inference/decoding.py (the search). The other parts have their own modules: app/observability/
-(logs, metrics, tracing), app/api/openapi.py.
+app/inference/decoding.py (the search). What the service holds while it runs (settings, metrics, keys, the
+model registry, readiness) is one typed `ServiceState` (app/api/state.py), stored once as
+`app.state.service`. The other parts have their own modules: app/observability/ (logs, metrics, tracing),
+app/api/openapi.py.
 """
 
 from __future__ import annotations
@@ -30,47 +32,48 @@ from app.api.auth import EXPOSED_AUTH_HEADERS, admin_keys, install_auth
 from app.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, OverloadMiddleware, RequestContextMiddleware
 from app.api.openapi import API_DESCRIPTION, API_TITLE, API_VERSION, OPENAPI_TAGS, build_openapi
+from app.api.state import ServiceState
 from app.observability import tracing
 from app.observability.logs import configure_logging, service_log
 from app.observability.metrics import Metrics
 from app.settings import Settings, SettingsError, load_settings
 
 
-def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from app.serving.registry import BundleRefused, ModelRegistry, ServedModel
 
-        state = app.state
-        metrics: Metrics = state.metrics
+        settings, metrics = service.settings, service.metrics
         started = time.perf_counter()
-        state.inference_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-inference")
+        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-inference")
+        service.inference_executor = inference
 
-        def default_changed(served: ServedModel) -> None:  # app.state's shortcuts follow the default model
-            state.bundle, state.engine, state.batcher = served.bundle, served.engine, served.batcher
+        def default_changed(served: ServedModel) -> None:  # the default model's info in /metrics
             metrics.model.info({"name": served.name, "version": served.version, "provider": served.engine.provider,
                                 "device": served.engine.device})
 
-        registry = ModelRegistry(settings, metrics, state.inference_executor, on_default=default_changed)
+        registry = ModelRegistry(settings, metrics, inference, on_default=default_changed)
         try:
             await registry.start()  # CAPTIONER_BUNDLE, or each repository name's newest version (app/serving/registry.py)
         except BundleRefused as exc:
             kind = "inference engine" if exc.check in ("engine", "warmup") else "model bundle"
             message = f"cannot start: {kind} error: {exc.message}"
-            state.startup_error = message
+            service.startup_error = message
             where = str(settings.model_repository or settings.bundle)
             service_log.error(message, extra={"fields": {"bundle": where, "device": settings.device}})
             await registry.close(timeout=1.0)
-            state.inference_executor.shutdown()
+            inference.shutdown()
             raise RuntimeError(message) from None
-        state.models = registry
-        bundle, engine = state.bundle, state.engine
-        state.preprocess_executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers(),
-                                                       thread_name_prefix="captioner-preprocess")
-        keys = getattr(state, "api_keys", None)
+        service.models = registry
+        default = registry.resolve(None)
+        bundle, engine = default.bundle, default.engine
+        service.preprocess_executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers(),
+                                                         thread_name_prefix="captioner-preprocess")
+        keys = service.api_keys
         if keys is not None:  # re-read the API keys file when it changes (app/api/auth.py)
             keys.start()
-        state.ready = True
+        service.ready = True
         metrics.ready.set(1)
         service_log.info(
             "ready",
@@ -82,15 +85,14 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
         try:
             yield
         finally:
-            state.ready = False
+            service.ready = False
             metrics.ready.set(0)
             if keys is not None:
                 await keys.stop()
             # uvicorn has finished the in-flight requests; this is a backstop
             await registry.close(timeout=settings.request_timeout_s)
             tracing.shutdown()  # flush the spans still buffered (only when exporting)
-            for name in ("inference_executor", "preprocess_executor"):
-                executor = getattr(state, name, None)
+            for executor in (service.inference_executor, service.preprocess_executor):
                 if executor is not None:
                     await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
 
@@ -115,21 +117,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < settings.max_image_pixels:
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
 
+    # the one typed state (app/api/state.py): read through service_state(app), never app.state's attributes
+    service = ServiceState(settings, Metrics(), admin_keys=admin_keys(settings))
     app = FastAPI(
         title=API_TITLE,
         version=API_VERSION,
         description=API_DESCRIPTION,
-        lifespan=_lifespan(settings),
+        lifespan=_lifespan(service),
         openapi_tags=OPENAPI_TAGS,
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.ready = False
-    app.state.engine = None
-    app.state.startup_error = None
-    app.state.api_keys = None  # app/api/auth.py's KeyStore when API keys are configured
-    app.state.models = None  # app/serving/registry.py's ModelRegistry, once started
-    app.state.admin_keys = admin_keys(settings)  # the admin routes' keys (app/api/auth.py), or None
+    app.state.service = service
 
     install_error_handlers(app)
 
@@ -143,8 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added innermost first: RequestContext -> CORS -> APIKey -> Overload -> BodyLimit -> routes.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
-    app.add_middleware(OverloadMiddleware, state=app.state)
-    install_auth(app, settings)  # API keys, when configured: before the body is read
+    app.add_middleware(OverloadMiddleware, service=service)
+    service.api_keys = install_auth(app, settings, service.metrics)  # API keys, when configured: before the body is read
     if settings.cors_origins:
         wildcard = "*" in settings.cors_origins
         app.add_middleware(
@@ -160,7 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                        demo.router)
         for route in router.routes
     )
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, state=app.state, known_paths=known_paths)
+    app.add_middleware(RequestContextMiddleware, service=service, known_paths=known_paths)
 
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -168,10 +168,11 @@ def test_attention_json(sat, cat_jpeg):
 
 
 def test_attention_matches_the_engine(sat, cat_jpeg):
+    from app.api.state import service_state
     from app.inference.decoding import DecodingConfig
     from app.inference.preprocess import decode_image, draft_size, to_array
 
-    engine = sat.app.state.engine
+    engine = service_state(sat.app).engine
     spec = engine.bundle.preprocessing
     array = to_array(decode_image(cat_jpeg, 10**8, draft_size(spec)), spec)
     direct = engine.caption([array], DecodingConfig(strategy="greedy"), attention=True)[0][0]

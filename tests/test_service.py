@@ -551,6 +551,7 @@ def test_not_ready_before_startup(tiny_bundle):
 def test_unexpected_error_is_a_bare_500(tiny_bundle, cat_jpeg):
     from fastapi.testclient import TestClient
 
+    from app.api.state import service_state
     from app.main import create_app
     from app.settings import Settings
 
@@ -559,7 +560,7 @@ def test_unexpected_error_is_a_bare_500(tiny_bundle, cat_jpeg):
         def boom(*args, **kwargs):
             raise RuntimeError("secret detail /srv/internal/path.py")
 
-        app.state.engine.run = boom
+        service_state(app).engine.run = boom
         r = c.post("/v1/captions", files={"image": ("a.jpg", cat_jpeg, "image/jpeg")},
                    headers={"X-Request-ID": "fault-1"})
         error = assert_error(r, 500, "internal_error")

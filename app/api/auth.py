@@ -45,8 +45,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_json, new_request_id
-from app.api.middleware import BODY_METHODS
+from app.api.errors import BODY_METHODS, error_json, new_request_id
 from app.observability.logs import service_log
 from app.observability.metrics import Metrics
 from app.security.keys import key_digest, parse_entry, read_keys_file
@@ -317,20 +316,19 @@ class APIKeyMiddleware:
         await response(scope, receive, send)
 
 
-def install_auth(app, settings) -> bool:
-    """Add `APIKeyMiddleware` to `app` when `settings` configure API keys; True if it did. The keys
-    (a `KeyStore`) are `app.state.api_keys`; the lifespan starts and stops their file's watch."""
+def install_auth(app, settings, metrics: Metrics | None = None) -> KeyStore | None:
+    """Add `APIKeyMiddleware` to `app` when `settings` configure API keys; returns their `KeyStore`
+    (`ServiceState.api_keys`, app/api/state.py: the lifespan starts and stops their file's watch), or
+    None: no keys, the API is open."""
     if not settings.all_api_keys():
-        return False
-    metrics = getattr(app.state, "metrics", None)
+        return None
     store = KeyStore(  # an admin key (CAPTIONER_ADMIN_API_KEYS) is an API key too
         [k.get_secret_value() for k in [*settings.api_keys, *settings.admin_api_keys]], settings.api_keys_file,
         rate_limit=settings.api_key_rate_limit, rate_burst=settings.api_key_rate_burst, metrics=metrics,
         fallback_file_entries=settings.all_api_keys()[len(settings.api_keys):],  # the file's, as read at start-up
     )
-    app.state.api_keys = store
     app.add_middleware(APIKeyMiddleware, store=store, metrics_public=settings.metrics_public, metrics=metrics)
-    return True
+    return store
 
 
 def admin_keys(settings) -> APIKeys | None:

@@ -24,6 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("captioner.errors")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Methods whose requests carry a body: BodyLimitMiddleware (app/api/middleware.py) counts it; a refusal
+# before reading it closes the connection (the middleware's and app/api/auth.py's).
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 # ---- the shape --------------------------------------------------------------------------------

@@ -23,16 +23,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import REQUEST_ID_HEADER, PayloadTooLarge, error_json, new_request_id
+from app.api.errors import BODY_METHODS, REQUEST_ID_HEADER, PayloadTooLarge, error_json, new_request_id
+from app.api.state import ServiceState
 from app.observability import tracing
 from app.observability.logs import access_log, service_log
-from app.observability.metrics import Metrics
 from app.settings import Settings
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-# Methods whose requests carry a body: BodyLimitMiddleware counts it; a refusal before reading it
-# closes the connection (app/api/auth.py too).
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Probes and scrapes make no traces (they would drown the requests' traces, every few seconds).
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -49,10 +46,10 @@ class RequestContextMiddleware:
     line and the request metrics per request; unexpected exceptions become a bare 500; the request's
     trace spans when tracing is on."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, state: Any, known_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, service: ServiceState, known_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
-        self.metrics = metrics
-        self.state = state
+        self.service = service
+        self.metrics = service.metrics
         self.known_paths = known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,8 +189,8 @@ class RequestContextMiddleware:
     def _lifespan_send(self, send: Send) -> Send:
         async def lifespan_send(message: Message) -> None:
             # Starlette puts a traceback in the failure message; say what failed instead.
-            if message["type"] == "lifespan.startup.failed" and getattr(self.state, "startup_error", None):
-                message = {**message, "message": self.state.startup_error}
+            if message["type"] == "lifespan.startup.failed" and self.service.startup_error:
+                message = {**message, "message": self.service.startup_error}
             await send(message)
 
         return lifespan_send
@@ -204,12 +201,13 @@ class OverloadMiddleware:
     the upload is read (so refusing costs next to nothing). The batcher checks again when the job
     is submitted, with its real size."""
 
-    def __init__(self, app: ASGIApp, state: Any) -> None:
+    def __init__(self, app: ASGIApp, service: ServiceState) -> None:
         self.app = app
-        self.state = state
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        batcher = getattr(self.state, "batcher", None)
+        default = self.service.default_model
+        batcher = default.batcher if default is not None else None
         if (scope["type"] == "http" and batcher is not None and scope.get("method") == "POST"
                 and scope.get("path", "").startswith("/v1/captions") and batcher.is_full()):
             batcher.count_rejection("queue_full")

@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 
 from app.api.auth import security_openapi
 from app.api.errors import REQUEST_ID_HEADER
+from app.api.state import service_state
 
 API_VERSION = "1.0.0"
 API_TITLE = "Captioner"
@@ -83,13 +84,12 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             body["title"] = new
             schemas[new] = body
     schema = _fix_upload_schemas(copy.deepcopy(schema))
-    settings = getattr(app.state, "settings", None)
+    settings = service_state(app).settings
     images = schema.get("components", {}).get("schemas", {}).get("BatchUpload", {}).get("properties", {}).get("images")
     if images is not None:  # a batch carries 1..max_batch_files files
         images["minItems"] = 1
-        if settings is not None:
-            images["maxItems"] = settings.max_batch_files
-    if settings is not None and settings.all_api_keys():  # bearer scheme only when keys are configured
+        images["maxItems"] = settings.max_batch_files
+    if settings.all_api_keys():  # bearer scheme only when keys are configured
         security_openapi(schema, settings.metrics_public)
     # Every answer carries X-Request-ID; say so on every documented response.
     for item in schema.get("paths", {}).values():

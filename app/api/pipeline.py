@@ -20,6 +20,7 @@ from PIL import Image
 from starlette.formparsers import MultiPartParser
 
 from app.api.errors import APIError
+from app.api.state import service_state
 from app.inference.bundle import Preprocessing
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine, ImageResult
@@ -27,6 +28,7 @@ from app.inference.preprocess import ImageDecodeError, decode_image, draft_size,
 from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.serving.batcher import ClientGone, DeadlineExceeded, Overloaded, TooLarge
+from app.serving.registry import ServedModel
 from app.settings import Settings
 
 # Uploads never touch the disk: Starlette spools a file part over 1 MB to a temporary file, but the
@@ -53,6 +55,12 @@ class Prepared:
     decode_s: float
     preprocess_s: float
     image: Image.Image | None = None  # the upright RGB image, when asked for (the attention picture)
+
+
+def not_ready() -> APIError:
+    """503 `not_ready`: start-up has not finished loading and warming up the model."""
+    return APIError(503, "not_ready", "the model is not loaded and warmed up yet; retry shortly",
+                    headers={"Retry-After": "1"})
 
 
 def require_attention(engine: Engine) -> None:
@@ -93,11 +101,12 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
 
 async def load_upload(request: Request, upload: UploadFile, spec: Preprocessing, keep_image: bool = False) -> Prepared:
     """Read one upload and prepare it in the service's image-decoding pool. Raises ImageDecodeError."""
-    settings: Settings = request.app.state.settings
+    service = service_state(request.app)
+    settings = service.settings
     data = await read_upload(upload, settings)
     with tracing.span("preprocess", **{"captioner.upload.bytes": len(data)}):
         return await asyncio.get_running_loop().run_in_executor(
-            request.app.state.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
+            service.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
 
 
 def upload_error(exc: ImageDecodeError, metrics: Metrics) -> APIError:
@@ -123,13 +132,16 @@ async def caption(request: Request, arrays: list[np.ndarray], config: DecodingCo
     (attention bundles only); `labels`: each image's best ImageNet labels (bundles with labels).
     Too many images for the queue: 422; queue full: 503 with Retry-After; past the request's
     deadline: 504; the client hung up: 499."""
-    settings: Settings = request.app.state.settings
+    service = service_state(request.app)
+    settings = service.settings
     start = getattr(request.state, "start_time", None) or time.perf_counter()
     submitted = time.perf_counter()
+    # the model the request picked (app/api/routes/deps.py get_served), else the default
+    served: ServedModel | None = getattr(request.state, "served", None) or service.default_model
+    if served is None or served.batcher is None:
+        raise not_ready()
     try:
-        served = getattr(request.state, "served", None)  # the model the request picked (app/api/routes get_served)
-        batcher = served.batcher if served is not None else request.app.state.batcher
-        result = await batcher.submit(
+        result = await served.batcher.submit(
             arrays, config, attention=attention, deadline=start + settings.request_timeout_s,
             disconnected=request.is_disconnected, labels=labels,
         )

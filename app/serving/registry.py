@@ -2,7 +2,7 @@
 
 `CAPTIONER_MODEL_REPOSITORY=<dir>` holds bundles as `<name>/<version>/` (each a bundle folder whose
 manifest names that model and version); `CAPTIONER_BUNDLE` alone is a repository of one. A
-`ModelRegistry` (``app.state.models``) keeps, per name, one *active* `ServedModel`: the checked
+`ModelRegistry` (``ServiceState.models``, app/api/state.py) keeps, per name, one *active* `ServedModel`: the checked
 bundle, its onnxruntime engine and its own dynamic batcher (they share the one inference thread).
 One name is the default; a request may pick another with ``?model=name`` or ``?model=name:version``.
 
@@ -216,7 +216,7 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
-        self.on_default = on_default  # told about the default name's new active model (app.state's shortcuts)
+        self.on_default = on_default  # told about the default name's new active model (the model info in /metrics)
         self.root = settings.model_repository
         self.active: dict[str, ServedModel] = {}
         self.history: dict[str, list[str]] = {}  # per name: the versions it served before, oldest first

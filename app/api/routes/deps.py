@@ -2,8 +2,9 @@
 query parameters. No route module imports another; the request's path from upload to captions is
 app/api/pipeline.py.
 
-Everything a route needs (settings, the engine, metrics) lives on `app.state` and is handed in with
-`Depends`, so tests can build an app with `create_app(settings)` and nothing is global. The engine
+Everything a route needs (settings, the engine, metrics) lives in the app's `ServiceState`
+(app/api/state.py) and is handed in with `Depends`, so tests can build an app with
+`create_app(settings)` and nothing is global. The engine
 is that of the model the request picked (`?model=`, `get_served`: app/serving/registry.py's registry).
 """
 
@@ -18,6 +19,7 @@ from fastapi import Depends, Query, Request, Response
 
 from app.api import pipeline
 from app.api.errors import APIError
+from app.api.state import service_state
 from app.inference.bundle import MAX_LABELS
 from app.inference.decoding import (
     MAX_BEAM_SIZE,
@@ -34,21 +36,25 @@ from app.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return service_state(request.app).settings
 
 
 def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
+    return service_state(request.app).metrics
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    """The model registry once start-up has finished (the default model loaded and warmed up);
+    503 `not_ready` before that."""
+    service = service_state(request.app)
+    if service.models is None or not service.ready:
+        raise pipeline.not_ready()
+    return service.models
 
 
 def get_default_engine(request: Request) -> Engine:
     """The default model's loaded, warmed-up engine; 503 `not_ready` before that."""
-    state = request.app.state
-    engine = getattr(state, "engine", None)
-    if engine is None or not getattr(state, "ready", False):
-        raise APIError(503, "not_ready", "the model is not loaded and warmed up yet; retry shortly",
-                       headers={"Retry-After": "1"})
-    return engine
+    return get_registry(request).resolve(None).engine
 
 
 MODEL_VERSION_HEADER = "X-Model-Version"
@@ -68,8 +74,7 @@ async def get_served(
     """The model that answers this request (app/serving/registry.py), held until the request has answered, so a
     swap lets it finish on this version. Counts the request by model and version in /metrics and
     names the version in the X-Model-Version header."""
-    get_default_engine(request)  # 503 not_ready before start-up has finished
-    registry: ModelRegistry = request.app.state.models
+    registry = get_registry(request)  # 503 not_ready before start-up has finished
     try:
         served = registry.resolve(model)
     except ModelNotFound as exc:
@@ -95,7 +100,7 @@ async def get_served(
         served.release()
         start = getattr(request.state, "start_time", None)
         route = str(getattr(request.scope.get("route"), "path", "unmatched"))
-        request.app.state.metrics.observe_model_request(
+        service_state(request.app).metrics.observe_model_request(
             served.name, served.version, route, status, time.perf_counter() - start if start else 0.0)
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Depends, Path, Request
 
 from app.api.auth import bearer_token
 from app.api.errors import APIError, error_responses
-from app.api.routes.deps import EngineDep, SettingsDep, get_default_engine
+from app.api.routes.deps import EngineDep, SettingsDep, get_registry
 from app.api.schemas import (
     CheckResult,
     DecodingSettings,
@@ -23,6 +23,7 @@ from app.api.schemas import (
     ModelList,
     RepositoryModel,
 )
+from app.api.state import service_state
 from app.serving.registry import (
     NAME_PATTERN,
     BundleRefused,
@@ -82,16 +83,10 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
 ADMIN_MESSAGE = "this admin route needs an admin key: send the header 'Authorization: Bearer <admin key>'"
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    """The model registry once start-up has finished; 503 `not_ready` before."""
-    get_default_engine(request)
-    return request.app.state.models
-
-
 def require_admin(request: Request) -> None:
     """403 `admin_disabled` without CAPTIONER_ADMIN_API_KEYS; 401 `unauthorized` without one of them
     (compared in constant time, as the API keys: app/api/auth.py)."""
-    keys = request.app.state.admin_keys
+    keys = service_state(request.app).admin_keys
     if keys is None:
         raise APIError(403, "admin_disabled", "the admin routes are off: set CAPTIONER_ADMIN_API_KEYS to the keys "
                        "allowed to load and roll back models")
