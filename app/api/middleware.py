@@ -21,6 +21,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import BODY_METHODS, REQUEST_ID_HEADER, PayloadTooLarge, error_json, new_request_id
@@ -197,26 +198,33 @@ class RequestContextMiddleware:
 
 
 class OverloadMiddleware:
-    """503 + Retry-After for a captioning request while the batcher's queue is full, answered before
-    the upload is read (so refusing costs next to nothing). The batcher checks again when the job
-    is submitted, with its real size."""
+    """503 + Retry-After for a captioning request while the queue of the model it asks for is full
+    (``?model=``, read as the routes read it: app/api/routes/deps.py `get_served`; none: the default
+    model), answered before the upload is read (so refusing costs next to nothing). A request for a
+    model that is not loaded passes on: its route answers 404 model_not_found (422 for an invalid
+    name). The batcher checks again when the job is submitted, with its real size."""
 
     def __init__(self, app: ASGIApp, service: ServiceState) -> None:
         self.app = app
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        default = self.service.default_model
-        batcher = default.batcher if default is not None else None
-        if (scope["type"] == "http" and batcher is not None and scope.get("method") == "POST"
-                and scope.get("path", "").startswith("/v1/captions") and batcher.is_full()):
-            batcher.count_rejection("queue_full")
-            rid = scope.get("state", {}).get("request_id") or new_request_id()
-            response = error_json(503, "overloaded", "the queue is full; retry later", rid,
-                                  headers={"Retry-After": str(batcher.retry_after()), "Connection": "close"})
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/captions"):
+            served = self.service.find_model(requested_model(scope))
+            batcher = served.batcher if served is not None else None
+            if batcher is not None and batcher.is_full():
+                batcher.count_rejection("queue_full")
+                rid = scope.get("state", {}).get("request_id") or new_request_id()
+                response = error_json(503, "overloaded", "the queue is full; retry later", rid,
+                                      headers={"Retry-After": str(batcher.retry_after()), "Connection": "close"})
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+
+def requested_model(scope: Scope) -> str | None:
+    """The request's ``?model=`` as the routes get it (the last one if repeated), None when not given."""
+    return QueryParams(scope.get("query_string", b"")).get("model")
 
 
 class BodyLimitMiddleware:

@@ -48,6 +48,11 @@ class ServiceState:
         default = self.default_model
         return default.engine if default is not None else None
 
+    def find_model(self, spec: str | None) -> ServedModel | None:
+        """The active model a request's ``?model=`` names (None: the default), or None: start-up has not
+        loaded the models yet, or none answers to `spec` (the route then answers why)."""
+        return self.models.find(spec) if self.models is not None else None
+
 
 def service_state(app: Starlette) -> ServiceState:
     """The app's `ServiceState` (``app.state.service``, set by `create_app`)."""

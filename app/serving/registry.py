@@ -49,6 +49,7 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 MODEL_SPEC_PATTERN = rf"^{NAME_PATTERN}(:{NAME_PATTERN})?$"
 SMOKE_SEED = 1_000_003  # the smoke caption's input (reference_input), whatever the manifest records
 _NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
+_SPEC_RE = re.compile(MODEL_SPEC_PATTERN)
 
 
 class ModelNotFound(Exception):
@@ -301,6 +302,16 @@ class ModelRegistry:
         if served is None or (version and served.version != version):
             raise ModelNotFound(spec, self.loaded())
         return served
+
+    def find(self, spec: str | None) -> ServedModel | None:
+        """`resolve` without raising: None where `spec` is no valid name[:version] or names no active model
+        (for a check that must not answer the request itself, e.g. the overload check before the body)."""
+        if spec is not None and not _SPEC_RE.match(spec):
+            return None
+        try:
+            return self.resolve(spec)
+        except (ModelNotFound, KeyError):
+            return None
 
     # ---- swapping ---------------------------------------------------------------------------
 
