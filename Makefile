@@ -22,7 +22,7 @@ SCST_RECIPE = --self-critical --init-checkpoint $(WORK)/xe/best.pt --sample-temp
 NAME ?= flickr8k-sat-lite0
 VERSION ?= 2.0.0
 
-.PHONY: default-model scenes-model install install-serve serve test lint node-client policy-tools
+.PHONY: default-model scenes-model install install-serve serve test test-fast lint node-client policy-tools
 
 # Everything: serving (CPU onnxruntime), training (CPU torch 2.13), Ray Data for bulk runs, test tools.
 install:
@@ -40,9 +40,18 @@ install-serve:
 serve: install-serve
 	$(CAPTIONER) serve
 
-# Install everything and run every test.
+# Install everything and run every test: the three tiers (unit, service, system; tests/conftest.py) on
+# PYTEST_WORKERS pytest-xdist workers, each module whole on one worker (--dist loadgroup).
+PYTEST_WORKERS ?= 2
 test: install node-client policy-tools
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
+
+# The unit tier only (no subprocess, no server): the check to run while you work. Installs first on a
+# fresh clone; says how long it took.
+test-fast:
+	@test -x .venv/bin/pytest -a -x .venv/bin/captioner || $(MAKE) install
+	@start=$$(date +%s); $(PYTHON) -m pytest -q -m unit -n $(PYTEST_WORKERS) --dist loadgroup --durations=5; \
+	status=$$?; echo "make test-fast: the unit tier took $$(( $$(date +%s) - start )) s"; exit $$status
 
 # checkov, the policy scanner of tests/test_kubernetes.py, in a virtualenv of its own (.checkov/): its
 # pins would downgrade packaging, networkx and python-dateutil in .venv.

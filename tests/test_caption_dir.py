@@ -203,6 +203,7 @@ def test_remote_upload_is_one_multipart_request_per_batch(tmp_path):
     assert b'filename="a.jpg"' in body and b'filename="odd%22name.jpg"' in body and files["b.png"] in body
 
 
+@pytest.mark.service  # starts a subprocess
 def test_the_package_imports_light():
     """`captioner` (app.cli) and the service's app factory load no HTTP client, no Ray and no pyarrow, and
     the CLI no engine until caption-dir runs; the modules a

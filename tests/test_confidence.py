@@ -23,10 +23,8 @@ from app.inference.confidence import confidence, logistic, mean_log_prob, raw_co
 from app.inference.decoding import DecodingConfig, beam_search
 from app.inference.engine import Engine
 from app.settings import SettingsError, load_settings
-from tests.support.live_server import REPO, image_bytes, service_env
+from tests.support.live_server import REPO, service_env
 from tests.test_decoding import SPECIAL, Repeater, ToyModel
-
-skimage_data = pytest.importorskip("skimage.data")
 
 CALIBRATION = {"slope": 2.0, "intercept": 1.0}
 
@@ -192,11 +190,6 @@ def client(server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def cat_jpeg() -> bytes:
-    return image_bytes(skimage_data.chelsea(), "JPEG", quality=90)
-
-
 def _metric(client: httpx.Client, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(name + " "):
@@ -282,6 +275,7 @@ def test_openapi_documents_the_confidence(client):
         assert param["in"] == "query" and param["schema"]["minimum"] == 0 and param["schema"]["maximum"] == 1
 
 
+@pytest.mark.service  # starts a subprocess
 def test_cli_caption_json_has_the_confidence(tiny_bundle, tmp_path, cat_jpeg):
     img = tmp_path / "cat.jpg"
     img.write_bytes(cat_jpeg)

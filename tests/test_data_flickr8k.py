@@ -121,6 +121,7 @@ def test_missing_pieces(tmp_path: Path) -> None:
         find_flickr8k(root)
 
 
+@pytest.mark.service  # starts a subprocess
 def test_cli_reports_a_bad_folder(tmp_path: Path) -> None:
     """`captioner train --format flickr8k` names the folder and the problem, exit status 1."""
     result = subprocess.run(

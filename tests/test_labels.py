@@ -86,6 +86,7 @@ def test_the_engine_gives_the_best_labels_first_and_the_same_captions(labelled, 
         Engine(load_bundle(tiny_bundle), device="cpu").run(images, DecodingConfig(), labels=1)
 
 
+@pytest.mark.service  # starts a subprocess
 @pytest.mark.slow
 def test_add_labels_upgrades_an_older_bundle(tmp_path):
     """`captioner add-labels` on the scene bundle (EfficientNet-Lite0, exported before labels): the

@@ -314,6 +314,7 @@ def _start(settings: dict, bundle: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=60, check=False)
 
 
+@pytest.mark.service  # starts a subprocess
 def test_repository_settings_errors_stop_start_up(tmp_path, repository, tiny_bundle):
     (tmp_path / "empty").mkdir()
     cases = [

@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.service  # starts a subprocess
 def test_app_captions_without_torch(tiny_bundle, tmp_path):
     image = tmp_path / "cat.jpg"
     image.write_bytes(image_bytes(skimage_data.chelsea(), "JPEG"))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.inference.bundle import BundleError, load_bundle
 from tests.support.live_server import REPO, image_bytes, live_server, service_env
@@ -39,6 +40,7 @@ def test_a_bad_recommendation_is_a_clear_error(tiny_bundles) -> None:
         raise AssertionError("a recommendation outside the decoding limits was accepted")
 
 
+@pytest.mark.service  # starts a subprocess
 def test_the_service_decodes_with_it_unless_told_otherwise(tiny_bundles, tmp_path: Path) -> None:
     bundle = tiny_bundles(decoding=RECOMMENDED)
     with live_server(bundle, tmp_path / "a.log") as server, server.client() as client:
@@ -54,6 +56,7 @@ def test_the_service_decodes_with_it_unless_told_otherwise(tiny_bundles, tmp_pat
         assert (defaults["length_penalty"], defaults["no_repeat_ngram_size"]) == (0.0, 3)  # the settings win
 
 
+@pytest.mark.service  # starts a subprocess
 def test_local_caption_command_uses_it(tiny_bundles, tmp_path: Path) -> None:
     bundle = tiny_bundles(decoding=RECOMMENDED)
     photo = tmp_path / "p.png"

@@ -212,12 +212,12 @@ def test_every_configured_key_works(keyed, key):
 
 
 def test_unauthenticated_upload_is_refused_before_the_body_is_read(keyed):
-    """Declare a 10 MB upload and send the headers and 64 KB only: the 401 comes at once."""
+    """Declare a 10 MB upload and send the headers and 64 KB only: the 401 comes without the rest of the
+    body (had the server waited for it, the socket's 10 s timeout would end the read with no answer)."""
     head = (f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1:{keyed.port}\r\n"
             "Content-Type: multipart/form-data; boundary=XyZ\r\nX-Request-ID: no-key-upload\r\n"
             f"Content-Length: {10 * 1000 * 1000}\r\n\r\n").encode()
     part = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
-    started = time.perf_counter()
     with socket.create_connection((keyed.host, keyed.port), timeout=10) as sock:
         sock.sendall(head + part + b"\x00" * 65536)
         data = b""
@@ -226,20 +226,16 @@ def test_unauthenticated_upload_is_refused_before_the_body_is_read(keyed):
             if not chunk:
                 break
             data += chunk
-    elapsed = time.perf_counter() - started
     head_text, _, body = data.partition(b"\r\n\r\n")
     assert head_text.startswith(b"HTTP/1.1 401"), data[:300]
     lower = head_text.lower()
     assert b"www-authenticate: bearer" in lower and b"connection: close" in lower
     assert json.loads(body)["error"]["code"] == "unauthorized"
-    assert elapsed < 2.0, elapsed
 
-    # and a client that sends the whole 10 MB gets the 401 too, quickly
+    # and a client that sends the whole 10 MB gets the 401 too
     with keyed.client() as c:
-        started = time.perf_counter()
         r = c.post("/v1/captions", files={"image": ("big.jpg", b"\xff\xd8" + b"\x00" * (10 * 1000 * 1000))})
         assert_unauthorized(r)
-        assert time.perf_counter() - started < 5.0
 
 
 def test_cors_preflight_and_401_with_keys(bundle):
@@ -429,6 +425,7 @@ print(json.dumps(sorted(m for m in sys.modules if m == "app" or m.startswith("ap
 """
 
 
+@pytest.mark.service  # starts a subprocess
 def test_service_code_imports_no_http_client():
     """No module the HTTP service loads (app.main, the routes, the engine and what they import) can
     fetch a URL: none imports an HTTP or socket client. (CLI helpers such as the bulk client, which

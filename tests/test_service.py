@@ -44,21 +44,6 @@ def client(server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def cat_jpeg() -> bytes:
-    return image_bytes(skimage_data.chelsea(), "JPEG", quality=90)
-
-
-@pytest.fixture(scope="module")
-def astronaut_png() -> bytes:
-    return image_bytes(skimage_data.astronaut(), "PNG")
-
-
-@pytest.fixture(scope="module")
-def coffee_jpeg() -> bytes:
-    return image_bytes(skimage_data.coffee(), "JPEG", quality=85)
-
-
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -323,11 +308,9 @@ BAD_UPLOADS = [
 
 @pytest.mark.parametrize("name, make, status, code", BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
 def test_bad_upload(client, cat_jpeg, name, make, status, code):
-    started = time.perf_counter()
     r = caption(client, make(cat_jpeg), f"{name}.jpg")
-    assert_error(r, status, code)
-    if name == "bomb-header":
-        assert time.perf_counter() - started < 2.0  # refused from the header, nothing decoded
+    assert_error(r, status, code)  # a bomb is refused from its header: tests/test_bad_input.py's
+    # png-header-50000x50000 case checks that resident memory stays flat (decoding would need 7.5 GB)
     assert_still_serving(client, cat_jpeg)
 
 
@@ -587,39 +570,7 @@ def test_cors_only_when_configured(tiny_bundle):
     assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
 
 
-def _serve(bundle: Path, timeout: float = 60, **settings) -> subprocess.CompletedProcess:
-    env = service_env(bundle, port=1, **settings)
-    return subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_altered_bundle_stops_startup(tiny_bundle, copy_bundle):
-    bundle = copy_bundle(tiny_bundle, "altered")
-    with open(bundle / "decoder.onnx", "ab") as f:
-        f.write(b"\x00")
-    result = _serve(bundle)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "decoder.onnx" in output and "sha256" in output
-    assert "Traceback" not in output
-
-
-def test_missing_bundle_file_stops_startup(tiny_bundle, copy_bundle):
-    bundle = copy_bundle(tiny_bundle, "missing")
-    (bundle / "encoder.onnx").unlink()
-    result = _serve(bundle)
-    assert result.returncode != 0
-    assert "encoder.onnx" in result.stdout + result.stderr
-
-
-def test_invalid_settings_stop_startup(tiny_bundle):
-    result = _serve(tiny_bundle, device="gpu")
-    assert result.returncode == 2
-    assert "CAPTIONER_DEVICE" in result.stderr and "Traceback" not in result.stderr
-    result = _serve(tiny_bundle, max_batch_files="lots")
-    assert result.returncode == 2 and "CAPTIONER_MAX_BATCH_FILES" in result.stderr
-
-
+@pytest.mark.service  # starts a subprocess
 def test_cli_caption(tiny_bundle, tmp_path, cat_jpeg):
     img = tmp_path / "cat.jpg"
     img.write_bytes(cat_jpeg)
@@ -637,6 +588,7 @@ def test_cli_caption(tiny_bundle, tmp_path, cat_jpeg):
     assert result.stdout.startswith(f"{img}: ") and "bad.jpg" in result.stderr
 
 
+@pytest.mark.service  # starts a subprocess
 def test_cli_caption_labels(tiny_bundles, tiny_bundle, tmp_path, cat_jpeg, astronaut_png):
     from model_export.tiny_bundle import LABEL_NAMES
 

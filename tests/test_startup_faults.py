@@ -4,10 +4,17 @@ of the service's own source files (only the operator's own paths, such as the bu
 
 Exit statuses: 2 for an invalid setting (the settings are checked before anything loads), 3 for a
 bundle or engine that cannot load and for a port already taken (uvicorn's start-up failure status).
+
+The rows that load a bundle, an engine or a port run the real `python -m app.cli serve` in a subprocess
+(tier `service`). The settings-only rows (exit 2) stop before anything loads, so they run the same `serve`
+command in-process through typer's CliRunner (tier `unit`), with uvicorn replaced by a trap that fails the
+test should the settings ever be accepted; SUBPROCESS_TOO keeps two of them as real subprocesses as well,
+so the exit status 2 of the real process stays proven.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from tests.support.live_server import REPO, free_port, service_env
 
 SECRET = "tiny-secret"  # an API key too short to accept: the message must not echo it
-TIMES: dict[str, float] = {}
+TIMES: dict[str, float] = {}  # fault id -> seconds to exit, printed at the end of the module
+SUBPROCESS_TOO = ("device-tpu", "api-key-too-short")  # settings rows also run as a real process
 
 
 def _altered(bundle: Path) -> None:
@@ -115,31 +124,8 @@ def test_the_table_covers_the_issue():
     assert {"bundle-missing", "bundle-file-appended", "device-cuda-without-cuda", "device-tpu", "port-abc"} <= ids
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
-def test_startup_fault(fault: Fault, tiny_bundle: Path, tmp_path: Path, copy_bundle):
-    bundle = _bundle_for(fault, tiny_bundle, tmp_path, copy_bundle)
-    holder = None
-    settings = dict(fault.settings)
-    if fault.hold_port:
-        holder = socket.socket()
-        holder.bind(("127.0.0.1", 0))
-        holder.listen(1)
-        settings["port"] = holder.getsockname()[1]
-    settings.setdefault("port", free_port())
-    env = service_env(bundle, **settings)
-    started = time.perf_counter()
-    try:
-        result = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=60, check=False)
-    finally:
-        if holder is not None:
-            holder.close()
-    elapsed = time.perf_counter() - started
-    TIMES[fault.id] = elapsed
-    output = result.stdout + result.stderr
-
-    assert result.returncode == fault.status, output
-    assert elapsed < 30.0, f"took {elapsed:.1f} s"
+def _check_output(fault: Fault, status: int, output: str) -> None:
+    assert status == fault.status, output
     assert "Traceback" not in output, output
     for leak in CODE_PATHS:
         assert leak not in output, (leak, output)
@@ -151,12 +137,74 @@ def test_startup_fault(fault: Fault, tiny_bundle: Path, tmp_path: Path, copy_bun
     assert len(output.splitlines()) <= 8, output  # a few lines, not a dump
 
 
-def test_report_exit_times():
-    """Runs last: print the measured exit times (docs/reliability.md quotes them)."""
-    if not TIMES:
-        pytest.skip("no fault ran")
-    slowest = max(TIMES, key=TIMES.get)
-    print(f"\nstart-up faults: {len(TIMES)}; exit times {min(TIMES.values()):.2f}-{TIMES[slowest]:.2f} s "
-          f"(slowest: {slowest})")
-    for name, seconds in sorted(TIMES.items(), key=lambda kv: kv[1]):
-        print(f"  {name}: {seconds:.2f} s")
+def _settings_for(fault: Fault, bundle: Path) -> tuple[dict, socket.socket | None]:
+    holder = None
+    settings = dict(fault.settings)
+    if fault.hold_port:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        settings["port"] = holder.getsockname()[1]
+    settings.setdefault("port", free_port())
+    return settings, holder
+
+
+SETTINGS_ONLY = [f for f in FAULTS if f.status == 2]
+PROCESS_ROWS = [f for f in FAULTS if f.status != 2 or f.id in SUBPROCESS_TOO]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_exit_times(request):
+    """After the module: the measured exit times (docs/reliability.md quotes them), on the terminal."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if TIMES and reporter is not None:
+        slowest = max(TIMES, key=TIMES.__getitem__)
+        reporter.write_line(f"start-up faults: {len(TIMES)}; exit times {min(TIMES.values()):.2f}-"
+                            f"{TIMES[slowest]:.2f} s (slowest: {slowest})")
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("fault", PROCESS_ROWS, ids=[f.id for f in PROCESS_ROWS])
+def test_startup_fault_in_a_real_process(fault: Fault, tiny_bundle: Path, tmp_path: Path, copy_bundle):
+    bundle = _bundle_for(fault, tiny_bundle, tmp_path, copy_bundle)
+    settings, holder = _settings_for(fault, bundle)
+    env = service_env(bundle, **settings)
+    started = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=60, check=False)
+    finally:
+        if holder is not None:
+            holder.close()
+    TIMES[fault.id] = time.perf_counter() - started  # reported, never a pass/fail bound
+    _check_output(fault, result.returncode, result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("fault", SETTINGS_ONLY, ids=[f.id for f in SETTINGS_ONLY])
+def test_settings_fault_in_process(fault: Fault, tiny_bundle: Path, monkeypatch):
+    """The same `serve` command, in-process: an invalid setting must stop it before uvicorn is built."""
+    import uvicorn
+
+    def accepted(*args, **kwargs):
+        raise AssertionError(f"{fault.id}: the settings were accepted and the server was being built")
+
+    monkeypatch.setattr(uvicorn, "Config", accepted)
+    monkeypatch.setattr(uvicorn, "Server", accepted)
+    for key in list(os.environ):
+        if key.upper().startswith("CAPTIONER_"):
+            monkeypatch.delenv(key)
+    settings, _ = _settings_for(fault, tiny_bundle)
+    env = {k: v for k, v in service_env(tiny_bundle, **settings).items() if k.startswith("CAPTIONER_")}
+    from app.cli import app_cli
+
+    started = time.perf_counter()
+    result = CliRunner().invoke(app_cli, ["serve"], env=env)
+    TIMES[fault.id] = time.perf_counter() - started
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # typer.Exit, not a crash
+    _check_output(fault, result.exit_code, result.output)
+
+
+def test_every_row_runs_one_way_or_both():
+    assert {f.id for f in SETTINGS_ONLY} | {f.id for f in PROCESS_ROWS} == {f.id for f in FAULTS}
+    assert set(SUBPROCESS_TOO) <= {f.id for f in SETTINGS_ONLY}

@@ -197,6 +197,7 @@ print(json.dumps({"status": r.status_code, "enabled": tracing.enabled(), "connec
 """
 
 
+@pytest.mark.service  # starts a subprocess
 def test_without_an_endpoint_no_exporter_is_set_up_and_no_socket_is_opened(tiny_bundle, tmp_path):
     image = tmp_path / "a.png"
     image.write_bytes(_png())
