@@ -8,7 +8,8 @@ What runs (about 1 minute warm, 3 to 4 cold, on 2 cores):
   python:*-slim in docker/Dockerfile.cpu). Both are cached by tag in podman's store.
 * Both images built with `--build-arg BASE=...` from a staged copy of the build context that holds a
   tiny bundle (model_export/tiny_bundle.py) as models/default, so the tests never wait for the real
-  model; podman's layer cache makes rebuilds take seconds.
+  model; podman's layer cache makes rebuilds take seconds. They are built once per session (the
+  `container_images` fixture, tests/conftest.py), together with tests/test_replicas.py's images.
 * The images hold no torch and no model_export; their sizes are printed (and written into
   docs/containers.md with UPDATE_CONTAINER_DOCS=1).
 * docker-compose.yml brought up with podman-compose, `cpu` profile, with a health check poll, an
@@ -46,15 +47,12 @@ from PIL import Image  # noqa: E402
 
 from tests.support.podman import (  # noqa: E402
     ROOT,
-    build_images,
     compose_container,
-    ensure_bases,
     free_port,
     inspect,
     logs,
     make_container_bundle,
     podman,
-    stage_context,
     state,
     wait_healthy,
 )
@@ -65,6 +63,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCS = ROOT / "docs" / "containers.md"
 SERVICE_UID = 10001
 UP_TIMEOUT = 120
+IMAGE_VARIANTS = ("gpu", "cpu")   # built once per session by the container_images fixture (tests/conftest.py)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -99,20 +98,20 @@ def human(size: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def bases() -> dict[str, str]:
-    return ensure_bases()
+def bases(container_images) -> dict[str, str]:
+    return container_images.bases()
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    """A tiny real bundle, readable by the service's uid in the containers."""
+    """A tiny real bundle, readable by the service's uid in the containers (mounted as a volume)."""
     return make_container_bundle(tmp_path_factory.mktemp("container-bundle") / "bundle")
 
 
 @pytest.fixture(scope="module")
-def images(bases, bundle, tmp_path_factory) -> dict[str, str]:
-    """Build both images (in parallel) and return {"gpu": tag, "cpu": tag}."""
-    return build_images(bases, stage_context(bundle, tmp_path_factory.mktemp("container-context")), ("gpu", "cpu"))
+def images(container_images) -> dict[str, str]:
+    """{"gpu": tag, "cpu": tag}: the session's images (built once, in parallel, with the replicas' ones)."""
+    return container_images.get(*IMAGE_VARIANTS)
 
 
 @pytest.mark.parametrize("variant", ["gpu", "cpu"])
@@ -327,12 +326,15 @@ def test_sigterm_stops_the_service_gracefully(deployment, gpu_container):
     # Last of the deployment tests: it stops the containers.
     for name in (deployment.container, gpu_container.container):
         started = time.monotonic()
-        podman("stop", "-t", "20", name, timeout=60)
+        stopped = podman("stop", "-t", "20", name, timeout=60)
         seconds = time.monotonic() - started
         final = state(name)
+        # Had SIGTERM not reached the service, podman would have waited out -t 20 and sent SIGKILL
+        # (exit 137, and a warning that it did): exit 0 and the service's own shutdown lines say it did.
         assert final["ExitCode"] == 0, f"{name} exited {final['ExitCode']} on SIGTERM:\n{logs(name)[-2000:]}"
-        assert seconds < 10, f"{name} took {seconds:.1f} s to stop: SIGTERM did not reach the service"
+        assert "SIGKILL" not in stopped.stdout + stopped.stderr, stopped.stderr
         assert "Shutting down" in logs(name) or "Finished server process" in logs(name)
+        print(f"\n[containers] {name} stopped on SIGTERM in {seconds:.1f} s (measured, not asserted)")
 
 
 # ---- bad input --------------------------------------------------------------------------------

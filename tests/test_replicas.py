@@ -2,15 +2,19 @@
 (docker/Dockerfile.balancer), under load, with one replica killed and one stopped.
 
 What runs (about 2 minutes warm on 2 cores): the CPU image and the balancer image built from the
-local Debian base (tests/support/podman.py; the same Dockerfiles users build), the replicas file
+local Debian base (tests/support/podman.py; the same Dockerfiles users build; once per session,
+shared with tests/test_containers.py through the `container_images` fixture), the replicas file
 brought up with podman-compose (`cpu` profile, CAPTIONER_REPLICAS=2), then:
 
 * the balancer's hardening, its settings derived from the replicas' (timeouts from
   CAPTIONER_REQUEST_TIMEOUT_S, per-replica limits from the queue), requests spread over both
   replicas, every replica's /metrics and HAProxy's own figures on the stats port;
 * 16 concurrent clients for at least 20 s while one replica is killed (SIGKILL to its process, as
-  the kernel's OOM killer would; its restart policy brings it back): only requests in flight on
-  the killed replica may fail, as 502/503 and never past the client's timeout; the balancer
+  the kernel's OOM killer would; its restart policy brings it back): every request the clients
+  sent is matched by its request id to exactly one line of the balancer's log, and is either a 200,
+  a JSON 502/503 the balancer logged with that status, or a connection closed without an answer
+  that the balancer logged with an `SD` termination; only requests in flight on the killed
+  replica may be anything but a 200, and none reaches the client's timeout. The balancer
   takes it out (and routes nothing to it) until it is ready again, then it takes traffic again.
   The figures (requests, failures, time to eject, to be ready, to readmit) are printed, written to
   work/containers/replicas.json, and with UPDATE_CONTAINER_DOCS=1 into docs/reliability.md.
@@ -45,16 +49,13 @@ from PIL import Image  # noqa: E402
 
 from tests.support.podman import (  # noqa: E402
     ROOT,
-    build_images,
     compose,
     compose_containers,
-    ensure_bases,
     free_port,
     inspect,
     logs,
     make_container_bundle,
     podman,
-    stage_context,
     wait_healthy,
 )
 
@@ -70,6 +71,8 @@ LOAD_SECONDS = 20.0
 ACTION_AT_S = 7.0               # when the replica is killed or stopped, into the load
 MAX_LOAD_SECONDS = 90.0         # the load also waits for the replica to be readmitted, at most this long
 BALANCER_UID = 10002
+LOG_WAIT_S = 10.0               # how long the balancer may take to write the log lines of the last requests
+IMAGE_VARIANTS = ("cpu", "balancer")   # built once per session by the container_images fixture (tests/conftest.py)
 
 
 # ---- the deployment ---------------------------------------------------------------------------
@@ -86,10 +89,9 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, str]:
-    bundle = make_container_bundle(tmp_path_factory.mktemp("replicas-bundle") / "bundle")
-    context = stage_context(bundle, tmp_path_factory.mktemp("replicas-context"))
-    return build_images(ensure_bases(), context, ("cpu", "balancer"))
+def images(container_images) -> dict[str, str]:
+    """{"cpu": tag, "balancer": tag}: the session's images (the CPU one shared with test_containers)."""
+    return container_images.get(*IMAGE_VARIANTS)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +165,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
         time.sleep(0.2)
 
 
+def dropped_logs(stats: str) -> int:
+    """How many log lines HAProxy has dropped so far: it writes them to stdout without blocking, and
+    drops a line when the pipe to the container's log is full (a busy machine's conmon lagging)."""
+    text = httpx.get(f"{stats}/metrics", timeout=5).text
+    found = re.findall(r"^haproxy_process_dropped_logs_total (\d+)", text, re.MULTILINE)
+    assert found, f"no haproxy_process_dropped_logs_total in the balancer's /metrics: {text[:300]!r}"
+    return int(found[0])
+
+
 def balancer_log(name: str) -> list[dict]:
     """The balancer's access log: one JSON line per request (docker/balancer/haproxy.cfg)."""
     return [json.loads(line) for line in logs(name).splitlines() if line.startswith('{"ts":')]
@@ -187,11 +198,13 @@ class Outcome:
     status: int | None    # None: no HTTP answer at all (the client's own error)
     replica: str | None   # X-Captioner-Replica
     error: str | None     # the JSON error code, or the client's exception
+    echoed_id: str | None = None   # the answer's X-Request-ID (a 200's comes from the replica)
 
 
 @dataclass
 class Load:
     url: str
+    prefix: str           # request ids are <prefix>-<worker>-<n>: unique across the module's episodes
     stop: threading.Event = field(default_factory=threading.Event)
     outcomes: list[Outcome] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -209,13 +222,14 @@ class Load:
             n = 0
             while not self.stop.is_set():
                 n += 1
-                rid = f"load-{worker}-{n}"
+                rid = f"{self.prefix}-{worker}-{n}"
                 start = time.time()
-                status = replica = error = None
+                status = replica = error = echoed = None
                 try:
                     response = client.post("/v1/captions", files={"image": ("cat.png", image, "image/png")},
                                            headers={"X-Request-ID": rid})
                     status, replica = response.status_code, response.headers.get("x-captioner-replica")
+                    echoed = response.headers.get("x-request-id")
                     if status != 200:
                         try:
                             error = response.json()["error"]["code"]
@@ -224,7 +238,7 @@ class Load:
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"
                 with self.lock:
-                    self.outcomes.append(Outcome(rid, start, time.time(), status, replica, error))
+                    self.outcomes.append(Outcome(rid, start, time.time(), status, replica, error, echoed))
 
     def finish(self) -> list[Outcome]:
         self.stop.set()
@@ -276,7 +290,9 @@ class Episode:
     t_down: float | None
     t_up: float | None
     readmitted_slot: str | None
-    log: list[dict]
+    log: list[dict]       # the balancer's whole log, read once it held a line for every request of the load
+    prefix: str           # the load's request ids start with it
+    dropped_logs: int     # log lines HAProxy dropped during the episode (its own count)
 
     def figures(self) -> dict:
         failures = [o for o in self.outcomes if o.status != 200]
@@ -293,6 +309,9 @@ class Episode:
             "readmit_after_ready_ms": None if self.t_up is None else round((self.t_up - self.t_ready) * 1000),
             "served_by_victim_after_readmit": sum(1 for o in after_up if o.replica == self.readmitted_slot),
             "slowest_ms": round(max(o.end - o.start for o in self.outcomes) * 1000),
+            "log_lines_dropped": self.dropped_logs,
+            "closed_logged_as": [f"{line['status']} {line['termination']}" for line in self.log
+                                 if line["request_id"] in {o.request_id for o in failures if o.status is None}],
         }
 
 
@@ -303,9 +322,11 @@ def run_episode(cluster: Cluster, action: str) -> Episode:
     ip = container_ip(victim)
     slot = slot_of(cluster.stats, ip)
     assert slot, f"{victim} ({ip}) is in no balancer slot: {slots(cluster.stats)}"
+    dropped_before = dropped_logs(cluster.stats)
     monitor = Monitor(cluster.stats)
     monitor.start()
-    load = Load(cluster.url)
+    prefix = f"{action}-load"
+    load = Load(cluster.url, prefix)
     t_load = time.time()
     load.start()
     time.sleep(ACTION_AT_S)
@@ -340,8 +361,104 @@ def run_episode(cluster: Cluster, action: str) -> Episode:
     t_up = (monitor.first(max(t_down or t_action, t_ready - 1), lambda view: view.get(new_slot, Slot("", "")).status
                           == "UP" and view[new_slot].addr == f"{container_ip(victim)}:8000")
             if new_slot else None)
+    log = log_of_all(cluster.balancer, {o.request_id for o in outcomes})
     return Episode(action, victim, slot, outcomes, monitor.samples, t_load, t_action, t_ready, t_down, t_up,
-                   new_slot, balancer_log(cluster.balancer))
+                   new_slot, log, prefix, dropped_logs(cluster.stats) - dropped_before)
+
+
+def log_of_all(balancer: str, request_ids: set[str]) -> list[dict]:
+    """The balancer's log once it holds a line for each of these requests (HAProxy writes a line when
+    the request's stream ends, which can be just after the client has its answer), or after LOG_WAIT_S."""
+    deadline = time.monotonic() + LOG_WAIT_S
+    while True:
+        log = balancer_log(balancer)
+        if request_ids <= {line["request_id"] for line in log} or time.monotonic() > deadline:
+            return log
+        time.sleep(0.2)
+
+
+@dataclass
+class Accounting:
+    """Every request of an episode's load with the one balancer log line of the same request id."""
+
+    ok: list[tuple[Outcome, dict | None]]  # a 200, logged as a 200 from the replica that answered (None: a
+    #                                        line HAProxy dropped, and counted; the answer's headers tell)
+    errors: list[tuple[Outcome, dict]]    # the balancer's JSON 502/503, logged with that status
+    closed: list[tuple[Outcome, dict]]    # no answer: the connection closed, logged with an SD termination
+
+
+ERROR_CODES = {502: "bad_gateway", 503: "no_replica_available"}
+
+
+def account(episode: Episode) -> Accounting:
+    """Match every request the clients sent to exactly one line of the balancer's log by its request id
+    (the balancer keeps a valid client X-Request-ID and logs it), and sort it into one of Accounting's
+    three kinds. Fails on a request with no line, or two; on a line for a request never sent; and on
+    a request whose answer and line do not agree. Nothing is left over and nothing counts twice."""
+    outcomes = episode.outcomes
+    ids = [o.request_id for o in outcomes]
+    assert len(set(ids)) == len(ids), "a request id was sent twice"
+    lines: dict[str, list[dict]] = {}
+    for line in episode.log:
+        if line["request_id"].startswith(episode.prefix + "-"):
+            lines.setdefault(line["request_id"], []).append(line)
+    never_sent = sorted(set(lines) - set(ids))
+    assert never_sent == [], f"the balancer logged requests the clients never sent: {never_sent[:5]}"
+    twice = {rid: found for rid, found in lines.items() if len(found) > 1}
+    assert twice == {}, f"requests logged more than once: {dict(list(twice.items())[:3])}"
+    # HAProxy drops a log line when its stdout is full and counts it: a request may lack its line only
+    # as one of those, and only as a 200 whose answer shows the balancer (X-Captioner-Replica) and the
+    # replica (the request's own id, echoed) handled it. A failure must have its line.
+    unlogged = [o for o in outcomes if o.request_id not in lines]
+    assert len(unlogged) <= episode.dropped_logs, (
+        f"{len(unlogged)} requests have no line in the balancer's log after {LOG_WAIT_S:.0f} s, and HAProxy "
+        f"dropped only {episode.dropped_logs}: {unlogged[:5]}")
+    result = Accounting([], [], [])
+    for o in unlogged:
+        assert o.status == 200 and o.echoed_id == o.request_id and o.replica and o.replica.startswith("replica"), \
+            f"{o} is not a 200 and its line is among the {episode.dropped_logs} HAProxy dropped: it cannot be told apart"
+        result.ok.append((o, None))
+    for o in outcomes:
+        if o.request_id not in lines:
+            continue
+        [line] = lines[o.request_id]
+        if o.status == 200:
+            assert o.echoed_id == o.request_id, f"{o}: the answer carries another request id"
+            assert line["status"] == 200 and line["termination"].startswith("--"), (o, line)
+            assert o.replica == line["server"], f"answered by {o.replica}, logged for {line['server']}: {line}"
+            result.ok.append((o, line))
+        elif o.status in ERROR_CODES:
+            assert o.error == ERROR_CODES[o.status], f"{o}: not the balancer's JSON error ({line})"
+            assert line["status"] == o.status, f"{o}: the client got {o.status}, the balancer logged {line}"
+            result.errors.append((o, line))
+        elif o.status is None:
+            # The connection closed without an answer: HAProxy 2.6 does that (termination "SD",
+            # server-side, data phase) when the replica dies while it still forwards the request's
+            # body to it, or after the replica sent its status line but not the whole answer.
+            assert "RemoteProtocolError" in (o.error or ""), f"{o}: the client's own error, not a closed connection"
+            assert line["termination"].startswith("SD"), f"{o}: closed, but the balancer logged {line}"
+            result.closed.append((o, line))
+        else:
+            pytest.fail(f"{o}: neither a 200 nor the balancer's 502/503 ({line})")
+    assert len(result.ok) + len(result.errors) + len(result.closed) == len(outcomes) == len(lines) + len(unlogged)
+    print(f"\n[replicas] {episode.action}: {len(outcomes)} requests = {len(result.ok)} × 200 "
+          f"({len(unlogged)} of them without a log line; HAProxy dropped {episode.dropped_logs}) + "
+          f"{len(result.errors)} × balancer error {sorted(line['status'] for _, line in result.errors)} + "
+          f"{len(result.closed)} × closed (logged as "
+          f"{[(line['status'], line['termination']) for _, line in result.closed]})")
+    return result
+
+
+def slot_history(episode: Episode, around: float, seconds: float = 1.0) -> list[tuple[float, str]]:
+    """The monitor's view of the victim's slot within `seconds` of `around` (for failure messages)."""
+    return [(round(t, 3), view[episode.slot].status) for t, view in episode.samples
+            if abs(t - around) <= seconds and episode.slot in view]
+
+
+def no_timeouts(outcomes: list[Outcome]) -> None:
+    """No request reached the client's timeout (CLIENT_TIMEOUT_S; httpx's *Timeout errors)."""
+    timed_out = [o for o in outcomes if "Timeout" in (o.error or "")]
+    assert timed_out == [], f"{len(timed_out)} requests hit the client's {CLIENT_TIMEOUT_S} s timeout: {timed_out[:3]}"
 
 
 def record(episode: Episode) -> dict:
@@ -435,25 +552,19 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
     figures = record(episode)
     outcomes = episode.outcomes
     assert len(outcomes) > 100, f"too little load to say anything: {len(outcomes)} requests"
-    by_id = {line["request_id"]: line for line in episode.log}
-    failures = [o for o in outcomes if o.status != 200]
-    for o in failures:
-        line = by_id.get(o.request_id)
+    # No request hung: none reached the client's timeout (the slowest is in the figures).
+    no_timeouts(outcomes)
+    # Every request is exactly one of: a 200, the balancer's JSON 502/503 (logged with that status),
+    # a connection closed without an answer (logged with an SD termination).
+    accounting = account(episode)
+    for o, line in accounting.errors + accounting.closed:
         # In flight on the killed replica: sent to it before the balancer took it out, and still
         # unanswered when the signal went (a request sent in the instant between the signal and the
         # process's death counts: the replica had accepted it).
-        assert line and line["server"] == episode.slot, f"{o} failed on {line}, not on the killed {episode.slot}"
+        assert line["server"] == episode.slot, f"{o} failed on {line}, not on the killed {episode.slot}"
         assert episode.t_down is not None and line["ts"] <= episode.t_down + 0.01 and o.end >= episode.t_action, \
-            f"{o} failed but was not in flight on the killed replica: {line}"
-        if o.status is None:
-            # The replica died while HAProxy was still forwarding the request's body to it: HAProxy 2.6
-            # then closes the client's connection without an answer ("SD" in its log), within milliseconds.
-            assert line["termination"].startswith("SD"), f"{o} got no answer: {line}"
-            assert "RemoteProtocolError" in (o.error or ""), o.error
-        else:
-            assert o.status in (502, 503) and o.error in ("bad_gateway", "no_replica_available"), (o, line)
-    # Every request ended well within the client's timeout (no hang).
-    assert max(o.end - o.start for o in outcomes) < CLIENT_TIMEOUT_S
+            (f"{o} failed but was not in flight on the killed replica: {line}; signal at {episode.t_action:.3f}, "
+             f"the slot seen: {slot_history(episode, line['ts'])}")
     # The balancer took it out, sent nothing to it until it was ready again, and then readmitted it.
     assert episode.t_down is not None, "the balancer never marked the killed replica down"
     assert episode.t_up is not None and episode.t_up > episode.t_down, "the replica was never readmitted"
@@ -461,27 +572,30 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
     sent_while_down = [line for line in episode.log if line["server"] == episode.slot
                        and episode.t_down < line["ts"] < episode.t_ready - 0.5]
     assert sent_while_down == [], f"requests sent to the replica while it was down: {sent_while_down[:3]}"
-    # Nothing else went wrong: every other request through the balancer was a 200.
-    load_lines = [line for line in episode.log if line["request_id"].startswith("load-")]
-    assert {line["status"] for line in load_lines} <= {200, 502, 503}
-    assert sum(1 for line in load_lines if line["status"] != 200) == len(failures)
+    # Nothing else went wrong: the balancer's lines for the load are the 200s, the errors and the
+    # closed connections above, one each.
+    load_lines = [line for line in episode.log if line["request_id"].startswith(episode.prefix + "-")]
+    assert sorted(line["request_id"] for line in load_lines if line["status"] != 200 or line["termination"][:2] != "--") \
+        == sorted(o.request_id for o, _ in accounting.errors + accounting.closed)
 
 
 def test_stopping_a_replica_under_load_fails_almost_nothing(cluster):
     episode = run_episode(cluster, "stop")
     figures = record(episode)
     assert len(episode.outcomes) > 100
-    by_id = {line["request_id"]: line for line in episode.log}
+    no_timeouts(episode.outcomes)
+    accounting = account(episode)
     # A graceful stop drains what the replica accepted. The one race left: a connection the kernel
     # accepted for the replica in the instant it closed its listening socket is reset, and HAProxy,
     # which had already sent the request, answers 502 (1 to 5 requests, in 3 of about 11 stop runs). Only that
     # may fail: a 502 from the stopping replica, sent to it before the balancer took it out.
-    for o in (o for o in episode.outcomes if o.status != 200):
-        line = by_id.get(o.request_id)
+    assert accounting.closed == [], f"connections closed without an answer on a graceful stop: {accounting.closed}"
+    for o, line in accounting.errors:
         assert o.status == 502 and o.error == "bad_gateway", o
-        assert line and line["server"] == episode.slot and episode.t_down is not None \
-            and episode.t_action - 1 <= line["ts"] <= episode.t_down + 0.01, f"{o} failed outside the stop: {line}"
-    assert max(o.end - o.start for o in episode.outcomes) < CLIENT_TIMEOUT_S
+        assert line["server"] == episode.slot and episode.t_down is not None \
+            and episode.t_action - 1 <= line["ts"] <= episode.t_down + 0.01, \
+            (f"{o} failed outside the stop: {line}; stop at {episode.t_action:.3f}, "
+             f"the slot seen: {slot_history(episode, line['ts'])}")
     assert episode.t_up is not None, "the stopped replica was never readmitted"
     assert figures["served_by_victim_after_readmit"] > 0
 

@@ -2,6 +2,11 @@
 
 Nothing here runs at import time but the environment check: call `require_podman()` at the top of
 a test module, before it imports anything only a container machine needs.
+
+The images are built once per test session: the session fixture ``container_images``
+(tests/conftest.py) holds a `SessionImages`, and the modules ask it for the variants they use
+(`container_images.get("cpu", "balancer")`). The first request builds, in parallel, every variant
+that the session's modules name in their ``IMAGE_VARIANTS``; later requests reuse those tags.
 """
 
 from __future__ import annotations
@@ -292,8 +297,10 @@ def stage_context(bundle: Path, target: Path) -> Path:
     return target
 
 
-def build_images(bases: dict[str, str], context: Path, variants: tuple[str, ...]) -> dict[str, str]:
-    """Build the variants' images (in parallel) from the staged context; {variant: tag}."""
+def build_images(bases: dict[str, str], context: Path, variants: tuple[str, ...],
+                 failed: dict[str, str] | None = None) -> dict[str, str]:
+    """Build the variants' images (in parallel) from the staged context; {variant: tag}. A failed
+    build fails the test, or with `failed` given, is left out of the answer and its output put there."""
     tags = {variant: f"{IMAGE_REPO}:{variant}" for variant in variants}
 
     def build(variant: str) -> tuple[str, subprocess.CompletedProcess, float]:
@@ -311,11 +318,56 @@ def build_images(bases: dict[str, str], context: Path, variants: tuple[str, ...]
         with ThreadPoolExecutor(max_workers=2) as pool:
             results = list(pool.map(build, variants))
         for variant, result, seconds in results:
-            assert result.returncode == 0, (f"building the {variant} image failed:\n"
-                                            f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
+            if result.returncode != 0:
+                message = f"building the {variant} image failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+                assert failed is not None, message
+                failed[variant] = message
+                del tags[variant]
+                continue
             print(f"\n[containers] built {tags[variant]} in {seconds:.0f} s")
         for variant, tag in tags.items():
             # Drop the image this build replaced (its layers stay as long as the new one uses them).
             if old[variant] and old[variant] != image_id(tag):
                 podman("rmi", old[variant], check=False)
     return tags
+
+
+class SessionImages:
+    """The images of one test session (the ``container_images`` fixture): every variant built at
+    most once, all from one staged build context that holds a tiny bundle as models/default.
+
+    `wanted` is every variant the session will ask for (the modules' IMAGE_VARIANTS): the first
+    `get()` builds them all at once, in parallel, so no module waits for a second build."""
+
+    def __init__(self, root: Path, wanted: tuple[str, ...] = ()):
+        self.root, self.wanted = root, tuple(v for v in DOCKERFILES if v in wanted)
+        self._bases: dict[str, str] | None = None
+        self._context: Path | None = None
+        self.tags: dict[str, str] = {}
+        self.failed: dict[str, str] = {}   # variant: the failed build's output (fails only who asks for it)
+        self.builds = 0   # how many times build_images ran this session
+
+    def bases(self) -> dict[str, str]:
+        if self._bases is None:
+            self._bases = ensure_bases()
+        return self._bases
+
+    def context(self) -> Path:
+        if self._context is None:
+            bundle = make_container_bundle(self.root / "bundle")
+            self._context = stage_context(bundle, Path(tempfile.mkdtemp(prefix="context-", dir=self.root)))
+        return self._context
+
+    def get(self, *variants: str) -> dict[str, str]:
+        """{variant: tag} for these variants, building those not built yet this session."""
+        unknown = set(variants) - set(DOCKERFILES)
+        assert not unknown, f"no such image variant: {unknown} (known: {list(DOCKERFILES)})"
+        missing = tuple(dict.fromkeys(v for v in (*variants, *self.wanted) if v not in self.tags
+                                      and v not in self.failed))
+        if missing:
+            self.tags.update(build_images(self.bases(), self.context(), missing, failed=self.failed))
+            self.builds += 1
+        for variant in variants:
+            if variant in self.failed:
+                pytest.fail(self.failed[variant], pytrace=False)
+        return {variant: self.tags[variant] for variant in variants}
