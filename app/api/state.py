@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 
 from app.api.auth import APIKeys, KeyStore
-from app.inference.engine import Engine
 from app.observability.metrics import Metrics
-from app.serving.registry import ModelRegistry, ServedModel
 from app.settings import Settings
+
+if TYPE_CHECKING:  # loading the engine (onnxruntime) waits for start-up: `import app.main` stays light
+    from app.inference.engine import Engine
+    from app.serving.registry import ModelRegistry, ServedModel
 
 
 @dataclass(eq=False)
