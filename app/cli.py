@@ -2,6 +2,8 @@
 
 `serve` and `caption` are plain functions with typer annotations, so the project CLI (`captioner`)
 can register them; `app_cli` has both, so `python -m app.cli serve|caption` works on its own.
+`caption --json` prints one object per image whose captions, labels, settings and model are the
+API's (app/api/schemas.py: `CaptionItem.of`, `Label.of`, `DecodingSettings.of`, `ModelRef`).
 """
 
 from __future__ import annotations
@@ -145,26 +147,23 @@ def caption(
                 typer.echo(f"{path}: error: {message}", err=True)
 
     if arrays:
+        from app.api.schemas import CaptionItem, DecodingSettings, Label, ModelRef
+
         results = engine.run(arrays, config, labels=top_k)
-        used = config.resolved(loaded.max_length)
+        # --json: each image's captions, settings, model and labels as the API answers them (app/api/schemas.py)
+        used = DecodingSettings.of(config, loaded.max_length).model_dump()
+        model = ModelRef(name=loaded.name, version=loaded.version).model_dump()
         for path, result in zip(good, results, strict=True):
             captions = result.captions
             if as_json:
                 record: dict[str, object] = {
                     "image": str(path),
-                    "captions": [{"text": c.text, "score": c.score, "normalized_score": c.normalized_score,
-                                  "tokens": c.tokens, "token_probs": c.token_probs, "end_prob": c.end_prob,
-                                  "confidence": c.confidence,
-                                  "low_confidence": c.confidence < settings.min_confidence} for c in captions],
-                    "settings": {"strategy": used.strategy, "beam_size": used.beam_size,
-                                 "num_captions": used.num_captions, "max_length": used.max_length,
-                                 "length_penalty": used.length_penalty,
-                                 "no_repeat_ngram_size": used.no_repeat_ngram_size},
-                    "model": {"name": loaded.name, "version": loaded.version},
+                    "captions": [CaptionItem.of(c, settings.min_confidence).model_dump() for c in captions],
+                    "settings": used,
+                    "model": model,
                 }
                 if result.labels:  # as the API: absent with --labels 0 or a bundle without labels
-                    record["labels"] = [{"name": x.name, "class_id": x.class_id, "probability": x.probability}
-                                        for x in result.labels]
+                    record["labels"] = [Label.of(x).model_dump() for x in result.labels]
                 typer.echo(json.dumps(record))
                 continue
             if len(captions) == 1:

@@ -1,14 +1,30 @@
-"""Named response models of the HTTP API (they become the OpenAPI's component schemas)."""
+"""Named response models of the HTTP API (they become the OpenAPI's component schemas).
+
+`CaptionItem.of`, `Label.of` and `DecodingSettings.of` turn the engine's results and a `DecodingConfig`
+into them, for the routes (app/api/routes/) and for `captioner caption --json` (app/cli.py), which
+prints the same shapes."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import math
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.inference.decoding import DecodingConfig, Strategy
 
+if TYPE_CHECKING:  # the CLI imports these models before it loads the engine (onnxruntime)
+    from app.inference.engine import Caption
+    from app.inference.engine import Label as EngineLabel
+
 _RID = "9f1c2b7e4d6a4e0f8a1b2c3d4e5f6a7b"
+
+
+def _finite(x: float) -> float:
+    """JSON has no infinities: a score that is not finite (no finished hypothesis) is -1e30."""
+    x = float(x)
+    return x if math.isfinite(x) else -1e30
 
 
 def _example(model: type[BaseModel]) -> dict[str, Any]:
@@ -62,6 +78,14 @@ class CaptionItem(BaseModel):
         description="confidence < min_confidence (the request's, else the service's setting; 0 flags none)."
     )
 
+    @classmethod
+    def of(cls, caption: Caption, min_confidence: float) -> CaptionItem:
+        """An engine caption as the API (and `captioner caption --json`) answers it: flagged
+        low_confidence below `min_confidence`; a score that is not finite is -1e30 (JSON has no -inf)."""
+        return cls(text=caption.text, score=_finite(caption.score), normalized_score=_finite(caption.normalized_score),
+                   tokens=list(caption.tokens), token_probs=list(caption.token_probs), end_prob=caption.end_prob,
+                   confidence=caption.confidence, low_confidence=caption.confidence < min_confidence)
+
 
 class Label(BaseModel):
     """One ImageNet-1k class the encoder's classifier sees in the image (`?labels=K`)."""
@@ -73,6 +97,10 @@ class Label(BaseModel):
     name: str = Field(description="The class's name (ImageNet-1k's own, synonyms comma-separated).")
     class_id: int = Field(ge=0, description="The ImageNet-1k class id (0-999).")
     probability: float = Field(ge=0.0, le=1.0, description="The classifier's probability for this class.")
+
+    @classmethod
+    def of(cls, label: EngineLabel) -> Label:
+        return cls(name=label.name, class_id=label.class_id, probability=label.probability)
 
 
 class DecodingSettings(BaseModel):
@@ -100,16 +128,9 @@ class DecodingSettings(BaseModel):
 
     @classmethod
     def of(cls, config: DecodingConfig, bundle_max_length: int) -> DecodingSettings:
-        """The settings `config` decodes with (greedy: one beam; max_length: the bundle's if unset)."""
-        used = config.resolved(bundle_max_length)
-        return cls(
-            strategy=used.strategy,
-            beam_size=used.beam_size,
-            num_captions=used.num_captions,
-            max_length=used.max_length if used.max_length is not None else bundle_max_length,
-            length_penalty=float(used.length_penalty),
-            no_repeat_ngram_size=used.no_repeat_ngram_size,
-        )
+        """The settings `config` decodes with, as `DecodingConfig.resolved` works them out (greedy: one
+        beam; max_length: the bundle's if unset)."""
+        return cls.model_validate(asdict(config.resolved(bundle_max_length)))
 
 
 class ModelRef(BaseModel):

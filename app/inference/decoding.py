@@ -1,5 +1,10 @@
 """Where decoding happens: batched beam search (greedy = beam size 1) over a one-step function.
 
+`DecodingConfig` holds one image's settings and owns their rules: the limits (checked at
+construction), `beams` (greedy is one beam), `with_overrides` (a request's settings on top of the
+defaults) and `resolved` (what is actually decoded with: the engine uses it, the API and the CLI
+report it).
+
 The search knows nothing about ONNX: it calls `step(tokens, rows, row_image)` and gets
 log-probabilities, the new per-row state and (optionally) attention weights. `app/inference/engine.py` plugs
 the exported decoder graph in; the tests plug in tiny hand-made step functions.
@@ -71,10 +76,9 @@ class DecodingConfig:
             raise ValueError(f"beam_size must be an integer from 1 to {MAX_BEAM_SIZE}")
         if not isinstance(self.num_captions, int) or self.num_captions < 1:
             raise ValueError("num_captions must be at least 1")
-        effective_beam = 1 if self.strategy == "greedy" else self.beam_size
-        if self.num_captions > effective_beam:
+        if self.num_captions > self.beams:
             raise ValueError(
-                f"num_captions ({self.num_captions}) cannot exceed the beam size ({effective_beam}"
+                f"num_captions ({self.num_captions}) cannot exceed the beam size ({self.beams}"
                 + (", greedy decodes one caption)" if self.strategy == "greedy" else ")")
             )
         if self.max_length is not None and (not isinstance(self.max_length, int) or not 1 <= self.max_length <= MAX_LENGTH_LIMIT):
@@ -84,6 +88,12 @@ class DecodingConfig:
         if (not isinstance(self.no_repeat_ngram_size, int)
                 or not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM_SIZE):
             raise ValueError(f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NO_REPEAT_NGRAM_SIZE}")
+
+    @property
+    def beams(self) -> int:
+        """The beams this config decodes with: greedy is beam search with one beam (its beam_size is
+        ignored)."""
+        return 1 if self.strategy == "greedy" else self.beam_size
 
     def with_overrides(self, **given) -> DecodingConfig:
         """A request's settings on top of these defaults (None: not given). An unset num_captions is
@@ -97,11 +107,11 @@ class DecodingConfig:
         return replace(self, **chosen)
 
     def resolved(self, bundle_max_length: int | None = None) -> DecodingConfig:
-        """The settings actually used: greedy means one beam; max_length filled from the bundle."""
+        """The settings actually used, the one place they are worked out (the engine decodes with them, the
+        API and the CLI report them): `beams` as beam_size (greedy: one beam, so one caption), and
+        max_length filled from the bundle's where unset."""
         max_length = self.max_length if self.max_length is not None else bundle_max_length
-        if self.strategy == "greedy":
-            return replace(self, beam_size=1, num_captions=1, max_length=max_length)
-        return replace(self, max_length=max_length)
+        return replace(self, beam_size=self.beams, max_length=max_length)
 
 
 @dataclass
@@ -265,7 +275,7 @@ def beam_search(
     if len(configs) != num_images:
         raise ValueError(f"{len(configs)} decoding configs for {num_images} images")
     assert all(c.max_length is not None for c in configs), "resolve the configs first"
-    open_slots = np.array([1 if c.strategy == "greedy" else c.beam_size for c in configs], dtype=np.int64)
+    open_slots = np.array([c.beams for c in configs], dtype=np.int64)
     max_length = np.array([c.max_length for c in configs], dtype=np.int64)
     ngram_size = np.array([c.no_repeat_ngram_size for c in configs], dtype=np.int64)
     finished: list[list[Hypothesis]] = [[] for _ in range(num_images)]

@@ -1,7 +1,8 @@
 """The inference engine: onnxruntime sessions for a bundle's two graphs, and captioning on top of
 `app/inference/decoding.py`.
 
-`Engine.caption(images, configs)` encodes the whole batch in one encoder call, then runs the beam
+`Engine.run(images, configs)` (`Engine.caption`: its captions only) decodes with each config's
+`DecodingConfig.resolved` settings: it encodes the whole batch in one encoder call, then runs the beam
 search with one decoder call per step for all rows of all images, whatever each image's settings.
 The feature grid stays once per image and beams never copy it: the decoder's rows are laid out in
 image-major blocks of R rows (B = N * R, R = the most live rows any image has; the other rows of a
@@ -370,7 +371,7 @@ class Engine:
         keep_attention = self._has_alpha and any(wants)
         stats.encode_start_ns = time.time_ns()
         if self.io_binding:
-            widest = max(c.beam_size for c in resolved)  # resolved: greedy has beam_size 1
+            widest = max(c.beams for c in resolved)
             step, probs = self._make_bound_step(batch, widest, keep_attention, want_labels)
         else:
             encoded = self.encode(batch, want_labels)

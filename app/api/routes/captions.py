@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -34,25 +33,16 @@ from app.observability.metrics import Metrics
 router = APIRouter(prefix="/v1", tags=["captions"])
 
 
-def _finite(x: float) -> float:
-    x = float(x)
-    return x if math.isfinite(x) else -1e30
-
-
 def _items(captions: Sequence[Caption], min_confidence: float, metrics: Metrics) -> list[CaptionItem]:
     """The API's captions; each flagged low_confidence below `min_confidence` and counted in the metrics."""
-    items = []
-    for c in captions:
-        low = c.confidence < min_confidence
-        metrics.observe_caption(c.confidence, low)
-        items.append(CaptionItem(text=c.text, score=_finite(c.score), normalized_score=_finite(c.normalized_score),
-                                 tokens=list(c.tokens), token_probs=list(c.token_probs), end_prob=c.end_prob,
-                                 confidence=c.confidence, low_confidence=low))
+    items = [CaptionItem.of(c, min_confidence) for c in captions]
+    for item in items:
+        metrics.observe_caption(item.confidence, item.low_confidence)
     return items
 
 
 def _labels(labels: Sequence[EngineLabel]) -> list[Label] | None:
-    return [Label(name=x.name, class_id=x.class_id, probability=x.probability) for x in labels] or None
+    return [Label.of(x) for x in labels] or None
 
 
 def _ms(seconds: float) -> float:

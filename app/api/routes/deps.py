@@ -60,6 +60,13 @@ def get_default_engine(request: Request) -> Engine:
 MODEL_VERSION_HEADER = "X-Model-Version"
 
 
+def model_not_found(exc: ModelNotFound, loc: tuple[str, str]) -> APIError:
+    """404 `model_not_found` for a name (or name:version) the registry does not hold, its details
+    listing those it does; `loc`: where the name came from, e.g. ("query", "model")."""
+    return APIError(404, "model_not_found", str(exc),
+                    details=[{"loc": list(loc), "msg": key, "type": "available_model"} for key in exc.available])
+
+
 async def get_served(
     request: Request,
     response: Response,
@@ -78,9 +85,7 @@ async def get_served(
     try:
         served = registry.resolve(model)
     except ModelNotFound as exc:
-        raise APIError(404, "model_not_found", str(exc),
-                       details=[{"loc": ["query", "model"], "msg": key, "type": "available_model"}
-                                for key in exc.available]) from None
+        raise model_not_found(exc, ("query", "model")) from None
     served.acquire()
     request.state.served = served
     response.headers[MODEL_VERSION_HEADER] = served.key

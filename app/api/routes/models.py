@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Depends, Path, Request
 
 from app.api.auth import bearer_token
 from app.api.errors import APIError, error_responses
-from app.api.routes.deps import EngineDep, SettingsDep, get_registry
+from app.api.routes.deps import EngineDep, SettingsDep, get_registry, model_not_found
 from app.api.schemas import (
     CheckResult,
     DecodingSettings,
@@ -133,9 +133,7 @@ async def _swap(registry: ModelRegistry, name: str, version: str | None) -> Load
         else:
             served, previous, changed = await registry.load(name, version)
     except ModelNotFound as exc:
-        raise APIError(404, "model_not_found", str(exc),
-                       details=[{"loc": ["path", "name"], "msg": key, "type": "available_model"}
-                                for key in exc.available]) from None
+        raise model_not_found(exc, ("path", "name")) from None
     except LoadInProgress as exc:
         raise APIError(409, "load_in_progress", str(exc), headers={"Retry-After": "1"}) from None
     except NoPreviousVersion as exc:
