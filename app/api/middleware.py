@@ -3,8 +3,9 @@
 RequestContextMiddleware -> CORS -> APIKeyMiddleware (app/api/auth.py) -> OverloadMiddleware ->
 BodyLimitMiddleware -> the routes.
 
-Each is plain ASGI: it reads only the request's headers (never the body, except BodyLimitMiddleware
-counting it as it streams), so a refusal costs next to nothing.
+Each is plain ASGI: it reads only the request line and headers (never the body, except
+BodyLimitMiddleware counting it as it streams), so a refusal costs next to nothing. They reach the
+service's state (app/api/state.py's `ServiceState`) through the object `create_app` hands them.
 
 When tracing is on (app/observability/tracing.py: OTEL_* variables), RequestContextMiddleware also opens the
 request's SERVER span, parented to the caller's W3C `traceparent`, and times the `receive` (the body

@@ -2,7 +2,7 @@
 
 Every captioning request (single or batch upload) becomes one job: its preprocessed images, its
 decoding settings and whether it wants attention. Jobs wait in one bounded FIFO queue. One worker
-task takes them out in batches and runs `Engine.caption` on the inference thread:
+task takes them out in batches and runs `Engine.run` (app/inference/engine.py) on the inference thread:
 
 - a batch holds whole jobs, up to `max_batch_images` images (a job bigger than that runs alone);
 - when the engine is idle and the queue holds less than a full batch, the worker waits up to
@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from app.inference.decoding import DecodingConfig
-from app.inference.engine import EngineStats
+from app.inference.engine import Engine, EngineStats
 from app.observability import tracing
+from app.observability.metrics import Metrics
 
 log = logging.getLogger("captioner.batcher")
 
@@ -107,16 +108,23 @@ class _Job:
 
 
 class DynamicBatcher:
+    """One engine's queue and the worker that feeds it (see the module docstring). `executor` runs the
+    engine calls (the service's one inference thread, shared by every model's batcher). `metrics`:
+    where the batches, searches, queue waits and rejections are counted (None: nowhere);
+    `queue_changed`, if given, is called whenever the number of queued images changes, instead of
+    setting captioner_queue_images to this batcher's count (the model registry sums its batchers')."""
+
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         executor: Executor,
         *,
         enabled: bool = True,
         max_batch_images: int = 32,
         max_queue_delay_s: float = 0.005,
         max_queue_images: int = 256,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
+        queue_changed: Callable[[], None] | None = None,
     ):
         self.engine = engine
         self.executor = executor
@@ -125,6 +133,7 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_images = max_queue_images
         self.metrics = metrics
+        self.queue_changed = queue_changed
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._running_images = 0
@@ -362,7 +371,9 @@ class DynamicBatcher:
     # ---- metrics ----------------------------------------------------------------------------
 
     def _gauge(self) -> None:
-        if self.metrics is not None:
+        if self.queue_changed is not None:
+            self.queue_changed()
+        elif self.metrics is not None:
             self.metrics.queue_images.set(self._queued_images)
 
     def count_rejection(self, reason: str) -> None:

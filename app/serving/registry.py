@@ -35,7 +35,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from app.inference.bundle import Bundle, BundleError, load_bundle, reference_input
 from app.inference.decoding import DecodingConfig
@@ -93,7 +92,7 @@ class ServedModel:
     engine: Engine
     checks: list[Check]
     load_seconds: float
-    batcher: Any = None  # a started DynamicBatcher once it serves
+    batcher: DynamicBatcher | None = None  # started once it serves
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     state: str = "active"  # active -> draining -> unloaded
     users: int = 0  # requests that resolved this model and have not answered yet
@@ -138,30 +137,6 @@ class ServedModel:
 def version_key(version: str) -> tuple:
     """Sort key: numeric parts as numbers (1.10.0 after 1.9.0), the others as text."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+_]", version))
-
-
-class _QueueGauge:
-    """One batcher's share of captioner_queue_images: the gauge shows the sum over the loaded batchers."""
-
-    def __init__(self, owner: _BatcherMetrics) -> None:
-        self.owner = owner
-
-    def set(self, value: float) -> None:
-        self.owner.queued = value
-        self.owner.registry_total()
-
-
-class _BatcherMetrics:
-    """What a version's batcher sees as `metrics`: the service's Metrics, with its own queue count."""
-
-    def __init__(self, metrics: Metrics, total: Callable[[], None]) -> None:
-        self._metrics = metrics
-        self.queued = 0.0
-        self.registry_total = total
-        self.queue_images = _QueueGauge(self)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._metrics, name)
 
 
 def build_served(bundle_path: Path, settings: Settings, expect: tuple[str, str] | None = None) -> ServedModel:
@@ -224,7 +199,6 @@ class ModelRegistry:
         self.draining: list[ServedModel] = []
         self.default_name = ""
         self._busy: set[str] = set()
-        self._batcher_metrics: dict[int, _BatcherMetrics] = {}
         self._tasks: set[asyncio.Task] = set()
         self._single: tuple[str, str, Path] | None = None  # CAPTIONER_BUNDLE: (name, version, path)
 
@@ -365,12 +339,11 @@ class ModelRegistry:
         """Start the model's batcher and make it the active version of its name (on the event loop, no
         await between: a request resolves either the old or the new one); the old one drains."""
         s = self.settings
-        proxy = _BatcherMetrics(self.metrics, self._sum_queues)
         served.batcher = DynamicBatcher(
             served.engine, self.executor, enabled=s.batching, max_batch_images=s.max_batch_images,
-            max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_images=s.max_queue_images, metrics=proxy,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_images=s.max_queue_images,
+            metrics=self.metrics, queue_changed=self._sum_queues,
         )
-        self._batcher_metrics[id(served)] = proxy
         served.batcher.start()
         previous = self.active.get(served.name)
         self.active[served.name] = served
@@ -390,16 +363,18 @@ class ModelRegistry:
         limit = self.settings.request_timeout_s + 5.0
         if not await served.wait_idle(limit):
             service_log.warning("%s still had %d requests after %.0f s; closing it", served.key, served.users, limit)
-        await served.batcher.close(timeout=limit)
+        if served.batcher is not None:
+            await served.batcher.close(timeout=limit)
         served.state = "unloaded"
         self.draining.remove(served)
-        self._batcher_metrics.pop(id(served), None)
         self._sum_queues()
         self.metrics.models_loaded.labels(served.name, served.version).set(0)
         service_log.info("model unloaded", extra={"fields": {"model": served.name, "version": served.version}})
 
     def _sum_queues(self) -> None:
-        self.metrics.queue_images.set(sum(p.queued for p in self._batcher_metrics.values()))
+        """captioner_queue_images: the images queued for every loaded model (active or draining)."""
+        self.metrics.queue_images.set(sum(m.batcher.queued_images for m in [*self.active.values(), *self.draining]
+                                          if m.batcher is not None))
 
 
 def process_rss_bytes() -> int | None:
