@@ -101,9 +101,17 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
 
 async def load_upload(request: Request, upload: UploadFile, spec: Preprocessing, keep_image: bool = False) -> Prepared:
     """Read one upload and prepare it in the service's image-decoding pool. Raises ImageDecodeError."""
+    data = await read_upload(upload, service_state(request.app).settings)
+    return await load_bytes(request, data, spec, keep_image)
+
+
+async def load_bytes(request: Request, data: bytes, spec: Preprocessing, keep_image: bool = False) -> Prepared:
+    """One image's bytes (an upload's, or an element of a /v2 BYTES tensor) prepared in the service's
+    image-decoding pool. Raises ImageDecodeError (`file_too_large` past `max_upload_bytes`)."""
     service = service_state(request.app)
     settings = service.settings
-    data = await read_upload(upload, settings)
+    if len(data) > settings.max_upload_bytes:
+        raise ImageDecodeError("file_too_large", f"the file is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
     with tracing.span("preprocess", **{"captioner.upload.bytes": len(data)}):
         return await asyncio.get_running_loop().run_in_executor(
             service.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
