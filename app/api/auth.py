@@ -24,10 +24,10 @@ Off unless keys are configured (`CAPTIONER_API_KEYS` and/or `CAPTIONER_API_KEYS_
 * admin keys (`CAPTIONER_ADMIN_API_KEYS`, `admin_keys`): the model swap routes
   (app/api/routes/models.py) check for one of them with the same constant-time comparison; they are
   accepted as API keys too. Without them those routes answer 403 `admin_disabled`.
-* optional rate limits per key (app/security/ratelimit.py, a token bucket by key digest): a key over its
-  limit gets 429 `rate_limited` with `Retry-After`, before the body is read; every answer to a
-  request of a key with a limit carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
-  `X-RateLimit-Reset`.
+* optional rate limits per key (app/security/ratelimit.py, a token bucket by key digest; never for an admin
+  key, whatever its entries say): a key over its limit gets 429 `rate_limited` with `Retry-After`, before
+  the body is read; every answer to a request of a key with a limit carries `X-RateLimit-Limit`,
+  `X-RateLimit-Remaining` and `X-RateLimit-Reset`.
 
 This is pure ASGI middleware (no torch, no body access): `create_app` adds it inside CORS (so a
 browser can read a 401 and preflights work) and outside the body-size limit.
@@ -69,9 +69,12 @@ class APIKeys:
 
     `entries`: key entries (app/security/keys.py: a key or `sha256:<hex>`, optional `rate=` / `burst=`);
     ValueError for an invalid one. A key listed twice counts once, with its first entry's options.
-    `rate_limit` / `rate_burst`: CAPTIONER_API_KEY_RATE_LIMIT / _BURST, for entries that give none."""
+    `rate_limit` / `rate_burst`: CAPTIONER_API_KEY_RATE_LIMIT / _BURST, for entries that give none.
+    `unlimited`: entries never limited whatever an entry says (the admin keys)."""
 
-    def __init__(self, entries: Iterable[str], rate_limit: int | None = None, rate_burst: int | None = None) -> None:
+    def __init__(self, entries: Iterable[str], rate_limit: int | None = None, rate_burst: int | None = None,
+                 unlimited: Iterable[str] = ()) -> None:
+        exempt = {parse_entry(text).digest for text in unlimited}
         digests: list[bytes] = []
         self._limits: dict[bytes, RateLimit | None] = {}
         for text in entries:
@@ -81,7 +84,7 @@ class APIKeys:
             digests.append(entry.digest)
             per_minute = entry.rate if entry.rate is not None else rate_limit
             self._limits[entry.digest] = (RateLimit(per_minute, entry.burst or rate_burst or per_minute)
-                                          if per_minute else None)
+                                          if per_minute and entry.digest not in exempt else None)
         if not digests:
             raise ValueError("no API keys")
         self._digests = tuple(digests)
@@ -125,9 +128,10 @@ class KeyStore:
 
     def __init__(self, env_entries: Iterable[str], path: Path | None = None, *, rate_limit: int | None = None,
                  rate_burst: int | None = None, metrics: Metrics | None = None,
-                 fallback_file_entries: Iterable[str] = ()) -> None:
+                 fallback_file_entries: Iterable[str] = (), unlimited: Iterable[str] = ()) -> None:
         self.path = path
         self._env = list(env_entries)
+        self._unlimited = list(unlimited)  # the admin keys: never rate-limited
         self._rate = (rate_limit, rate_burst)
         self.metrics = metrics
         self._loaded: tuple[Any, ...] | None = None  # the file state whose keys are in use
@@ -144,7 +148,9 @@ class KeyStore:
             metrics.api_keys.set(len(self.current))
 
     def _build(self, file_entries: Iterable[str]) -> APIKeys:
-        return APIKeys([*self._env, *file_entries], *self._rate) if self._env or file_entries else _NO_KEYS
+        if not (self._env or file_entries):
+            return _NO_KEYS
+        return APIKeys([*self._env, *file_entries], *self._rate, unlimited=self._unlimited)
 
     def _read(self) -> tuple[tuple[Any, ...], APIKeys]:
         """(the file's state, the keys): ValueError if the file is unreadable or invalid, or changed
@@ -322,10 +328,12 @@ def install_auth(app, settings, metrics: Metrics | None = None) -> KeyStore | No
     None: no keys, the API is open."""
     if not settings.all_api_keys():
         return None
-    store = KeyStore(  # an admin key (CAPTIONER_ADMIN_API_KEYS) is an API key too
-        [k.get_secret_value() for k in [*settings.api_keys, *settings.admin_api_keys]], settings.api_keys_file,
+    admin = [k.get_secret_value() for k in settings.admin_api_keys]
+    store = KeyStore(  # an admin key (CAPTIONER_ADMIN_API_KEYS) is an API key too, never rate-limited
+        [*(k.get_secret_value() for k in settings.api_keys), *admin], settings.api_keys_file,
         rate_limit=settings.api_key_rate_limit, rate_burst=settings.api_key_rate_burst, metrics=metrics,
         fallback_file_entries=settings.all_api_keys()[len(settings.api_keys):],  # the file's, as read at start-up
+        unlimited=admin,
     )
     app.add_middleware(APIKeyMiddleware, store=store, metrics_public=settings.metrics_public, metrics=metrics)
     return store
