@@ -33,6 +33,7 @@ from app.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, OverloadMiddleware, RequestContextMiddleware
 from app.api.openapi import API_DESCRIPTION, API_TITLE, API_VERSION, OPENAPI_TAGS, build_openapi
 from app.api.state import ServiceState
+from app.api.v2_protocol import V2ErrorMiddleware
 from app.observability import tracing
 from app.observability.logs import configure_logging, service_log
 from app.observability.metrics import Metrics
@@ -130,15 +131,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
 
-    from app.api.routes import attention, captions, demo, health, models
+    from app.api.routes import attention, captions, demo, health, models, v2
 
     app.include_router(attention.router)  # before captions: /v1/captions/attention.png stays its own route
     app.include_router(captions.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(demo.router)
+    app.include_router(v2.router)  # the Open Inference Protocol (app/api/routes/v2.py)
 
-    # Added innermost first: RequestContext -> CORS -> APIKey -> Overload -> BodyLimit -> routes.
+    # Added innermost first: RequestContext -> V2Error -> CORS -> APIKey -> Overload -> BodyLimit -> routes.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(OverloadMiddleware, service=service)
     service.api_keys = install_auth(app, settings, service.metrics)  # API keys, when configured: before the body is read
@@ -154,9 +156,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     known_paths = frozenset(
         str(getattr(route, "path", "")) for router in (attention.router, captions.router, models.router, health.router,
-                                                       demo.router)
+                                                       demo.router, v2.router)
         for route in router.routes
     )
+    app.add_middleware(V2ErrorMiddleware)  # under /v2: the protocol's error shape, whoever answered
     app.add_middleware(RequestContextMiddleware, service=service, known_paths=known_paths)
 
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]

@@ -2,8 +2,8 @@
 
 Off unless keys are configured (`CAPTIONER_API_KEYS` and/or `CAPTIONER_API_KEYS_FILE`). When on:
 
-* public, no key needed: `/healthz`, `/readyz` (probes), the demo page `/` and its `/static/` files,
-  and the API docs (`/docs`, `/redoc`, `/openapi.json`). `/metrics` is public only with
+* public, no key needed: `/healthz`, `/readyz`, `/v2/health/live`, `/v2/health/ready` (probes), the demo
+  page `/` and its `/static/` files, and the API docs (`/docs`, `/redoc`, `/openapi.json`). `/metrics` is public only with
   `CAPTIONER_METRICS_PUBLIC=true`; by default it needs a key like the API.
 * everything else (unknown paths too) needs a valid key. A missing, malformed or wrong key gets the
   same 401 (`unauthorized`, with `WWW-Authenticate: Bearer`): the answer never says which part was
@@ -53,7 +53,7 @@ from app.security.ratelimit import LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER,
 
 # Routes that never need a key.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                          "/favicon.ico"})
+                          "/favicon.ico", "/v2/health/live", "/v2/health/ready"})
 PUBLIC_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
 

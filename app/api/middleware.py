@@ -27,13 +27,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import BODY_METHODS, REQUEST_ID_HEADER, PayloadTooLarge, error_json, new_request_id
 from app.api.state import ServiceState
+from app.api.v2_protocol import body_limit as v2_body_limit
+from app.api.v2_protocol import infer_model as v2_infer_model
 from app.observability import tracing
 from app.observability.logs import access_log, service_log
 from app.settings import Settings
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
 # Probes and scrapes make no traces (they would drown the requests' traces, every few seconds).
-UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -210,7 +212,9 @@ class OverloadMiddleware:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/captions"):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope.get("method") == "POST" and (
+                path.startswith("/v1/captions") or v2_infer_model(path) is not None):
             served = self.service.find_model(requested_model(scope))
             batcher = served.batcher if served is not None else None
             if batcher is not None and batcher.is_full():
@@ -224,8 +228,9 @@ class OverloadMiddleware:
 
 
 def requested_model(scope: Scope) -> str | None:
-    """The request's ``?model=`` as the routes get it (the last one if repeated), None when not given."""
-    return QueryParams(scope.get("query_string", b"")).get("model")
+    """The request's ``?model=`` as the routes get it (the last one if repeated), None when not given; for
+    /v2 infer, the model its path names (app/api/routes/v2.py)."""
+    return v2_infer_model(scope.get("path", "")) or QueryParams(scope.get("query_string", b"")).get("model")
 
 
 class BodyLimitMiddleware:
@@ -237,6 +242,8 @@ class BodyLimitMiddleware:
         self.settings = settings
 
     def limit_for(self, path: str) -> int:
+        if v2_infer_model(path) is not None:  # up to max_batch_files images, base64 in JSON (app/api/v2_protocol.py)
+            return v2_body_limit(self.settings)
         if path.rstrip("/").endswith("/captions/batch"):
             return self.settings.body_limit(self.settings.max_batch_files)
         return self.settings.body_limit(1)

@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from app.api.auth import security_openapi
 from app.api.errors import REQUEST_ID_HEADER
 from app.api.state import service_state
+from app.api.v2_protocol import fix_openapi as fix_v2_openapi
 
 API_VERSION = "1.0.0"
 API_TITLE = "Captioner"
@@ -39,6 +40,8 @@ OPENAPI_TAGS = [
     {"name": "captions", "description": "Caption images."},
     {"name": "model", "description": "The model being served."},
     {"name": "health", "description": "Liveness, readiness and metrics."},
+    {"name": "open inference protocol", "description": "The Open Inference Protocol (KServe v2 REST): Triton's and "
+     "KServe's clients caption images through it (docs/deploy.md). Its errors are `{\"error\": \"<code>: <message>\"}`."},
 ]
 
 _BODY_SCHEMA_NAMES = {
@@ -91,6 +94,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         images["maxItems"] = settings.max_batch_files
     if settings.all_api_keys():  # bearer scheme only when keys are configured
         security_openapi(schema, settings.metrics_public)
+    fix_v2_openapi(schema, settings.max_batch_files)  # /v2: the protocol's {"error": "..."}, 400 for bad input
     # Every answer carries X-Request-ID; say so on every documented response.
     for item in schema.get("paths", {}).values():
         for operation in item.values():
