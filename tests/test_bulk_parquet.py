@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.bulk import BulkError, Output, Record, error_record, format_for, open_output
-from app.bulk.output import ParquetOutput
+from app.bulk.output import ParquetOutput, display_path
 from captioner.cli import cli
 from tests.support.live_server import image_bytes
 
@@ -22,7 +22,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 CAPTION = pa.struct([("text", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64())])
 LABEL = pa.struct([("name", pa.string()), ("class_id", pa.int64()), ("probability", pa.float64())])
 COLUMNS = {"path": pa.string(), "captions": pa.list_(CAPTION), "labels": pa.list_(LABEL),
-           "error_code": pa.string(), "error_message": pa.string()}
+           "error_code": pa.string(), "error_message": pa.string(), "path_bytes_b64": pa.string()}
 
 RECORDS = [
     Record("a/cat.jpg", captions=[{"text": "a cat on a sofa", "score": -1.25, "normalized_score": -0.3125},
@@ -36,14 +36,18 @@ RECORDS = [
     Record("zero_labels.jpg", captions=[{"text": "a thing", "score": -3.0, "normalized_score": -1.0}], labels=[]),
     error_record("d/gone.jpg", "unreadable_file", "No such file or directory"),
     Record("ünïcode/ß.webp", captions=[{"text": "a street at night", "score": -4.0, "normalized_score": -0.8}]),
+    Record("latin-1/caf\udce9.jpg", captions=[{"text": "a cup", "score": -1.0, "normalized_score": -0.5}]),  # not UTF-8
 ]
 
 
 def as_json(row: dict) -> dict:
     """A Parquet row as the JSON-lines record (Record.as_json) would be; written here independently."""
+    out = {"path": row["path"]}
+    if row["path_bytes_b64"] is not None:
+        out["path_bytes_b64"] = row["path_bytes_b64"]
     if row["error_code"] is not None:
-        return {"path": row["path"], "error": {"code": row["error_code"], "message": row["error_message"]}}
-    out = {"path": row["path"], "captions": row["captions"]}
+        return {**out, "error": {"code": row["error_code"], "message": row["error_message"]}}
+    out["captions"] = row["captions"]
     if row["labels"] is not None:
         out["labels"] = row["labels"]
     return out
@@ -97,7 +101,7 @@ def test_records_are_one_table_of_parts(tmp_path):
     import pandas as pd
 
     frame = pd.read_parquet(out)
-    assert list(frame["path"]) == [r.path for r in RECORDS]
+    assert list(frame["path"]) == [display_path(r.path) for r in RECORDS]
     assert frame["error_code"].notna().sum() == 2
 
 
@@ -113,7 +117,7 @@ def test_resume_sees_the_same_and_appends_a_part(tmp_path):
     with second:
         second.write([Record("new.jpg", captions=[{"text": "new", "score": -1.0, "normalized_score": -1.0}])])
     assert part_names(out) == [*before, "part-00004.parquet"]
-    assert pq.read_table(out).column("path").to_pylist() == [r.path for r in RECORDS] + ["new.jpg"]
+    assert pq.read_table(out).column("path").to_pylist() == [display_path(r.path) for r in RECORDS] + ["new.jpg"]
     with second:  # opened again with nothing written: no empty part
         pass
     assert len(part_names(out)) == len(before) + 1
@@ -138,7 +142,7 @@ def test_a_killed_run_leaves_whole_parts(tmp_path):
     with again:
         again.write(todo)
     paths = pq.read_table(out).column("path").to_pylist()
-    assert sorted(paths) == sorted(r.path for r in RECORDS)  # nothing lost, nothing twice
+    assert sorted(paths) == sorted(display_path(r.path) for r in RECORDS)  # nothing lost, nothing twice
     assert not open_output(out).repaired
 
 

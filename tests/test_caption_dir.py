@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.bulk import CSV_COLUMNS, OLD_CSV_COLUMNS, labels_from_csv, labels_to_csv, retry_after_seconds, sniff_image
+from app.bulk.output import LABELS_CSV_COLUMNS
 from captioner.cli import cli
 from model_export.tiny_bundle import LABEL_NAMES
 from tests.support.live_server import REPO, image_bytes
@@ -287,8 +288,9 @@ def test_csv_with_several_captions(folder, sat_bundle, tmp_path):
 
     first = rows()
     assert list(first[0]) == ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message",
-                              "labels"]
+                              "labels", "path_bytes_b64"]
     assert all(r["labels"] == "" for r in first)  # a bundle without labels
+    assert all(r["path_bytes_b64"] == "" for r in first)  # every name is UTF-8
     captioned = [r for r in first if not r["error_code"]]
     assert len(captioned) == 2 * len(IMAGES)
     for rel in IMAGES:
@@ -569,7 +571,7 @@ def test_labels_resume_keeps_older_records(folder, labels_bundle, sat_bundle, tm
     after = by_path(read_jsonl(out))
     assert all(after[rel] == record for rel, record in before.items())
 
-    # a CSV from before the labels column: resumed, its header and rows get the (empty) column
+    # a CSV from before the labels (and path_bytes_b64) column: resumed, its header and rows get the (empty) columns
     old_csv = tmp_path / "old.csv"
     invoke(str(folder), "--out", str(old_csv), "--bundle", str(sat_bundle), "--device", "cpu", "--no-progress")
     with open(old_csv, newline="", encoding="utf-8") as handle:
@@ -581,11 +583,11 @@ def test_labels_resume_keeps_older_records(folder, labels_bundle, sat_bundle, tm
         csv.writer(handle, lineterminator="\n").writerows(kept)
     result = invoke(str(folder), "--out", str(old_csv), *common, "--labels", "2")
     old_paths = {row[0] for row in kept[1:]}
-    assert "added the labels column" in result.stderr
+    assert "added the labels and path_bytes_b64 columns" in result.stderr
     assert f"{len(old_paths & (set(IMAGES) | {CORRUPT}))} already in" in result.stderr
     rows = read_csv(old_csv)
     assert list(rows[0]) == CSV_COLUMNS
-    assert [list(r.values()) for r in rows[:4]] == [row + [""] for row in kept[1:]]
+    assert [list(r.values()) for r in rows[:4]] == [row + ["", ""] for row in kept[1:]]
     assert {r["path"] for r in rows} == set(IMAGES) | {CORRUPT, DANGLING}
     assert len(rows) == len(full) - 1  # nothing twice
     for r in rows:
@@ -593,7 +595,14 @@ def test_labels_resume_keeps_older_records(folder, labels_bundle, sat_bundle, tm
             _check_labels(labels_from_csv(r["labels"]) or [], 2)
     # and the upgraded file resumes as a current one
     result = invoke(str(folder), "--out", str(old_csv), *common)
-    assert "0 captioned now" in result.stderr and "added the labels column" not in result.stderr
+    assert "0 captioned now" in result.stderr and "added the" not in result.stderr
+    # a CSV from before the path_bytes_b64 column only
+    labels_csv = tmp_path / "labels.csv"
+    with open(labels_csv, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows([row[:len(LABELS_CSV_COLUMNS)] for row in full])
+    result = invoke(str(folder), "--out", str(labels_csv), *common)
+    assert "added the path_bytes_b64 column (the file is from before it)" in result.stderr
+    assert "0 captioned now" in result.stderr and read_csv(labels_csv)[0]["path_bytes_b64"] == ""
 
 
 @pytest.fixture(scope="module")

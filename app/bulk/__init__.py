@@ -17,7 +17,9 @@ a glob or a list of paths/URIs; `--engine ray` runs it on a Ray cluster).
 * Files that cannot be used (unreadable, corrupt, too large) are recorded with an `error` and the
   run goes on; a summary on stderr names them. The exit status is 0 when this run captioned every
   image it tried, 1 when some failed (or the run stopped early), 2 for bad options or a model that
-  cannot load.
+  cannot load. Only regular files are read: a FIFO, a socket, a device or a broken link is an
+  `unreadable_file` record "not a regular file (...)", never opened. Any file name is captioned: one
+  that is not UTF-8 is written as `path` (`\\xNN` for such bytes) plus `path_bytes_b64` (output.py).
 * Resumable: paths already in the output (captioned or failed) are skipped, so running the same
   command again continues where it stopped; a truncated last line (a killed run) is cut off first.
   `--retry-errors` drops the error records first, so those files are tried again.

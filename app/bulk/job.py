@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.bulk.errors import BulkError
-from app.bulk.output import Record, error_record, open_output
+from app.bulk.output import Record, display_path, error_record, open_output
 from app.bulk.source import Item, scan_source
 
 Captioner = Callable[[Sequence[Item]], Iterable[list[Record]]]
@@ -50,10 +50,10 @@ class Summary:
             f"{self.captioned} captioned now, {len(self.failed)} failed, "
             f"{len(self.not_images)} other files skipped (not images)")
         if self.not_images:
-            shown = ", ".join(self.not_images[:10]) + (" ..." if len(self.not_images) > 10 else "")
+            shown = ", ".join(map(display_path, self.not_images[:10])) + (" ..." if len(self.not_images) > 10 else "")
             log(f"  not images: {shown}")
         for path, why in self.failed[:20]:
-            log(f"  failed: {path}: {why}")
+            log(f"  failed: {display_path(path)}: {why}")
         if len(self.failed) > 20:
             log(f"  ... and {len(self.failed) - 20} more failures (error records in {out})")
         if self.stopped:

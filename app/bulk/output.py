@@ -14,8 +14,19 @@ The record schema (one per image; paths relative to the folder, `/`-separated):
   `pyarrow.parquet.read_table(folder)`, pandas, Spark and DuckDB read it as one table),
   `part-00000.parquet`, `part-00001.parquet`, ...; one row per image, the JSON-lines fields as columns
   (`parquet_schema`): `path`, `captions` list<struct<text, score, normalized_score>>, `labels`
-  list<struct<name, class_id, probability>>, `error_code`, `error_message` (null where absent). Needs
+  list<struct<name, class_id, probability>>, `error_code`, `error_message`, `path_bytes_b64` (null where
+  absent). Needs
   pyarrow (the `ray` extra).
+
+File names that are not UTF-8 (bytes from an old archive or a shared drive: the path is a str with
+surrogateescape'd bytes, as os.fsdecode gives it) are captioned like any other and written readably and
+losslessly, in every format: `path` is the name with each byte that is not UTF-8 written `\\xNN`
+(`display_path`: `d/\\xff\\xfe.jpg`), and `path_bytes_b64` holds the path's exact bytes in base64
+(`path_bytes_b64`; JSON lines: only in such records; CSV: the last column, empty otherwise; Parquet: a
+column, null otherwise). A record's key (`Record.path`, what resuming matches files by) is the path
+from `path_bytes_b64` where present, else `path`: `base64.b64decode(r["path_bytes_b64"])` is the name
+to open (`os.fsdecode` of it on this machine), and a UTF-8 file literally named `d/\\xff\\xfe.jpg` stays
+another file.
 
 `labels` is absent (JSON) / empty (CSV) when none were asked (--labels 0) and in error records.
 A caption's `confidence` (0-1, app/inference/confidence.py) is in the JSON lines only (absent from captions of a
@@ -24,15 +35,19 @@ service too old to answer it); the CSV columns and the Parquet schema are unchan
 Resuming (`open_output`): the paths already in the file, captioned or failed, are done; a truncated
 last line (a killed run) is cut off first; `retry_errors` drops the error records (the file is
 rewritten), so those files are tried again. Records without labels (an older run, another --labels)
-count as done all the same; a CSV from before the labels column gets the column (empty) added to its
-header and rows. Parquet records are buffered and written `rows_per_part` at a time (and at close),
-each part to a hidden temporary file renamed into place, so a killed run leaves whole parts only (its
-buffered records are done again) and a leftover temporary file, removed when resumed; `retry_errors`
-rewrites (in place, one part at a time) the parts that hold error rows.
+count as done all the same; a CSV from before the labels or the path_bytes_b64 column gets the
+column (empty) added to its header and rows. Parquet parts from before `path_bytes_b64` are read as they
+are (their paths are all UTF-8); a reader of the whole folder may need to ask for the newest schema.
+Parquet records are buffered and written `rows_per_part` at a time (and at close), each part to a
+hidden temporary file renamed into place, so a killed run leaves whole parts only (its buffered records
+are done again) and a leftover temporary file, removed when resumed; `retry_errors` rewrites (in place,
+one part at a time) the parts that hold error rows.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import importlib.util
 import io
@@ -48,8 +63,11 @@ from typing import Any
 from app.bulk.errors import BulkError
 
 FORMATS = ("jsonl", "csv", "parquet")
-CSV_COLUMNS = ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message", "labels"]
-OLD_CSV_COLUMNS = CSV_COLUMNS[:-1]  # before the labels column: still read, and upgraded when resumed
+CSV_COLUMNS = ["path", "rank", "text", "score", "normalized_score", "error_code", "error_message", "labels",
+               "path_bytes_b64"]
+LABELS_CSV_COLUMNS = CSV_COLUMNS[:8]  # before the path_bytes_b64 column: still read, and upgraded when resumed
+OLD_CSV_COLUMNS = CSV_COLUMNS[:7]  # before the labels column too: the same
+KNOWN_CSV_HEADERS = (CSV_COLUMNS, LABELS_CSV_COLUMNS, OLD_CSV_COLUMNS)
 ROWS_PER_PART = 10_000  # Parquet: records per part (the last part of a run may hold fewer)
 PYARROW_MISSING = "Parquet output needs pyarrow: pip install 'captioner[ray]'"
 
@@ -57,43 +75,95 @@ PYARROW_MISSING = "Parquet output needs pyarrow: pip install 'captioner[ray]'"
 # ---- the records --------------------------------------------------------------------------------------
 
 
+def raw_path(key: str) -> bytes:
+    """A record key's exact bytes (UTF-8, surrogateescape'd bytes back as they were)."""
+    try:
+        return key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate not from surrogateescape (not a name of this machine)
+        return key.encode("utf-8", "surrogatepass")
+
+
+def display_path(key: str) -> str:
+    """The `path` written for a key: the key itself when it is UTF-8, else with each byte that is not
+    UTF-8 as `\\xNN` (readable, always encodable; not unique: `path_bytes_b64` is)."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return raw_path(key).decode("utf-8", "backslashreplace")
+
+
+def path_bytes_b64(key: str) -> str | None:
+    """The `path_bytes_b64` written for a key: its bytes in base64 when it is not UTF-8, else None."""
+    try:
+        key.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return base64.b64encode(raw_path(key)).decode("ascii")
+
+
+def path_key(path: str, b64: Any = None) -> str:
+    """A record's key from its written `path` and `path_bytes_b64` (the exact bytes, when present and
+    valid base64), as `Item.rel` has it (surrogateescape)."""
+    if isinstance(b64, str) and b64:
+        try:
+            return base64.b64decode(b64, validate=True).decode("utf-8", "surrogateescape")
+        except (binascii.Error, ValueError):
+            pass  # damaged: the readable path will do
+    return path
+
+
 @dataclass
 class Record:
     """What the output says about one file: its captions (and labels), or an error."""
 
-    path: str
+    path: str  # the key: relative path, surrogateescape'd where not UTF-8 (written as display_path + path_bytes_b64)
     captions: list[dict[str, Any]] | None = None  # {text, score, normalized_score[, confidence]}, best first
     error: dict[str, str] | None = None  # {code, message}
     labels: list[dict[str, Any]] | None = None  # {name, class_id, probability}, best first; None: not asked
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON-lines object."""
+        """The JSON-lines object (`path_bytes_b64` only for a name that is not UTF-8)."""
+        out: dict[str, Any] = {"path": display_path(self.path)}
+        b64 = path_bytes_b64(self.path)
+        if b64 is not None:
+            out["path_bytes_b64"] = b64
         if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        out: dict[str, Any] = {"path": self.path, "captions": self.captions or []}
+            return {**out, "error": self.error}
+        out["captions"] = self.captions or []
         if self.labels is not None:
             out["labels"] = self.labels
         return out
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Record:
+        """The record back from its JSON-lines object (`as_json`)."""
+        labels = obj.get("labels")
+        return cls(path_key(obj["path"], obj.get("path_bytes_b64")), obj.get("captions"), obj.get("error"),
+                   labels if isinstance(labels, list) else None)
+
     def csv_rows(self) -> list[list[Any]]:
         """The CSV rows (in `CSV_COLUMNS` order): one per caption, or one for an error."""
+        path, b64 = display_path(self.path), path_bytes_b64(self.path) or ""
         if self.error is not None:
-            return [[self.path, "", "", "", "", self.error.get("code", ""), self.error.get("message", ""), ""]]
+            return [[path, "", "", "", "", self.error.get("code", ""), self.error.get("message", ""), "", b64]]
         labels = labels_to_csv(self.labels)
-        return [[self.path, rank, c["text"], _fmt(c["score"]), _fmt(c["normalized_score"]), "", "", labels]
+        return [[path, rank, c["text"], _fmt(c["score"]), _fmt(c["normalized_score"]), "", "", labels, b64]
                 for rank, c in enumerate(self.captions or [], 1)]
 
     def parquet_row(self) -> dict[str, Any]:
         """The Parquet row (the columns of `parquet_schema`): the JSON-lines fields, null where absent."""
+        path, b64 = display_path(self.path), path_bytes_b64(self.path)
         if self.error is not None:
-            return {"path": self.path, "captions": None, "labels": None,
-                    "error_code": self.error.get("code"), "error_message": self.error.get("message")}
+            return {"path": path, "captions": None, "labels": None, "error_code": self.error.get("code"),
+                    "error_message": self.error.get("message"), "path_bytes_b64": b64}
         captions = [{"text": c.get("text"), "score": _float_or_none(c.get("score")),
                      "normalized_score": _float_or_none(c.get("normalized_score"))} for c in self.captions or []]
         labels = None if self.labels is None else [
             {"name": x.get("name"), "class_id": None if x.get("class_id") is None else int(x["class_id"]),
              "probability": _float_or_none(x.get("probability"))} for x in self.labels]
-        return {"path": self.path, "captions": captions, "labels": labels, "error_code": None, "error_message": None}
+        return {"path": path, "captions": captions, "labels": labels, "error_code": None, "error_message": None,
+                "path_bytes_b64": b64}
 
     @property
     def failure(self) -> str | None:
@@ -210,8 +280,8 @@ class Output:
         self.done: set[str] = set()  # the paths with a record (captioned or failed): not done again
         self.errors: set[str] = set()  # those of them with an error record
         self.repaired = False  # load() cut off a truncated last line
-        self.upgraded = False  # a CSV from before the labels column, rewritten with it
-        self._legacy_header = False
+        self.upgraded: list[str] = []  # the columns a CSV from before them was rewritten with
+        self._missing: list[str] = []  # the columns the CSV's header lacks
         self._handle: io.TextIOBase | None = None
         self._csv: Any = None
 
@@ -239,10 +309,10 @@ class Output:
             kept = [r for r in records if r.error is None]
             self._rewrite(kept)
             records = kept
-            self.upgraded = self._legacy_header
-        elif self._legacy_header:  # new rows have the labels column: so must the header and the old rows
+            self.upgraded = self._missing
+        elif self._missing:  # new rows have the newer columns: so must the header and the old rows
             self._rewrite(records)  # (drops a truncated last line too)
-            self.upgraded = True
+            self.upgraded = self._missing
             self.repaired = cut
         elif cut:
             self.path.write_bytes(data)  # drop the truncated last line of a killed run
@@ -264,22 +334,22 @@ class Output:
                 except json.JSONDecodeError:
                     continue  # a damaged line: its image is done again
                 if isinstance(obj, dict) and isinstance(obj.get("path"), str):
-                    labels = obj.get("labels")
-                    by_path[obj["path"]] = Record(obj["path"], obj.get("captions"), obj.get("error"),
-                                                  labels if isinstance(labels, list) else None)
+                    record = Record.from_json(obj)
+                    by_path[record.path] = record
             return list(by_path.values())
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
             return []
         header = rows[0]
-        if header not in (CSV_COLUMNS, OLD_CSV_COLUMNS):
+        if header not in KNOWN_CSV_HEADERS:
             raise BulkError(f"{self.path} is not a caption-dir CSV (its header is {header!r})")
-        self._legacy_header = header == OLD_CSV_COLUMNS
+        self._missing = CSV_COLUMNS[len(header):]
         for row in rows[1:]:
             if len(row) != len(header):
                 continue
             rec = dict(zip(header, row))
-            record = by_path.setdefault(rec["path"], Record(rec["path"]))
+            key = path_key(rec["path"], rec.get("path_bytes_b64"))
+            record = by_path.setdefault(key, Record(key))
             if rec["error_code"]:
                 record.error = {"code": rec["error_code"], "message": rec["error_message"]}
             else:
@@ -363,7 +433,8 @@ def parquet_schema() -> Any:
     caption = pa.struct([("text", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64())])
     label = pa.struct([("name", pa.string()), ("class_id", pa.int64()), ("probability", pa.float64())])
     return pa.schema([pa.field("path", pa.string(), nullable=False), ("captions", pa.list_(caption)),
-                      ("labels", pa.list_(label)), ("error_code", pa.string()), ("error_message", pa.string())])
+                      ("labels", pa.list_(label)), ("error_code", pa.string()), ("error_message", pa.string()),
+                      ("path_bytes_b64", pa.string())])
 
 
 class ParquetOutput(Output):
@@ -413,14 +484,19 @@ class ParquetOutput(Output):
             self.repaired = True
         for part in self.parts():
             try:
-                table = pq.ParquetFile(part).read(columns=["path", "error_code"])
+                parquet = pq.ParquetFile(part)
+                columns = ["path", "error_code"] + (["path_bytes_b64"] if "path_bytes_b64" in parquet.schema_arrow.names
+                                                    else [])  # a part from before the column: all UTF-8
+                table = parquet.read(columns=columns)
             except Exception as exc:  # pyarrow's ArrowInvalid, a missing column, OSError
                 raise BulkError(f"{part} is not a caption-dir Parquet part ({exc}); remove it, and its images "
                                 "are done again") from None
             if retry_errors and table["error_code"].null_count < table.num_rows:
                 self._drop_errors(part)
                 table = table.filter(pc.is_null(table["error_code"]))
-            for path, code in zip(table["path"].to_pylist(), table["error_code"].to_pylist()):
+            b64s = table["path_bytes_b64"].to_pylist() if "path_bytes_b64" in table.column_names else [None] * len(table)
+            for written, b64, code in zip(table["path"].to_pylist(), b64s, table["error_code"].to_pylist()):
+                path = path_key(written, b64)
                 self.done.add(path)
                 if code is None:
                     self.errors.discard(path)
@@ -496,5 +572,7 @@ def open_output(out: Path, fmt: str | None = None, retry_errors: bool = False,
     elif output.repaired:
         log(f"{out}: cut off a truncated last line (from a run that was stopped)")
     if output.upgraded:
-        log(f"{out}: added the labels column (the file is from before it)")
+        names = " and ".join(output.upgraded)
+        log(f"{out}: added the {names} column{'s' if len(output.upgraded) > 1 else ''} (the file is from before "
+            f"{'them' if len(output.upgraded) > 1 else 'it'})")
     return output

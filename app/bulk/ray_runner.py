@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.bulk.errors import BulkError
-from app.bulk.output import Record, caption_dicts, error_record, label_dicts
+from app.bulk.output import Record, caption_dicts, error_record, label_dicts, raw_path
 from app.bulk.source import ImagePrep, Item, read_location
 
 
 def read_files(batch: dict[str, Any]) -> dict[str, Any]:
     """Ray task: the bytes of each location, or why they could not be read."""
     data, problems = [], []
-    for location in batch["location"]:
+    for location in batch["location"]:  # bytes (a name that is not UTF-8 cannot be an Arrow string)
         try:
-            data.append(read_location(str(location)))
+            data.append(read_location(_text(location)))
             problems.append("")
         except OSError as exc:
             data.append(b"")
@@ -71,7 +71,7 @@ class CaptionActor:
         records: list[Record | None] = []
         arrays, where = [], []
         for rel, data, problem in zip(batch["rel"], batch["data"], batch["read_error"], strict=True):
-            rel = str(rel)
+            rel = _text(rel)
             if problem:
                 records.append(error_record(rel, "unreadable_file", str(problem)))
                 continue
@@ -84,7 +84,7 @@ class CaptionActor:
         if arrays:
             results = self.engine.run(arrays, self.config, labels=self.labels)
             for index, result in zip(where, results, strict=True):
-                records[index] = Record(str(batch["rel"][index]), captions=caption_dicts(result.captions),
+                records[index] = Record(_text(batch["rel"][index]), captions=caption_dicts(result.captions),
                                         labels=label_dicts(result.labels))
         return {"record": [json.dumps(r.as_json(), ensure_ascii=False) for r in records if r is not None]}
 
@@ -141,7 +141,7 @@ class RayCaptioner:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # records come back in the source's order
         context.enable_progress_bars = self.progress  # Ray Data's own bars, per stage (with --progress)
-        rows = [{"rel": item.rel, "location": item.location} for item in items]
+        rows = [{"rel": raw_path(item.rel), "location": raw_path(item.location)} for item in items]
         items_ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / self.batch_size)))
         dataset = items_ds.map_batches(read_files, batch_size=self.batch_size).map_batches(
             CaptionActor,
@@ -169,4 +169,9 @@ class RayCaptioner:
 
 
 def _record(obj: dict[str, Any]) -> Record:
-    return Record(obj["path"], obj.get("captions"), obj.get("error"), obj.get("labels"))
+    return Record.from_json(obj)
+
+
+def _text(value: Any) -> str:
+    """A path or location of the rows (bytes, surrogateescape'd back to the item's str)."""
+    return bytes(value).decode("utf-8", "surrogateescape") if isinstance(value, bytes | bytearray) else str(value)

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from app.bulk.errors import BulkError
-from app.bulk.output import Record, caption_dicts, error_record, label_dicts
+from app.bulk.output import Record, caption_dicts, error_record, label_dicts, raw_path
 from app.bulk.source import Item, in_batches, os_message
 
 RETRY_STATUSES = {429, 502, 503, 504}
@@ -59,8 +59,11 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def upload_name(filename: str) -> str:
-    """The filename sent for a file: backslashes as `/`, line breaks as spaces (httpx escapes quotes)."""
-    return filename.replace("\\", "/").replace("\r", " ").replace("\n", " ")
+    """The filename sent for a file: each byte of a name that is not UTF-8 as U+FFFD (so the multipart
+    header can be encoded; the records keep the exact name: only the order of the results matters),
+    backslashes as `/`, line breaks as spaces (httpx escapes quotes)."""
+    shown = raw_path(filename).decode("utf-8", "replace")
+    return shown.replace("\\", "/").replace("\r", " ").replace("\n", " ")
 
 
 class ServiceClient:

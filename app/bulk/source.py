@@ -8,6 +8,13 @@
 * `ImagePrep`: bytes -> the encoder's input array, with the service's preprocessing (decode_image,
   to_array, the JPEG draft size); an `ImageDecodeError` for a file that is not a usable image.
 * `in_batches`: consecutive batches of items.
+* `read_regular`: only regular files are read (symbolic links to them followed): a FIFO, a socket, a
+  device (a link to /dev/zero), a folder or a broken link is a `NotRegularFile` (an OSError, so an
+  `unreadable_file` record "not a regular file (...)"), checked with os.stat before the open and with
+  os.fstat after it (opened O_NONBLOCK), so nothing waits on a pipe or reads an endless device.
+* Names: an `Item.rel` is a str; a name that is not UTF-8 keeps its bytes as surrogates
+  (os.fsdecode's surrogateescape), so the file opens as named; app/bulk/output.py writes it readably
+  and losslessly (`display_path`, `path_bytes_b64`).
 
 Nothing here imports the engine, typer or an HTTP client, and app.inference.preprocess (Pillow, numpy) only
 when an `ImagePrep` is first used, so a runner on other machines (Ray workers) can use all of it.
@@ -15,7 +22,9 @@ when an `ImagePrep` is first used, so a runner on other machines (Ray workers) c
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +58,48 @@ def sniff_image(head: bytes) -> str | None:
 
 
 def sniff_file(path: Path) -> str | None:
-    """`sniff_image` of the file's first bytes. OSError if it cannot be read."""
-    with open(path, "rb") as handle:
-        return sniff_image(handle.read(SNIFF_BYTES))
+    """`sniff_image` of the file's first bytes. OSError if it cannot be read (`NotRegularFile` if it is
+    not a regular file)."""
+    return sniff_image(read_regular(path, SNIFF_BYTES))
+
+
+class NotRegularFile(OSError):
+    """The path is not a regular file (a FIFO, a socket, a device, a folder, a broken symbolic link):
+    caption-dir records it as `unreadable_file`, "not a regular file (a named pipe (FIFO))", and never
+    opens it (a FIFO would block, a device such as /dev/zero never ends)."""
+
+    def __init__(self, what: str):
+        super().__init__(errno.EINVAL, f"not a regular file ({what})")
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, in words (for a `NotRegularFile`)."""
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def read_regular(path: Path | str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file (its first `limit` bytes, or all of it), following symbolic links.
+
+    Anything else is a `NotRegularFile` before it is opened (os.stat: a FIFO would block the open, a
+    device such as /dev/zero would be read for ever, a tape or a serial port has side effects); it is
+    opened with O_NONBLOCK and checked again with os.fstat (the path may have changed in between), so no
+    read ever waits on a writer. OSError for a file that cannot be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise NotRegularFile("a broken symbolic link") from None
+        raise
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(file_kind(mode))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(file_kind(mode))
+        return handle.read() if limit is None else handle.read(limit)
 
 
 def os_message(exc: OSError) -> str:
@@ -73,15 +121,15 @@ class Item:
         return self.uri if self.uri is not None else str(self.path)
 
     def read(self) -> bytes:
-        """The file's bytes. OSError if it cannot be read."""
+        """The file's bytes. OSError if it cannot be read (`NotRegularFile`: not a regular file)."""
         return read_location(self.location)
 
 
 def read_location(location: str) -> bytes:
-    """The bytes at a local path or a URI (pyarrow's file systems: s3://, gs://, hdfs://, where the
-    user has configured them). OSError if they cannot be read."""
+    """The bytes at a local path (a regular file only: `read_regular`) or a URI (pyarrow's file systems:
+    s3://, gs://, hdfs://, where the user has configured them). OSError if they cannot be read."""
     if "://" not in location:
-        return Path(location).read_bytes()
+        return read_regular(location)
     import pyarrow.fs as pafs
 
     try:
@@ -174,7 +222,7 @@ def scan_source(source: str | Path, exclude: Iterable[Path] = ()) -> Scan:
         skip = {Path(p).resolve() for p in exclude}
         matches = [Path(m) for m in sorted(globbing.glob(text, recursive=True))]
         return _sniffed([Item(m.relative_to(base).as_posix() if m.is_relative_to(base) else m.as_posix(), m)
-                         for m in matches if m.is_file() and m.resolve() not in skip])
+                         for m in matches if not m.is_dir() and m.resolve() not in skip])  # a FIFO: a record
     if path.is_file():
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
