@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.api.auth import EXPOSED_AUTH_HEADERS, admin_keys, install_auth
+from app.api.bodies import BodyBudgetMiddleware
 from app.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, OverloadMiddleware, RequestContextMiddleware
 from app.api.openapi import API_DESCRIPTION, API_TITLE, API_VERSION, OPENAPI_TAGS, build_openapi
@@ -140,7 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(demo.router)
     app.include_router(v2.router)  # the Open Inference Protocol (app/api/routes/v2.py)
 
-    # Added innermost first: RequestContext -> V2Error -> CORS -> APIKey -> Overload -> BodyLimit -> routes.
+    # Added innermost first: RequestContext -> V2Error -> CORS -> APIKey -> Overload -> BodyLimit -> BodyBudget -> routes.
+    app.add_middleware(BodyBudgetMiddleware, service=service)  # the bytes of bodies in flight (app/api/bodies.py)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(OverloadMiddleware, service=service)
     service.api_keys = install_auth(app, settings, service.metrics)  # API keys, when configured: before the body is read

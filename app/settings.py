@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="Largest accepted image in pixels (width x height), checked from the header."
     )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /v1/captions/batch request.")
+    max_inflight_body_bytes: int | None = Field(
+        None, ge=1, description="Most bytes of request bodies held at once, over all requests in flight (a body "
+        "counts from its Content-Length, or as a chunked body streams, until its request is answered). A request "
+        "that would pass it gets 503 overloaded with Retry-After, before its body is read. Unset: an eighth of the "
+        "memory the process may use (the cgroup's limit, else the machine's RAM), at least the largest request body.",
+    )
 
     # --- dynamic batching and load (README: Performance) ---
     batching: bool = Field(
@@ -197,7 +203,8 @@ class Settings(BaseSettings):
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("threads", "default_max_length", "preprocess_threads", "default_length_penalty",
-                     "default_no_repeat_ngram_size", "api_key_rate_limit", "api_key_rate_burst", mode="before")
+                     "default_no_repeat_ngram_size", "api_key_rate_limit", "api_key_rate_burst",
+                     "max_inflight_body_bytes", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "none", "auto"):
@@ -337,6 +344,40 @@ class Settings(BaseSettings):
     def body_limit(self, files: int = 1) -> int:
         """Largest request body accepted for a request carrying up to `files` uploads."""
         return self.max_upload_bytes * max(1, files) + 64 * 1024
+
+    def inflight_body_limit(self) -> int:
+        """Most bytes of request bodies in flight at once: max_inflight_body_bytes, else an eighth of the
+        memory available (app/settings.py `available_memory`), at least the largest request body."""
+        if self.max_inflight_body_bytes is not None:
+            return self.max_inflight_body_bytes
+        return max(self.body_limit(self.max_batch_files), available_memory() // 8)
+
+    @model_validator(mode="after")
+    def _check_inflight_bound(self) -> Settings:
+        largest = self.body_limit(self.max_batch_files)
+        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < largest:
+            raise ValueError(f"CAPTIONER_MAX_INFLIGHT_BODY_BYTES ({self.max_inflight_body_bytes}) is smaller than the "
+                             f"largest request body ({largest} bytes: max_upload_bytes x max_batch_files + 64 KiB), "
+                             "which could then never be accepted")
+        return self
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may use: the cgroup's limit (v2 `memory.max`, v1
+    `memory.limit_in_bytes`) when there is one, else the machine's physical memory (4 GiB if unknown)."""
+    physical = 4 << 30
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < physical:
+            return int(text)
+    return physical
 
 
 def _read_keys_file(path: Path) -> list[SecretStr]:

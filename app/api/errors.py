@@ -106,6 +106,16 @@ class PayloadTooLarge(StarletteHTTPException):
         super().__init__(status_code=413, detail=f"the request body exceeds the limit of {limit} bytes")
 
 
+class BodyRefused(StarletteHTTPException):
+    """Raised while the body streams in (app/api/bodies.py): 503 `overloaded` (the bytes of bodies in flight)
+    or 408 `request_timeout` (the body is late). An HTTPException for the same reason as PayloadTooLarge;
+    the answer closes the connection."""
+
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
+        self.code = code
+        super().__init__(status_code=status_code, detail=message, headers={**(headers or {}), "Connection": "close"})
+
+
 # status -> code for HTTPExceptions raised by Starlette/FastAPI themselves
 _HTTP_CODES = {
     400: "bad_request",
@@ -217,7 +227,7 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
         exc, status = cause, 413
     if status < 400:
         status = 500
-    code = _HTTP_CODES.get(status, "http_error" if status < 500 else "internal_error")
+    code = getattr(exc, "code", None) or _HTTP_CODES.get(status, "http_error" if status < 500 else "internal_error")
     detail = exc.detail
     message = detail if isinstance(detail, str) else (_DESCRIPTIONS.get(status) or "error")
     if status == 400 and message == "There was an error parsing the body":

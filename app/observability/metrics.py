@@ -64,6 +64,15 @@ class Metrics:
         self.model_loads = Counter("captioner_model_loads", "Loads and rollbacks by model and result (ok: switched; "
                                    "refused: a check failed, the old version kept serving).", ["model", "result"],
                                    registry=r)
+        # request bodies (app/api/bodies.py): the bytes held in flight, and bodies refused while they stream
+        self.inflight_body_bytes = Gauge("captioner_inflight_body_bytes", "Bytes of request bodies in flight "
+                                         "(reserved from Content-Length, or as a chunked body streams).", registry=r)
+        self.refused_bodies = Counter("captioner_refused_bodies", "Requests refused because of their body, by reason "
+                                      "(inflight_full: 503, the bytes of bodies in flight would pass "
+                                      "max_inflight_body_bytes; body_timeout: 408, the body did not arrive within "
+                                      "body_timeout_s).", ["reason"], registry=r)
+        for reason in ("inflight_full", "body_timeout"):
+            self.refused_bodies.labels(reason)
         self.rate_limited = Counter("captioner_rate_limited_requests", "Requests refused with 429 because their API "
                                     "key was over its rate limit.", registry=r)
 
