@@ -46,7 +46,8 @@ def build_model(size: str = "default", seed: int = 0, backbone: str = "efficient
 def export_bench_bundle(model, out_dir: Path, max_length: int = 16) -> Path:
     """The torch model as a bundle folder the serving engine loads (sha256s, manifest, vocab)."""
     from app.inference.bundle import FORMAT_VERSION, Manifest, ModelId, SpecialTokens
-    from model_export.export import architecture_of, export_onnx, file_entries
+    from model_export.bundle_files import file_entries
+    from model_export.export import architecture_of, export_onnx
     from model_export.features import preprocessing_for
 
     out_dir.mkdir(parents=True, exist_ok=True)

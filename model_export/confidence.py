@@ -39,6 +39,7 @@ from app.inference.bundle import ConfidenceCalibration, Manifest, load_bundle
 from app.inference.confidence import confidence, mean_log_prob, raw_confidence
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
+from model_export.bundle_files import rewrite_manifest
 from model_export.data.karpathy import CaptionDataset
 from model_export.images import iter_batches
 
@@ -304,14 +305,12 @@ def evaluate_confidence(
 
 
 def write_calibration(bundle_dir: Path, calibration: dict) -> None:
-    """Store `calibration` as the manifest's `confidence` block (manifest.json rewritten in place,
-    then the bundle loaded again to check it)."""
+    """Store `calibration` as the manifest's `confidence` block (manifest.json rewritten in place:
+    model_export/bundle_files.py rewrite_manifest), then load the bundle again to check it."""
     path = Path(bundle_dir) / "manifest.json"
     manifest = Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     updated = manifest.model_copy(update={"confidence": ConfidenceCalibration.model_validate(calibration)})
-    temporary = path.with_name(".manifest.json.tmp")
-    temporary.write_text(updated.to_json(), encoding="utf-8")
-    temporary.replace(path)
+    rewrite_manifest(bundle_dir, updated)
     load_bundle(bundle_dir, verify=False)
 
 

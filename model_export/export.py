@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +39,6 @@ from app.inference.bundle import (
     IMAGENET_OUTPUT,
     Architecture,
     Evaluation,
-    FileEntry,
     Manifest,
     ModelId,
     Parity,
@@ -50,11 +47,11 @@ from app.inference.bundle import (
     Training,
     TrainingData,
     load_bundle,
-    sha256_file,
     unknown_keys,
 )
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
+from model_export.bundle_files import file_entries, staged_bundle
 from model_export.data.karpathy import CaptionDataset
 from model_export.features import preprocessing_for
 from model_export.images import load_pixels
@@ -149,12 +146,6 @@ def architecture_of(model: Captioner, vocab_size: int) -> Architecture:
         vocab_size=vocab_size,
         encoder_fine_tuned_blocks=model.config.fine_tune_blocks,
     )
-
-
-def file_entries(**paths: Path) -> dict[str, FileEntry]:
-    """The manifest's `files` block: each bundle file's name, sha256 and size."""
-    return {key: FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
-            for key, path in paths.items()}
 
 
 def _max_diff(a, b) -> float:
@@ -281,9 +272,9 @@ def export_bundle(
     spec = preprocessing_for(model.backbone)
     images = np.stack([load_pixels(e.image_path, spec) for e in parity_examples])
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    # assembled and proved in a staging folder beside out_dir, which replaces out_dir only at the end
+    # (model_export/bundle_files.py); a failed check removes it and leaves out_dir as it was
+    with staged_bundle(out_dir, "export") as tmp:
         encoder_path, decoder_path = export_onnx(model, tmp, precision)
         vocab.save(tmp / "vocab.json")
         write_labels(tmp / "labels.json")
@@ -339,10 +330,6 @@ def export_bundle(
         final["export_seconds"] = round(time.monotonic() - started, 1)
         write_manifest(**final)
         load_bundle(tmp)  # the final bundle must read back
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -360,14 +347,3 @@ def _recommended_decoding(decoding: dict | None) -> RecommendedDecoding | None:
         raise ExportError(f"decoding: unknown key(s) {', '.join(unknown)} "
                           f"(a recommendation has {', '.join(RecommendedDecoding.model_fields)})")
     return recommended
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is swapped out only once `new` is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{int(time.time())}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)

@@ -13,13 +13,13 @@ order), read here at export time; the service reads only labels.json.
 from __future__ import annotations
 
 import json
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
 from app.inference.bundle import IMAGENET_OUTPUT, BundleError, Labels, Parity, load_bundle, sha256_file
+from model_export.bundle_files import file_entries, staged_bundle
 
 IMAGENET_CLASSES = 1000
 TOLERANCE = 1e-4  # torch vs onnxruntime, max abs difference on the probabilities
@@ -121,7 +121,6 @@ def add_labels(bundle_dir: Path, real_images: np.ndarray | None = None, seed: in
 
     import torch
 
-    from model_export.export import _replace_dir, file_entries
     from model_export.model import Backbone
 
     bundle_dir = Path(bundle_dir)
@@ -144,9 +143,7 @@ def add_labels(bundle_dir: Path, real_images: np.ndarray | None = None, seed: in
     if real_images is not None and len(real_images):
         images["real"] = np.ascontiguousarray(real_images, dtype=np.float32)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.labels-", dir=bundle_dir.parent))
-    try:
-        tmp.chmod(0o755)
+    with staged_bundle(bundle_dir, "labels") as tmp:  # replaces bundle_dir once the block has finished
         for entry in manifest.files.values():
             shutil.copy2(bundle_dir / entry.path, tmp / entry.path)
         for extra in ("eval.json",):
@@ -163,8 +160,4 @@ def add_labels(bundle_dir: Path, real_images: np.ndarray | None = None, seed: in
         checked = load_bundle(tmp)
         if not checked.has_labels or sha256_file(tmp / "labels.json") != files["labels"].sha256:
             raise LabelsError("the new bundle does not read back with its labels")
-        _replace_dir(tmp, bundle_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -14,6 +14,7 @@ from pathlib import Path
 from app.inference.bundle import Preprocessing, ReferenceCaption, load_bundle, reference_input
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
+from model_export.bundle_files import rewrite_manifest
 
 REFERENCE_SEEDS = (0, 1, 2, 3)
 
@@ -28,7 +29,7 @@ def reference_captions(engine: Engine, spec: Preprocessing) -> list[ReferenceCap
 
 def add_reference(bundle_dir: Path) -> list[ReferenceCaption]:
     """Record `parity.reference` in the manifest of the bundle at `bundle_dir` (its files' sha256s are
-    checked first; only manifest.json changes, through a temporary file renamed over it)."""
+    checked first; only manifest.json changes: model_export/bundle_files.py rewrite_manifest)."""
     bundle = load_bundle(bundle_dir)
     engine = Engine(bundle, device="cpu")
     reference = reference_captions(engine, bundle.manifest.preprocessing)
@@ -38,9 +39,5 @@ def add_reference(bundle_dir: Path) -> list[ReferenceCaption]:
         from app.inference.bundle import Parity
 
         parity = Parity(reference=reference)
-    updated = manifest.model_copy(update={"parity": parity})
-    path = Path(bundle_dir) / "manifest.json"
-    tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(updated.to_json())
-    tmp.replace(path)
+    rewrite_manifest(bundle_dir, manifest.model_copy(update={"parity": parity}))
     return reference
