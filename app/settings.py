@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.inference.bundle import MAX_LABELS
+from app.inference.bundle import MAX_LABELS, scan_repository
 from app.inference.decoding import (
     MAX_BEAM_SIZE,
     MAX_LENGTH_LIMIT,
@@ -278,18 +278,22 @@ class Settings(BaseSettings):
         if not root.is_dir():
             raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: {root} is not a folder")
         try:
-            found = any((v / "manifest.json").is_file() for n in root.iterdir() if n.is_dir() for v in n.iterdir()
-                        if v.is_dir())
+            models, ignored = scan_repository(root)  # what the registry serves (app/inference/bundle.py)
         except OSError as exc:
             raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: cannot read {root} ({exc.strerror})") from None
-        if not found:
+        if not models and ignored:
+            raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: {root} holds no bundle under a valid name (a name and a "
+                             "version are letters, digits and . _ + -, starting with a letter or a digit); not served: "
+                             f"{', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}")
+        if not models:
             raise ValueError(f"CAPTIONER_MODEL_REPOSITORY: {root} holds no bundle (expected <name>/<version>/"
                              "manifest.json)")
         if self.default_model is not None:
             name, _, version = self.default_model.partition(":")
-            if not (root / name / (version or ".")).is_dir() or not name or "/" in self.default_model:
+            if name not in models or (version and version not in models[name]):  # also "", ".", "..", "a/b"
+                held = [f"{n}:{v}" for n in sorted(models) for v in sorted(models[n])]
                 raise ValueError(f"CAPTIONER_DEFAULT_MODEL: {self.default_model!r} is not a model of the repository "
-                                 f"{root}")
+                                 f"{root} (it holds {', '.join(held[:10])}{' ...' if len(held) > 10 else ''})")
         return self
 
     def all_api_keys(self) -> list[str]:

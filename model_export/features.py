@@ -1,6 +1,11 @@
 """The frozen-encoder feature cache. With a frozen encoder the feature
 grids of every image are computed once (through onnxruntime, which runs EfficientNet-Lite several
 times faster than eager PyTorch on a CPU) and kept in a float16 .npy file that later runs reuse.
+
+A cache file's name is a hash of everything its features depend on (`_cache_key`): the image files
+(absolute path, size and modification time of each, in order), the backbone (name, input size and a
+digest of its weights), the preprocessing, the mirroring, and CACHE_FORMAT for what the code decides
+(the resizing, the graph, float16). So runs, and tests, on the same images may share one folder.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from app.inference.bundle import Preprocessing
 from model_export.data.errors import DatasetError
 from model_export.images import iter_batches
 from model_export.model import Backbone
+
+# Bump when the same inputs would give other features (resizing, the backbone graph, the stored dtype).
+CACHE_FORMAT = 2
 
 
 def preprocessing_for(backbone: Backbone) -> Preprocessing:
@@ -44,13 +52,28 @@ def export_backbone_onnx(backbone: Backbone, path: Path) -> None:
     backbone.eval()
 
 
-def _cache_key(paths: Sequence[Path], backbone: Backbone, flip: bool = False) -> str:
+def weights_digest(backbone: Backbone) -> str:
+    """sha256 over the backbone's parameters and buffers (names, dtypes, shapes, values): the shipped
+    weights of its package version, or any others loaded into it."""
     digest = hashlib.sha256()
-    digest.update(f"{backbone.name}|{backbone.image_size}|v1".encode())
-    if flip:
-        digest.update(b"|flipped")
+    for name, tensor in backbone.state_dict().items():
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        digest.update(f"{name}|{array.dtype}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _cache_key(paths: Sequence[Path], backbone: Backbone, flip: bool = False) -> str:
+    """What the features of `paths` depend on. An image file is known by its absolute path, size and
+    modification time (not its bytes, which would mean reading every image): rewriting a file changes
+    its modification time."""
+    digest = hashlib.sha256()
+    spec = preprocessing_for(backbone)
+    digest.update(f"v{CACHE_FORMAT}|{backbone.name}|{backbone.image_size}|{weights_digest(backbone)}|"
+                  f"{spec.model_dump_json()}|flipped={flip}\n".encode())
     for path in paths:
-        stat = Path(path).stat()
+        path = Path(path).absolute()
+        stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
@@ -102,7 +125,7 @@ def feature_cache(
         del out
         os.replace(partial, target)
     (cache_dir / f"features-{key}.json").write_text(
-        json.dumps({"backbone": backbone.name, "image_size": backbone.image_size, "images": len(paths), "flipped": flip},
-                   indent=1)
+        json.dumps({"format": CACHE_FORMAT, "backbone": backbone.name, "image_size": backbone.image_size,
+                    "images": len(paths), "flipped": flip}, indent=1)
     )
     return np.load(target, mmap_mode="r")

@@ -5,6 +5,10 @@ of the service's own source files (only the operator's own paths, such as the bu
 Exit statuses: 2 for an invalid setting (the settings are checked before anything loads), 3 for a
 bundle or engine that cannot load and for a port already taken (uvicorn's start-up failure status).
 
+A row with `bundle="repo"` runs against a model repository built for it (CAPTIONER_MODEL_REPOSITORY, no
+CAPTIONER_BUNDLE): a copy of the tiny bundle in each folder of `repo`, and the empty folders of
+`repo_empty`.
+
 The rows that load a bundle, an engine or a port run the real `python -m app.cli serve` in a subprocess
 (tier `service`). The settings-only rows (exit 2) stop before anything loads, so they run the same `serve`
 command in-process through typer's CliRunner (tier `unit`), with uvicorn replaced by a trap that fails the
@@ -15,6 +19,7 @@ so the exit status 2 of the real process stays proven.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +35,7 @@ from tests.support.live_server import REPO, free_port, service_env
 
 SECRET = "tiny-secret"  # an API key too short to accept: the message must not echo it
 TIMES: dict[str, float] = {}  # fault id -> seconds to exit, printed at the end of the module
-SUBPROCESS_TOO = ("device-tpu", "api-key-too-short")  # settings rows also run as a real process
+SUBPROCESS_TOO = ("device-tpu", "api-key-too-short", "repository-only-invalid-names")  # also as a real process
 
 
 def _altered(bundle: Path) -> None:
@@ -52,7 +57,9 @@ class Fault:
     status: int = 3
     expect: tuple[str, ...] = ()  # all on one line of the output
     edit: Callable[[Path], None] | None = None  # how to damage a fresh tiny bundle
-    bundle: str = "tiny"  # "tiny", "absent" (a path that does not exist) or "empty" (an empty folder)
+    bundle: str = "tiny"  # "tiny", "absent" (a path that does not exist), "empty" (an empty folder) or "repo"
+    repo: tuple[str, ...] = ("tiny-sat/0.0.1",)  # bundle="repo": the folders holding a copy of the tiny bundle
+    repo_empty: tuple[str, ...] = ()  # bundle="repo": empty folders of the repository
     hold_port: bool = False
     absent: tuple[str, ...] = ()  # must not appear anywhere in the output
 
@@ -97,6 +104,19 @@ FAULTS = [
           ("CAPTIONER_API_KEY_RATE_LIMIT", "greater than or equal to 1"), absent=(SECRET,)),
     Fault("api-key-rate-limit-without-keys", {"api_key_rate_limit": "60"}, 2,
           ("CAPTIONER_API_KEY_RATE_LIMIT", "need API keys")),
+    # -- the model repository (CAPTIONER_MODEL_REPOSITORY)
+    Fault("default-model-empty-folder", {"default_model": "emptyname"}, 2,
+          ("CAPTIONER_DEFAULT_MODEL", "'emptyname'", "not a model of the repository", "tiny-sat"),
+          bundle="repo", repo_empty=("emptyname",)),
+    Fault("default-model-dot", {"default_model": "."}, 2, ("CAPTIONER_DEFAULT_MODEL", "'.'", "not a model"),
+          bundle="repo"),
+    Fault("default-model-dotdot", {"default_model": ".."}, 2, ("CAPTIONER_DEFAULT_MODEL", "'..'", "not a model"),
+          bundle="repo"),
+    Fault("default-model-version-empty", {"default_model": "tiny-sat:9.9.9"}, 2,
+          ("CAPTIONER_DEFAULT_MODEL", "'tiny-sat:9.9.9'", "not a model"), bundle="repo", repo_empty=("tiny-sat/9.9.9",)),
+    Fault("repository-only-invalid-names", {}, 2,
+          ("CAPTIONER_MODEL_REPOSITORY", "no bundle under a valid name", "_flickr/2.0.0"),
+          bundle="repo", repo=("_flickr/2.0.0",)),
     # -- the host
     Fault("port-in-use", status=3, hold_port=True, expect=("address already in use",)),
 ]
@@ -111,6 +131,13 @@ def _bundle_for(fault: Fault, tiny: Path, tmp_path: Path, copy_bundle) -> Path:
     if fault.bundle == "empty":
         (tmp_path / "empty").mkdir()
         return tmp_path / "empty"
+    if fault.bundle == "repo":
+        root = tmp_path / "repo"
+        for folder in fault.repo:
+            shutil.copytree(tiny, root / folder)
+        for folder in fault.repo_empty:
+            (root / folder).mkdir(parents=True)
+        return root
     if fault.edit is None:
         return tiny
     bundle = copy_bundle(tiny, "damaged")
@@ -140,6 +167,8 @@ def _check_output(fault: Fault, status: int, output: str) -> None:
 def _settings_for(fault: Fault, bundle: Path) -> tuple[dict, socket.socket | None]:
     holder = None
     settings = dict(fault.settings)
+    if fault.bundle == "repo":
+        settings["model_repository"] = bundle  # service_env then sets no CAPTIONER_BUNDLE
     if fault.hold_port:
         holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
@@ -182,7 +211,7 @@ def test_startup_fault_in_a_real_process(fault: Fault, tiny_bundle: Path, tmp_pa
 
 
 @pytest.mark.parametrize("fault", SETTINGS_ONLY, ids=[f.id for f in SETTINGS_ONLY])
-def test_settings_fault_in_process(fault: Fault, tiny_bundle: Path, monkeypatch):
+def test_settings_fault_in_process(fault: Fault, tiny_bundle: Path, tmp_path: Path, copy_bundle, monkeypatch):
     """The same `serve` command, in-process: an invalid setting must stop it before uvicorn is built."""
     import uvicorn
 
@@ -194,8 +223,9 @@ def test_settings_fault_in_process(fault: Fault, tiny_bundle: Path, monkeypatch)
     for key in list(os.environ):
         if key.upper().startswith("CAPTIONER_"):
             monkeypatch.delenv(key)
-    settings, _ = _settings_for(fault, tiny_bundle)
-    env = {k: v for k, v in service_env(tiny_bundle, **settings).items() if k.startswith("CAPTIONER_")}
+    bundle = _bundle_for(fault, tiny_bundle, tmp_path, copy_bundle)
+    settings, _ = _settings_for(fault, bundle)
+    env = {k: v for k, v in service_env(bundle, **settings).items() if k.startswith("CAPTIONER_")}
     from app.cli import app_cli
 
     started = time.perf_counter()

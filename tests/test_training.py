@@ -2,12 +2,17 @@
 a few training steps, export with its parity checks, evaluation, resume, and bad input.
 
 No timings are asserted; the tiny model is not expected to caption well, only to go through every
-real step (real images, real ONNX files, real onnxruntime, real pycocoevalcap)."""
+real step (real images, real ONNX files, real onnxruntime, real pycocoevalcap).
+
+The runs on the module's scenes share the session's feature cache (tests/conftest.py `feature_cache_dir`),
+so the encoder features of those images are computed once; the test of the cache's files
+(test_flickr_recipe_options_train) and the failing runs keep folders of their own."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +49,19 @@ def scenes(tmp_path_factory) -> Path:
     return root
 
 
-def train(scenes: Path, out: Path, *extra: str):
+def train(scenes: Path, out: Path, *extra: str, cache: Path | None = None):
+    """`captioner train` on `scenes`; `cache`: the feature cache folder (default: the run's own)."""
     return invoke(
         "train", "--data", scenes / "dataset.json", "--images", scenes, "--out", out,
         "--epochs", "2", "--batch-size", "32", "--no-progress", "--threads", "2", *extra,
+        *(("--cache", cache) if cache else ()),
     )
 
 
 @pytest.fixture(scope="module")
-def trained(scenes, tmp_path_factory) -> Path:
+def trained(scenes, tmp_path_factory, feature_cache_dir) -> Path:
     run = tmp_path_factory.mktemp("run")
-    result = train(scenes, run)
+    result = train(scenes, run, cache=feature_cache_dir)
     assert result.exit_code == 0, result.output
     return run
 
@@ -126,26 +133,26 @@ def test_training_writes_checkpoints_history_and_vocab(trained):
     assert history[1]["train_loss"] < history[0]["train_loss"]
 
 
-def test_training_is_repeatable_with_a_seed(scenes, trained, tmp_path):
-    result = train(scenes, tmp_path / "again")
+def test_training_is_repeatable_with_a_seed(scenes, trained, tmp_path, feature_cache_dir):
+    result = train(scenes, tmp_path / "again", cache=feature_cache_dir)
     assert result.exit_code == 0, result.output
     first = json.loads((trained / "history.json").read_text())
     second = json.loads((tmp_path / "again" / "history.json").read_text())
     assert [h["train_loss"] for h in first] == [h["train_loss"] for h in second]
 
 
-def test_resume_continues_from_the_last_checkpoint(scenes, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(scenes, tmp_path, feature_cache_dir):
     run = tmp_path / "run"
-    assert train(scenes, run, "--epochs", "1").exit_code == 0
-    result = train(scenes, run, "--epochs", "2", "--resume")
+    assert train(scenes, run, "--epochs", "1", cache=feature_cache_dir).exit_code == 0
+    result = train(scenes, run, "--epochs", "2", "--resume", cache=feature_cache_dir)
     assert result.exit_code == 0, result.output
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
-def test_resume_with_another_vocabulary_is_a_clear_error(scenes, trained, tmp_path):
+def test_resume_with_another_vocabulary_is_a_clear_error(scenes, trained, tmp_path, feature_cache_dir):
     run = tmp_path / "run"
-    assert train(scenes, run, "--epochs", "1").exit_code == 0
-    result = train(scenes, run, "--epochs", "2", "--resume", "--min-count", "60")  # drops the rarer words
+    assert train(scenes, run, "--epochs", "1", cache=feature_cache_dir).exit_code == 0
+    result = train(scenes, run, "--epochs", "2", "--resume", "--min-count", "60", cache=feature_cache_dir)  # drops rarer words
     assert result.exit_code == 1
     assert "vocabulary mismatch" in result.output and "last.pt" in result.output
 
@@ -286,9 +293,9 @@ def test_evaluate_command_scores_a_bundle_without_torch(bundle, scenes, tmp_path
         assert result[name]["attributes"]["all"]["images"] == 20
 
 
-def test_show_and_tell_variant_trains_and_exports(scenes, tmp_path):
+def test_show_and_tell_variant_trains_and_exports(scenes, tmp_path, feature_cache_dir):
     run = tmp_path / "run"
-    assert train(scenes, run, "--epochs", "1", "--decoder", "show_and_tell").exit_code == 0
+    assert train(scenes, run, "--epochs", "1", "--decoder", "show_and_tell", cache=feature_cache_dir).exit_code == 0
     out = tmp_path / "st"
     result = invoke("export", "--checkpoint", run / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
                     "--out", out, "--evaluate-split", "", "--no-progress")
@@ -437,6 +444,40 @@ def test_flickr_recipe_options_train(scenes, tmp_path):
     assert not (run / "cache").exists()  # --cache was used instead
 
 
+def test_the_feature_cache_key_covers_what_the_features_depend_on(scenes, tmp_path, monkeypatch):
+    """The cache is shared by runs (and by this module's tests): its key must change with anything that
+    changes the features, and only then."""
+    import model_export.features as features
+    from app.inference.bundle import Preprocessing
+
+    backbone = Backbone("efficientnet-lite0")
+    paths = sorted((scenes / "images" / "val").glob("*.jpg"))[:3]
+    key = features._cache_key(paths, backbone)
+    assert features._cache_key(list(paths), Backbone("efficientnet-lite0")) == key  # another instance, same weights
+    monkeypatch.chdir(scenes)
+    assert features._cache_key([p.relative_to(scenes) for p in paths], backbone) == key  # the same files, relative
+    copies = [Path(shutil.copy2(p, tmp_path / p.name)) for p in paths]  # same bytes and times, elsewhere
+    others = {
+        "fewer images": features._cache_key(paths[:2], backbone),
+        "another order": features._cache_key(paths[::-1], backbone),
+        "copies elsewhere": features._cache_key(copies, backbone),
+        "mirrored": features._cache_key(paths, backbone, flip=True),
+        "another input size": features._cache_key(paths, Backbone("efficientnet-lite0", image_size=256)),
+        "another backbone": features._cache_key(paths, Backbone("efficientnet-lite1", image_size=224)),
+    }
+    copies[0].write_bytes(copies[0].read_bytes())  # rewritten: same bytes, a new modification time
+    others["a rewritten image"] = features._cache_key(copies, backbone)
+    imagenet = Preprocessing(image_size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with monkeypatch.context() as patch:
+        patch.setattr(features, "preprocessing_for", lambda _: imagenet)
+        others["other preprocessing"] = features._cache_key(paths, backbone)
+    with torch.no_grad():
+        backbone.net._conv_head.weight.mul_(1.01)
+    others["other weights"] = features._cache_key(paths, backbone)
+    keys = [key, *others.values()]
+    assert len(set(keys)) == len(keys), others
+
+
 def test_flip_augmentation_needs_the_frozen_encoder(scenes, tmp_path):
     result = train(scenes, tmp_path / "run", "--epochs", "1", "--flip-augment", "0.5", "--fine-tune-blocks", "1")
     assert result.exit_code == 1
@@ -490,10 +531,10 @@ def test_cider_d_reward_equals_pycocoevalcap_on_its_own_corpus():
     assert got[0] > got[2]  # the right caption beats the wrong one
 
 
-def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_path):
+def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_path, feature_cache_dir):
     run = tmp_path / "scst"
     result = train(scenes, run, "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt", "--lr", "5e-5",
-                   "--flip-augment", "0.5", "--cache", tmp_path / "cache")
+                   "--flip-augment", "0.5", cache=feature_cache_dir)
     assert result.exit_code == 0, result.output
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     record = state["history"][-1]
@@ -502,6 +543,7 @@ def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_
     assert any(not torch.equal(state["decoder"][k], start["decoder"][k]) for k in start["decoder"])  # it trained
     # a checkpoint of other model settings is refused with a clear message
     other = tmp_path / "other"
-    assert train(scenes, other, "--epochs", "1", "--hidden-dim", "64").exit_code == 0
-    result = train(scenes, tmp_path / "bad", "--epochs", "1", "--self-critical", "--init-checkpoint", other / "best.pt")
+    assert train(scenes, other, "--epochs", "1", "--hidden-dim", "64", cache=feature_cache_dir).exit_code == 0
+    result = train(scenes, tmp_path / "bad", "--epochs", "1", "--self-critical", "--init-checkpoint", other / "best.pt",
+                   cache=feature_cache_dir)
     assert result.exit_code == 1 and "vocabulary or model settings differ" in result.output

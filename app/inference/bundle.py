@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,29 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 REQUIRED_FILES = ("encoder", "decoder", "vocab")
 IMAGENET_OUTPUT = "imagenet_probs"  # the encoder's class-probability output, in bundles with labels
 MAX_LABELS = 20  # the most ImageNet labels a request (or the default_labels setting) may ask for per image
+# A model name or version of a model repository (`<name>/<version>/`): the folders a repository serves.
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+_MODEL_NAME_RE = re.compile(rf"^{MODEL_NAME_PATTERN}$")
+
+
+def scan_repository(root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """A model repository's bundles: per name, the versions (folder order, unsorted) whose folder
+    `<root>/<name>/<version>/` holds a manifest.json, where name and version match MODEL_NAME_PATTERN;
+    and the `name/version` folders holding a manifest.json under a name or version that does not (not
+    served: `_flickr/2.0.0`, `.hidden/1`). OSError if a folder cannot be listed."""
+    found: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for name_dir in sorted(Path(root).iterdir()):
+        if not name_dir.is_dir():
+            continue
+        for version_dir in sorted(name_dir.iterdir()):
+            if not (version_dir.is_dir() and (version_dir / "manifest.json").is_file()):
+                continue
+            if _MODEL_NAME_RE.match(name_dir.name) and _MODEL_NAME_RE.match(version_dir.name):
+                found.setdefault(name_dir.name, []).append(version_dir.name)
+            else:
+                ignored.append(f"{name_dir.name}/{version_dir.name}")
+    return found, ignored
 
 
 class BundleError(Exception):

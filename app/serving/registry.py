@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.inference.bundle import Bundle, BundleError, load_bundle, reference_input
+from app.inference.bundle import MODEL_NAME_PATTERN, Bundle, BundleError, load_bundle, reference_input, scan_repository
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine, EngineError
 from app.observability.logs import service_log
@@ -44,10 +44,9 @@ from app.observability.metrics import Metrics
 from app.serving.batcher import DynamicBatcher
 from app.settings import Settings
 
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+NAME_PATTERN = MODEL_NAME_PATTERN  # a model name or version (app/inference/bundle.py)
 MODEL_SPEC_PATTERN = rf"^{NAME_PATTERN}(:{NAME_PATTERN})?$"
 SMOKE_SEED = 1_000_003  # the smoke caption's input (reference_input), whatever the manifest records
-_NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
 _SPEC_RE = re.compile(MODEL_SPEC_PATTERN)
 
 
@@ -208,18 +207,12 @@ class ModelRegistry:
         """Per name, the versions the repository holds (oldest first)."""
         if self.root is None:
             return {self._single[0]: [self._single[1]]} if self._single else {}
-        found: dict[str, list[str]] = {}
         try:
-            for name_dir in sorted(self.root.iterdir()):
-                if not name_dir.is_dir() or not _NAME_RE.match(name_dir.name):
-                    continue
-                versions = [v.name for v in name_dir.iterdir()
-                            if v.is_dir() and _NAME_RE.match(v.name) and (v / "manifest.json").is_file()]
-                if versions:
-                    found[name_dir.name] = sorted(versions, key=version_key)
+            found, _ = scan_repository(self.root)  # names and versions of NAME_PATTERN only
         except OSError as exc:
             service_log.warning("cannot read the model repository (%s)", exc.strerror)
-        return found
+            return {}
+        return {name: sorted(versions, key=version_key) for name, versions in found.items()}
 
     def bundle_path(self, name: str, version: str) -> Path:
         available = self.available()
@@ -251,6 +244,9 @@ class ModelRegistry:
             return
         pinned_name, _, pinned_version = (self.settings.default_model or "").partition(":")
         available = self.available()
+        if not available or (pinned_name and pinned_name not in available):  # the settings checked it: changed since
+            raise BundleRefused("bundle", f"the model repository {self.root} holds no bundle under a valid name"
+                                if not available else f"the model repository {self.root} holds no model {pinned_name}")
         self.default_name = pinned_name or sorted(available)[0]
         for name, versions in available.items():
             version = pinned_version if name == pinned_name and pinned_version else versions[-1]
