@@ -23,6 +23,12 @@
   names, uid and bundle path are those of docker-compose.yml and the Dockerfiles. Finally a live
   server runs with the Deployment's environment and answers the probes as the kubelet sends them.
 
+* KServe (deploy/kubernetes/kserve: a ServingRuntime and an InferenceService speaking the v2 protocol): rendered,
+  the KServe objects validated (strict) against a schema made from the `kserve` wheel's API models
+  (tests/fixtures/kserve/, tests/support/kserve_schema.py; the wheel ships no CRD YAML), the Kubernetes types
+  inside and the other objects with kubernetes-validate; the Deployment KServe makes of them held to the same
+  policy, checkov, probes, settings and hardening as the base Deployment.
+
 Without a usable kubectl the module skips, with the reason, unless REQUIRE_KUBERNETES_TESTS=1 (.ci/run),
 where it fails.
 """
@@ -771,3 +777,156 @@ def test_live_server_with_the_deployments_environment_answers_the_probes(rendere
             pytest.fail(f"the service did not stop within {grace} s of SIGTERM:\n{server.log()[-3000:]}")
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{server.url}/healthz", timeout=1.0)
+
+
+# ---- KServe: deploy/kubernetes/kserve (a ServingRuntime and an InferenceService, the v2 protocol) --------
+
+KSERVE = KUBE / "kserve"
+# The KServe CRDs' fields, from the kserve 0.21.0 wheel's API models (tests/support/kserve_schema.py says how it
+# was made: the wheel ships no CRD YAML); Kubernetes types inside refer to kubernetes-validate's definitions.
+KSERVE_SCHEMA = ROOT / "tests" / "fixtures" / "kserve" / "kserve-0.21.0.schema.json"
+KSERVE_KINDS = {("serving.kserve.io/v1alpha1", "ServingRuntime"), ("serving.kserve.io/v1beta1", "InferenceService")}
+
+
+@pytest.fixture(scope="module")
+def kserve() -> list[dict]:
+    return _kustomize(KSERVE)
+
+
+def _kserve_validate(objects: list[dict]) -> list[str]:
+    """Each KServe object against the schema (strict), the Kubernetes ones with kubernetes-validate."""
+    import jsonschema
+    from kubernetes_validate.utils import schema_contents
+    from referencing import Registry, Resource
+
+    schema = json.loads(KSERVE_SCHEMA.read_text())
+    version = latest_version()
+    definitions = schema_contents(f"kubernetes-json-schema/v{version}-local-strict/_definitions.json", version)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    problems = []
+    for o in objects:
+        if (o["apiVersion"], o["kind"]) not in KSERVE_KINDS:
+            problems += _validate([o])
+            continue
+        validator = jsonschema.Draft202012Validator({"$ref": f"{schema['$id']}#/kinds/{o['kind']}"}, registry=registry)
+        for error in validator.iter_errors(o):
+            where = "/".join(str(p) for p in error.absolute_path)
+            problems.append(f"{o['kind']}/{o['metadata']['name']} at {where}: {error.message}")
+    return problems
+
+
+def _kserve_pod(objects: list[dict]) -> dict:
+    """The Deployment KServe (RawDeployment) makes of the InferenceService and its runtime: the predictor's pod
+    fields, the runtime's volumes and its container (the predictor's `model` fields on top), KServe's labels."""
+    runtime = _one(objects, "ServingRuntime")
+    isvc = _one(objects, "InferenceService")
+    predictor = copy.deepcopy(isvc["spec"]["predictor"])
+    model = predictor.pop("model")
+    pod_fields = {k: v for k, v in predictor.items() if k not in ("minReplicas", "maxReplicas", "labels", "annotations")}
+    [container] = copy.deepcopy(runtime["spec"]["containers"])
+    container.update({k: v for k, v in model.items() if k in ("resources", "env", "args", "image")})
+    labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": f"{isvc['metadata']['name']}-predictor", "namespace": isvc["metadata"]["namespace"]},
+            "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+                **pod_fields, "volumes": runtime["spec"].get("volumes", []), "containers": [container]}}}}
+
+
+def test_kserve_manifests_render_and_validate(kserve):
+    assert {(o["apiVersion"], o["kind"]) for o in kserve} >= KSERVE_KINDS
+    assert {o["metadata"]["namespace"] for o in kserve} == {NAMESPACE}
+    problems = _kserve_validate(kserve)
+    assert not problems, "\n".join(problems)
+    # the pod KServe would make is a valid Deployment too
+    assert not _validate([_kserve_pod(kserve)])
+
+
+def test_kserve_schema_validation_catches_mistakes(kserve):
+    runtime = copy.deepcopy(_one(kserve, "ServingRuntime"))
+    runtime["spec"]["protocolVersion"] = runtime["spec"].pop("protocolVersions")  # the InferenceService's spelling
+    assert any("protocolVersion" in p for p in _kserve_validate([runtime]))
+    runtime = copy.deepcopy(_one(kserve, "ServingRuntime"))
+    runtime["spec"]["containers"][0]["readinesProbe"] = runtime["spec"]["containers"][0].pop("readinessProbe")
+    assert any("readinesProbe" in p for p in _kserve_validate([runtime]))  # inside a Kubernetes type
+    isvc = copy.deepcopy(_one(kserve, "InferenceService"))
+    isvc["spec"]["predictor"]["minReplicas"] = "two"
+    assert _kserve_validate([isvc])
+    isvc = copy.deepcopy(_one(kserve, "InferenceService"))
+    isvc["apiVersion"] = "serving.kserve.io/v1alpha1"
+    assert _kserve_validate([isvc])
+
+
+def test_kserve_runtime_speaks_v2_and_its_model_is_the_runtimes(kserve):
+    runtime = _one(kserve, "ServingRuntime")
+    isvc = _one(kserve, "InferenceService")
+    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "v2" and model["runtime"] == runtime["metadata"]["name"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"  # KServe makes the HPA
+    assert 1 <= isvc["spec"]["predictor"]["minReplicas"] <= isvc["spec"]["predictor"]["maxReplicas"]
+    [container] = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    [port] = container["ports"]
+    assert port["containerPort"] == Settings.model_fields["port"].default and port["protocol"] == "TCP"
+
+
+def test_kserve_pod_is_hardened_like_the_base_deployment(kserve, rendered):
+    deployment = _kserve_pod(kserve)
+    objects = [deployment, *kserve]
+    findings = [f for f in policy_findings(objects) if not f.endswith("no HorizontalPodAutoscaler")]
+    assert not findings, "\n".join(findings)
+    pod, base = deployment["spec"]["template"]["spec"], _pod(rendered["cpu"])
+    for field in ("securityContext", "automountServiceAccountToken", "enableServiceLinks", "terminationGracePeriodSeconds"):
+        assert pod[field] == base[field], field
+    [container], [base_container] = pod["containers"], base["containers"]
+    for field in ("securityContext", "resources", "lifecycle", "volumeMounts", "image"):
+        assert container[field] == base_container[field], field
+    assert pod["volumes"] == base["volumes"]
+    [port] = container["ports"]
+    policy = _one(kserve, "NetworkPolicy")
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {port["containerPort"]}
+
+
+def test_kserve_probes_env_and_grace_are_the_services(kserve, clean_env, tmp_path):
+    [container] = _one(kserve, "ServingRuntime")["spec"]["containers"]
+    probes = _probes(container)
+    assert set(probes) == {"startupProbe", "readinessProbe", "livenessProbe"}
+    for kind, probe in probes.items():
+        path = probe["httpGet"]["path"]
+        assert path.startswith("/v2/health/"), f"{kind}: the protocol's own health routes"
+        assert is_public(path) and _get(path) not in (401, 404), f"{kind} {path}"
+        assert probe["httpGet"]["port"] == container["ports"][0]["containerPort"]
+    assert _get(probes["livenessProbe"]["httpGet"]["path"]) == 200
+    assert _get(probes["readinessProbe"]["httpGet"]["path"]) == 503  # before the warm-up
+    env = {item["name"]: item["value"] for item in container["env"]}
+    for variable in env:
+        assert variable[len(ENV_PREFIX):].lower() in Settings.model_fields, variable
+    keys_file, _ = _keys_file(tmp_path)
+    settings = _service_settings(env, keys_file)
+    assert settings.host == "0.0.0.0" and settings.port == container["ports"][0]["containerPort"]
+    grace = _one(kserve, "InferenceService")["spec"]["predictor"]["terminationGracePeriodSeconds"]
+    assert grace > _prestop_seconds(container) + settings.request_timeout_s
+
+
+def test_kserve_checkov(kserve, tmp_path):
+    """checkov on the KServe render and on the Deployment KServe makes of it: no failure; each skip has its reason."""
+    checkov = _checkov()
+    if checkov is None:
+        if REQUIRED:
+            pytest.fail("REQUIRE_KUBERNETES_TESTS=1 but checkov is not installed (`make policy-tools`)", pytrace=False)
+        pytest.skip("checkov is not installed (test_checkov says why); test_kserve_pod_is_hardened_like_the_base_deployment "
+                    "covers its checks")
+    pod = _kserve_pod(kserve)
+    pod["metadata"]["annotations"] = _one(_kustomize(KUBE / "overlays" / "cpu"), "Deployment")["metadata"]["annotations"]
+    (tmp_path / "kserve.yaml").write_text(yaml.safe_dump_all([*kserve, pod]))
+    result = subprocess.run([checkov, "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download",
+                             "--quiet", "-o", "json"], capture_output=True, text=True, check=False, timeout=300,
+                            env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
+    report = json.loads(result.stdout)
+    report = report[0] if isinstance(report, list) else report
+    failed = [f"{c['check_id']} {c['check_name']} ({c['resource']})" for c in report["results"].get("failed_checks", [])]
+    assert report["summary"]["failed"] == 0 and report["summary"]["parsing_errors"] == 0, "\n".join(failed)
+    assert report["summary"]["passed"] > 0
