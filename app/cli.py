@@ -32,6 +32,8 @@ from app.cli_options import (
 from app.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from app.inference.engine import Label
 
 
@@ -66,10 +68,7 @@ def serve(
     # The service writes its own JSON access log (with the request id); uvicorn's would duplicate it.
     # On SIGTERM or SIGINT uvicorn stops accepting connections, lets the requests in flight finish
     # (at most request_timeout_s more), runs the lifespan shutdown and returns.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, server_header=False,
-                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     # uvicorn re-raises the signal it caught once it has shut down, which would end the process
     # with "killed by SIGTERM" after a clean drain: make that re-raise a no-op, so the exit is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,6 +76,18 @@ def serve(
     server.run()
     if not server.started:
         raise typer.Exit(3)  # start-up failed (the lifespan logged why), as uvicorn.run exits
+
+
+def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for `serve`: no access log of its own, no Server header, at most
+    max_connections connections and requests at once (limit_concurrency), idle keep-alive connections
+    closed after keep_alive_s, and the drain on SIGTERM bounded by request_timeout_s."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,  # type: ignore[arg-type]
+                          access_log=False, server_header=False,
+                          limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
+                          timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
 
 
 def labels_line(labels: Sequence[Label]) -> str:

@@ -124,6 +124,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0.0, le=3600.0, description="Deadline of a captioning request from its arrival; past it, 504."
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="Deadline of a request's body from the request's arrival: a body "
+        "not complete by then gets 408 request_timeout and the connection is closed (a slow or stalled upload "
+        "cannot hold a connection and its bytes for ever)."
+    )
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="Most connections and requests uvicorn holds at once "
+        "(limit_concurrency); past it a new one gets uvicorn's plain 503. Only `captioner serve`."
+    )
+    keep_alive_s: int = Field(
+        5, ge=1, le=300, description="Seconds an idle keep-alive connection stays open (uvicorn's "
+        "timeout_keep_alive). Only `captioner serve`."
+    )
     preprocess_threads: int | None = Field(
         None, ge=1, le=256, description="Threads decoding and resizing uploads; unset = half the CPUs (at least 1, at most 8)."
     )

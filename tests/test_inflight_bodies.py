@@ -136,3 +136,56 @@ def test_the_inflight_bound_must_fit_the_largest_body(tiny_bundle):
     assert default >= load_settings(bundle=tiny_bundle).body_limit(16)
     print(f"default bound on this machine: {default / 2**20:.0f} MiB")
 
+
+
+def test_a_slow_body_is_cut_off_with_408(server):
+    """Headers, a part of the body, then a trickle: 408 `request_timeout` once `body_timeout_s` (3 s here)
+    has passed since the request arrived, and the connection is closed."""
+    body = multipart("images", [jpeg(UPLOAD)] * 3)
+    with connect(server, timeout=40) as sock:
+        start = time.perf_counter()
+        sock.sendall(head("/v1/captions/batch", len(body)) + body[:100_000])
+        sock.settimeout(0.25)
+        answer = b""
+        for i in range(100_000, 100_000 + 160):  # at most 40 s of one byte every 0.25 s
+            try:
+                sock.sendall(body[i:i + 1])
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        assert answer, "no answer while the body trickled in"
+        sock.settimeout(10)
+        rest = answer
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                chunk = b""
+            if not chunk:
+                break
+            rest += chunk
+        elapsed = time.perf_counter() - start
+    head_text, _, payload = rest.partition(b"\r\n\r\n")
+    print(f"slow body cut off after {elapsed:.2f} s: {head_text.splitlines()[0]!r} {payload!r}")
+    assert head_text.startswith(b"HTTP/1.1 408"), rest
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert b"connection: close" in head_text.lower()  # and the loop above saw the server close it
+    with server.client() as c:
+        metrics = c.get("/metrics").text
+    assert 'captioner_refused_bodies_total{reason="body_timeout"} 1.0' in metrics
+    assert "captioner_inflight_body_bytes 0.0" in metrics
+
+
+def test_uvicorn_limits_come_from_the_settings(tiny_bundle):
+    from app.cli import uvicorn_config
+    from app.settings import load_settings
+
+    settings = load_settings(bundle=tiny_bundle, max_connections=77, keep_alive_s=4)
+    config = uvicorn_config(object(), settings)
+    assert config.limit_concurrency == 77 and config.timeout_keep_alive == 4
+    default = uvicorn_config(object(), load_settings(bundle=tiny_bundle))
+    assert default.limit_concurrency == 1000 and default.timeout_keep_alive == 5

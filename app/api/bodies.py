@@ -1,4 +1,5 @@
-"""Request bodies in flight: how many bytes they may hold together, and giving the memory back.
+"""Request bodies in flight: how many bytes they may hold together, how long they may take to arrive,
+and giving the memory back.
 
 `BodyBudgetMiddleware` (inside BodyLimitMiddleware, app/api/middleware.py, so a body over the per-request
 limit is a 413 first) reserves each request's body in one `BodyBudget` (settings.inflight_body_limit()):
@@ -9,6 +10,12 @@ otherwise). The reservation is held until the request is answered (its parts and
 that long) and then released. `/metrics`: `captioner_inflight_body_bytes`,
 `captioner_refused_bodies_total{reason="inflight_full"}`.
 
+The same middleware gives each body a deadline, `body_timeout_s` from the request's arrival: while the
+body is incomplete, each read of it waits at most until then; past it the request gets 408
+`request_timeout` with `Connection: close` (uvicorn then closes the connection), counted in
+`captioner_refused_bodies_total{reason="body_timeout"}`. Reads after the body is complete (a route waiting
+for the client to hang up) are not limited.
+
 CPython's allocator and glibc's malloc keep freed memory for reuse; after large bodies the process would
 stay at its peak. When the bytes in flight drop to zero after at least TRIM_AFTER_BYTES were held,
 `malloc_trim(0)` (glibc only, through ctypes) hands the free heap pages back to the system
@@ -17,8 +24,10 @@ stay at its peak. When the bytes in flight drop to zero after at least TRIM_AFTE
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import platform
+import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -95,12 +104,17 @@ class BodyBudgetMiddleware:
     def __init__(self, app: ASGIApp, service: ServiceState) -> None:
         self.app = app
         self.budget = BodyBudget(service.settings.inflight_body_limit(), service.metrics)
+        self.body_timeout_s = service.settings.body_timeout_s
+        self.metrics = service.metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
         budget = self.budget
+        deadline = scope.get("state", {}).get("start_time") or time.perf_counter()
+        deadline += self.body_timeout_s
+        complete = False
         reserved = 0
         declared = _content_length(scope)
         if declared is not None:
@@ -112,8 +126,17 @@ class BodyBudgetMiddleware:
         started = False
 
         async def counted_receive() -> Message:
-            nonlocal received, reserved
-            message = await receive()
+            nonlocal received, reserved, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                self.metrics.refused_bodies.labels("body_timeout").inc()
+                raise BodyRefused(408, "request_timeout", f"the request body did not arrive within body_timeout_s "
+                                  f"({self.body_timeout_s:g} s); got {received} bytes") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > reserved:  # chunked (or past its declared length): reserve as it comes
