@@ -24,6 +24,7 @@ from app.inference.bundle import load_bundle
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
 from model_export.tiny_bundle import make_tiny_bundle
+from tests.support.error_bodies import assert_no_server_paths
 from tests.support.live_server import REPO, LiveServer, free_port, image_bytes, service_env
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -231,6 +232,9 @@ def test_swap_under_load_and_back(server, expected):
             error = bad.json()["error"]
             assert error["code"] == "bundle_refused" and error["details"][0]["type"] == check
             assert f"{NAME}:{V2} keeps serving" in error["message"]
+            assert_no_server_paths(error)  # paths relative to the repository (issue 24)
+            if check == "sha256":
+                assert f"{NAME}/{CORRUPT}/encoder.onnx: sha256 mismatch" in error["message"], error
         time.sleep(0.5)
         t1 = events["rollback_sent"] = time.perf_counter()
         back = admin.post(f"/v1/models/{NAME}/rollback", headers=_auth(ADMIN))

@@ -19,8 +19,10 @@ Swapping (`load`, `rollback`; one at a time per name):
    with; once none is left its batcher closes and it is unloaded (its engine freed).
 
 A bundle that fails a check is refused (`BundleRefused`, naming the check) and the active version
-keeps serving. Only the active version of each name stays loaded: `?model=name:version` of any other
-version (an unloaded one) is a `ModelNotFound` (404 model_not_found, listing what is loaded).
+keeps serving. Its message names the bundle's files by their absolute paths (for the log and start-up);
+`ModelRegistry.public_text` makes them relative to the repository for an error body. Only the active
+version of each name stays loaded: `?model=name:version` of any other version (an unloaded one) is a
+`ModelNotFound` (404 model_not_found, listing what is loaded).
 `rollback` loads the version the name served before the current one, with the same checks.
 """
 
@@ -48,6 +50,8 @@ NAME_PATTERN = MODEL_NAME_PATTERN  # a model name or version (app/inference/bund
 MODEL_SPEC_PATTERN = rf"^{NAME_PATTERN}(:{NAME_PATTERN})?$"
 SMOKE_SEED = 1_000_003  # the smoke caption's input (reference_input), whatever the manifest records
 _SPEC_RE = re.compile(MODEL_SPEC_PATTERN)
+# An absolute path in a message (not a URL's path, not a relative one): `public_text` shortens what is left.
+_ABSOLUTE = re.compile(r"(?<![\w.:/~%-])/(?:[^\s'\"`(),;<>/]+/)+(?=[^\s'\"`(),;<>/]*)")
 
 
 class ModelNotFound(Exception):
@@ -223,6 +227,18 @@ class ModelRegistry:
             assert self._single is not None
             return self._single[2]
         return self.root / name / version
+
+    def public_text(self, text: str) -> str:
+        """`text` (a `BundleRefused` message) fit for an error body: no absolute path of this machine. Paths
+        in the model repository become relative to it (`<root>/tiny/9.0.0/encoder.onnx` ->
+        `tiny/9.0.0/encoder.onnx`; a single CAPTIONER_BUNDLE's relative to its parent folder), and any
+        other absolute path keeps only its last part (`…/name`)."""
+        base = self.root if self.root is not None else (self._single[2].parent if self._single else None)
+        if base is not None:
+            prefixes = {str(base), os.path.abspath(base), os.path.realpath(base)}
+            for prefix in sorted(prefixes, key=len, reverse=True):
+                text = text.replace(prefix.rstrip("/") + "/", "")
+        return _ABSOLUTE.sub("…/", text)
 
     def loaded(self) -> list[str]:
         """name:version of every active model, the default first."""

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.error_bodies import check_error_response
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,7 +37,11 @@ class LiveServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+        """An httpx client of the server; every JSON error body it receives is checked to show no path of
+        this machine (tests/support/error_bodies.py)."""
+        hooks = dict(kwargs.pop("event_hooks", None) or {})
+        hooks["response"] = [*hooks.get("response", []), check_error_response]
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), event_hooks=hooks, **kwargs)
 
 
 def service_env(bundle: Path, **settings: object) -> dict[str, str]:

@@ -140,8 +140,10 @@ async def _swap(registry: ModelRegistry, name: str, version: str | None) -> Load
         raise APIError(409, "no_previous_version", str(exc)) from None
     except BundleRefused as exc:
         where = served_key(registry, name)
-        raise APIError(422, "bundle_refused", f"{name}:{version or 'previous'} refused, {exc}; {where} keeps serving",
-                       details=[{"loc": ["bundle", exc.check], "msg": exc.message, "type": exc.check}]) from None
+        message = registry.public_text(exc.message)  # paths relative to the repository, never the server's own
+        raise APIError(422, "bundle_refused", f"{name}:{version or 'previous'} refused, {exc.check} check failed: "
+                       f"{message}; {where} keeps serving",
+                       details=[{"loc": ["bundle", exc.check], "msg": message, "type": exc.check}]) from None
     return LoadResult(name=served.name, version=served.version, previous=previous, changed=changed,
                       load_seconds=round(served.load_seconds, 3) if changed else 0.0, checks=_checks(served.checks))
 
