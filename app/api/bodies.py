@@ -16,6 +16,9 @@ body is incomplete, each read of it waits at most until then; past it the reques
 `captioner_refused_bodies_total{reason="body_timeout"}`. Reads after the body is complete (a route waiting
 for the client to hang up) are not limited.
 
+A multipart/form-data body that ends without its closing boundary (`--<boundary>--`: cut short) is a 400
+`bad_request` when its last byte arrives, instead of a parse that silently drops the unfinished part.
+
 CPython's allocator and glibc's malloc keep freed memory for reuse; after large bodies the process would
 stay at its peak. When the bytes in flight drop to zero after at least TRIM_AFTER_BYTES were held,
 `malloc_trim(0)` (glibc only, through ctypes) hands the free heap pages back to the system
@@ -124,9 +127,11 @@ class BodyBudgetMiddleware:
             reserved = declared
         received = 0
         started = False
+        closing = _closing_delimiter(scope)  # None: not multipart, or already seen
+        tail = b""
 
         async def counted_receive() -> Message:
-            nonlocal received, reserved, complete
+            nonlocal received, reserved, complete, closing, tail
             if complete:
                 return await receive()
             try:
@@ -138,7 +143,17 @@ class BodyBudgetMiddleware:
             if message["type"] != "http.request" or not message.get("more_body", False):
                 complete = True
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if closing is not None:
+                    window = tail + chunk
+                    if closing in window:
+                        closing = None
+                    else:
+                        tail = window[-(len(closing) - 1):]
+                        if complete:
+                            raise BodyRefused(400, "bad_request", "the multipart body ends before its closing boundary "
+                                              f"({closing.decode('latin-1')}): it was cut short", close=False)
                 if received > reserved:  # chunked (or past its declared length): reserve as it comes
                     if not budget.reserve(received - reserved):
                         raise budget.refusal()
@@ -159,6 +174,21 @@ class BodyBudgetMiddleware:
             await _answer(scope, receive, send, exc)
         finally:
             budget.release(reserved)
+
+
+def _closing_delimiter(scope: Scope) -> bytes | None:
+    """`--<boundary>--` of a multipart/form-data request, else None."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"content-type":
+            kind, _, params = value.partition(b";")
+            if kind.strip().lower() != b"multipart/form-data":
+                return None
+            for param in params.split(b";"):
+                name, _, boundary = param.strip().partition(b"=")
+                if name.strip().lower() == b"boundary" and boundary.strip(b' "'):
+                    return b"--" + boundary.strip(b' "') + b"--"
+            return None
+    return None
 
 
 def _content_length(scope: Scope) -> int | None:

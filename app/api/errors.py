@@ -107,13 +107,16 @@ class PayloadTooLarge(StarletteHTTPException):
 
 
 class BodyRefused(StarletteHTTPException):
-    """Raised while the body streams in (app/api/bodies.py): 503 `overloaded` (the bytes of bodies in flight)
-    or 408 `request_timeout` (the body is late). An HTTPException for the same reason as PayloadTooLarge;
-    the answer closes the connection."""
+    """Raised while the body streams in (app/api/bodies.py): 503 `overloaded` (the bytes of bodies in flight),
+    408 `request_timeout` (the body is late) or 400 `bad_request` (a multipart body without its closing
+    boundary). An HTTPException for the same reason as PayloadTooLarge; the answer closes the connection
+    (unless `close=False`)."""
 
-    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 close: bool = True):
         self.code = code
-        super().__init__(status_code=status_code, detail=message, headers={**(headers or {}), "Connection": "close"})
+        headers = {**(headers or {}), "Connection": "close"} if close else headers
+        super().__init__(status_code=status_code, detail=message, headers=headers)
 
 
 # status -> code for HTTPExceptions raised by Starlette/FastAPI themselves
@@ -193,11 +196,33 @@ def _jsonable_loc(loc: Iterable[Any]) -> list[str | int]:
     return [part if isinstance(part, int) else str(part) for part in loc]
 
 
+MODEL_SYNTAX = ("name or name:version (each 1-128 letters, digits and . _ + -, starting with a letter "
+                "or a digit)")
+
+
+def _client_message(loc: list[str | int], kind: str, msg: str) -> str:
+    """What the client did wrong, in its terms: no pydantic internals (class names, `Value error, `)."""
+    field = next((str(p) for p in loc[1:] if isinstance(p, str)), "")
+    if "UploadFile" in msg:  # a text field where a file belongs
+        return "expected a file upload (a multipart part with a filename), got a text field"
+    if kind == "missing" and loc[:1] == ["body"]:
+        return f"the multipart field '{field}' (an image file) is missing"
+    if kind == "string_pattern_mismatch":
+        return f"expected {MODEL_SYNTAX}" if field == "model" else "does not have the expected form"
+    return msg.removeprefix("Value error, ")
+
+
 def validation_details(errors: Iterable[dict]) -> list[dict]:
-    return [
-        {"loc": _jsonable_loc(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-        for e in errors
-    ]
+    """The problems, each once (a query parameter read by several dependencies is reported by each),
+    in the client's terms."""
+    details: list[dict] = []
+    for e in errors:
+        loc = _jsonable_loc(e.get("loc", ()))
+        kind = str(e.get("type", ""))
+        detail = {"loc": loc, "msg": _client_message(loc, kind, str(e.get("msg", ""))), "type": kind}
+        if detail not in details:
+            details.append(detail)
+    return details
 
 
 def _summarize(details: list[dict]) -> str:
