@@ -85,6 +85,7 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     import uvicorn
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,  # type: ignore[arg-type]
+                          log_config=None,  # uvicorn's loggers write JSON lines (app/observability/logs.py)
                           access_log=False, server_header=False,
                           limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
                           timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)

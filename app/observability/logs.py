@@ -1,4 +1,6 @@
-"""The service's logs: one JSON object per line on stderr, for the `captioner.*` loggers.
+"""The service's logs: one JSON object per line on stderr, for the `captioner.*` loggers, uvicorn's own
+(`uvicorn`, `uvicorn.error`, `uvicorn.access`: start-up, shutdown, a port in use), Python's warnings and,
+in a process where nothing else configured the root logger, every other library's.
 
 `captioner.service` says what the service does (start-up, faults), `captioner.access` has one line per
 request (written by `app.api.middleware.RequestContextMiddleware`). `extra={"fields": {...}}` adds keys.
@@ -34,13 +36,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# uvicorn's loggers: their plain-text handlers are replaced by the JSON one (`captioner serve` passes
+# log_config=None; plain `uvicorn --factory` configured them before calling create_app).
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def _json_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._captioner_json = True  # type: ignore[attr-defined]
+    return handler
+
+
+def _is_ours(handler: logging.Handler) -> bool:
+    return getattr(handler, "_captioner_json", False)
+
+
 def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr for the `captioner.*` loggers (idempotent)."""
+    """JSON lines on stderr for the `captioner.*` and uvicorn loggers and warnings (idempotent)."""
     root = logging.getLogger("captioner")
     root.setLevel(level.upper())
-    if not any(getattr(h, "_captioner_json", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        handler._captioner_json = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    if not any(_is_ours(h) for h in root.handlers):
+        root.addHandler(_json_handler())
         root.propagate = False
+    for name in UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        if name == "uvicorn.error":  # propagates to "uvicorn", as in uvicorn's own configuration
+            logger.handlers = []
+            logger.propagate = True
+            continue
+        if not (len(logger.handlers) == 1 and _is_ours(logger.handlers[0])):
+            logger.handlers = [_json_handler()]
+        logger.propagate = False
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the root logger
+    top = logging.getLogger()
+    if not top.handlers:  # a process of its own (not under a test runner): other libraries' lines as JSON too
+        top.addHandler(_json_handler())
