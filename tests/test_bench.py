@@ -101,3 +101,14 @@ def test_bulk_benchmark_runs_local_and_ray(tiny_bundle, tmp_path):
     assert set(results) == {"local", "ray_1_actors"}
     for result in results.values():
         assert result["images"] == 8 and result["images_per_s"] > 0 and result["first_records_s"] > 0
+
+
+def test_odd_files_benchmark(tmp_path):
+    """bench/odd_files.py: caption-dir over names that are not UTF-8, a FIFO, a socket and a link to /dev/zero."""
+    report_path = tmp_path / "odd.json"
+    run_script("odd_files.py", "--files", "14", "--timeout", "120", "--json", str(report_path))
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["every_image_captioned_once"] is True and report["non_utf8_names"] == 14
+    for result in report["formats"].values():
+        assert result["images_once"] == 14 and result["odd_files_ok"] and not result["hung"]
+    assert "0 captioned now" in report["formats"]["jsonl"]["resume"]["summary"]

@@ -65,7 +65,7 @@ def sniff_file(path: Path) -> str | None:
 
 class NotRegularFile(OSError):
     """The path is not a regular file (a FIFO, a socket, a device, a folder, a broken symbolic link):
-    caption-dir records it as `unreadable_file`, "not a regular file (a named pipe (FIFO))", and never
+    caption-dir records it as `unreadable_file`, "not a regular file (a named pipe)", and never
     opens it (a FIFO would block, a device such as /dev/zero never ends)."""
 
     def __init__(self, what: str):
@@ -74,7 +74,7 @@ class NotRegularFile(OSError):
 
 def file_kind(mode: int) -> str:
     """What a file of this st_mode is, in words (for a `NotRegularFile`)."""
-    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+    kinds = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
     return next((what for test, what in kinds if test(mode)), "not a regular file")
 
