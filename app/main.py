@@ -126,19 +126,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description=API_DESCRIPTION,
         lifespan=_lifespan(service),
+        docs_url=None, redoc_url=None,  # served by app/api/routes/docs.py, from local files (no CDN)
         openapi_tags=OPENAPI_TAGS,
     )
     app.state.service = service
 
     install_error_handlers(app)
 
-    from app.api.routes import attention, captions, demo, health, models, v2
+    from app.api.routes import attention, captions, demo, docs, health, models, v2
 
     app.include_router(attention.router)  # before captions: /v1/captions/attention.png stays its own route
     app.include_router(captions.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(demo.router)
+    app.include_router(docs.router)  # /docs, /redoc and their assets
     app.include_router(v2.router)  # the Open Inference Protocol (app/api/routes/v2.py)
 
     # Added innermost first: RequestContext -> V2Error -> CORS -> APIKey -> Overload -> BodyLimit -> BodyBudget -> routes.
@@ -158,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     known_paths = frozenset(
         str(getattr(route, "path", "")) for router in (attention.router, captions.router, models.router, health.router,
-                                                       demo.router, v2.router)
+                                                       demo.router, v2.router, docs.router)
         for route in router.routes
     )
     app.add_middleware(V2ErrorMiddleware)  # under /v2: the protocol's error shape, whoever answered

@@ -194,6 +194,10 @@ class Settings(BaseSettings):
         False, description="Serve /metrics without an API key even when API keys are set (e.g. for a scraper "
         "on a private network). Off: /metrics needs a key like the API."
     )
+    docs_public: bool = Field(
+        True, description="Serve the API docs (/docs, /redoc, their assets and /openapi.json) without an API key "
+        "even when API keys are set. false: they need a key like the API."
+    )
     api_key_rate_limit: int | None = Field(
         None, ge=1, le=MAX_RATE, description="Rate limit of each API key, requests per minute (a token bucket per "
         "key); past it, 429 `rate_limited` with Retry-After. A key's own `rate=` overrides it. Unset: no limit."

@@ -3,7 +3,8 @@
 Off unless keys are configured (`CAPTIONER_API_KEYS` and/or `CAPTIONER_API_KEYS_FILE`). When on:
 
 * public, no key needed: `/healthz`, `/readyz`, `/v2/health/live`, `/v2/health/ready` (probes), the demo
-  page `/` and its `/static/` files, and the API docs (`/docs`, `/redoc`, `/openapi.json`). `/metrics` is public only with
+  page `/` and its `/static/` files, and, unless `CAPTIONER_DOCS_PUBLIC=false`, the API docs (`/docs`,
+  `/redoc`, their `/docs/assets/`, `/openapi.json`). `/metrics` is public only with
   `CAPTIONER_METRICS_PUBLIC=true`; by default it needs a key like the API.
 * everything else (unknown paths too) needs a valid key. A missing, malformed or wrong key gets the
   same 401 (`unauthorized`, with `WWW-Authenticate: Bearer`): the answer never says which part was
@@ -52,9 +53,11 @@ from app.security.keys import key_digest, parse_entry, read_keys_file
 from app.security.ratelimit import LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER, RateLimit, TokenBuckets
 
 # Routes that never need a key.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                          "/favicon.ico", "/v2/health/live", "/v2/health/ready"})
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/favicon.ico", "/v2/health/live", "/v2/health/ready"})
 PUBLIC_PREFIXES = ("/static/",)
+# The API docs (app/api/routes/docs.py): public unless CAPTIONER_DOCS_PUBLIC=false.
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOCS_PREFIX = "/docs/assets/"
 METRICS_PATH = "/metrics"
 
 UNAUTHORIZED_MESSAGE = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
@@ -251,8 +254,10 @@ def bearer_token(scope: Scope) -> bytes | None:
     return token
 
 
-def is_public(path: str, metrics_public: bool = False) -> bool:
+def is_public(path: str, metrics_public: bool = False, docs_public: bool = True) -> bool:
     if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return True
+    if docs_public and (path in DOCS_PATHS or path.startswith(DOCS_PREFIX)):
         return True
     return metrics_public and path == METRICS_PATH
 
@@ -262,16 +267,18 @@ class APIKeyMiddleware:
     `rate_limited` for a valid key over its rate limit."""
 
     def __init__(self, app: ASGIApp, store: KeyStore, metrics_public: bool = False,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, docs_public: bool = True) -> None:
         self.app = app
         self.store = store
         self.metrics_public = metrics_public
+        self.docs_public = docs_public
         self.metrics = metrics
         self.buckets = TokenBuckets()
         self._keys_seen: APIKeys | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or is_public(scope.get("path", ""), self.metrics_public):
+        if scope["type"] not in ("http", "websocket") or is_public(scope.get("path", ""), self.metrics_public,
+                                                                     self.docs_public):
             await self.app(scope, receive, send)
             return
         keys = self.store.current  # one snapshot for the whole check (a reload swaps it whole)
@@ -335,7 +342,8 @@ def install_auth(app, settings, metrics: Metrics | None = None) -> KeyStore | No
         fallback_file_entries=settings.all_api_keys()[len(settings.api_keys):],  # the file's, as read at start-up
         unlimited=admin,
     )
-    app.add_middleware(APIKeyMiddleware, store=store, metrics_public=settings.metrics_public, metrics=metrics)
+    app.add_middleware(APIKeyMiddleware, store=store, metrics_public=settings.metrics_public, metrics=metrics,
+                       docs_public=settings.docs_public)
     return store
 
 
