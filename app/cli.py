@@ -81,13 +81,17 @@ def serve(
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     """uvicorn's configuration for `serve`: no access log of its own, no Server header, at most
     max_connections connections and requests at once (limit_concurrency), idle keep-alive connections
-    closed after keep_alive_s, and the drain on SIGTERM bounded by request_timeout_s."""
+    closed after keep_alive_s, the drain on SIGTERM bounded by request_timeout_s, and X-Forwarded-* believed
+    only from forwarded_allow_ips (none by default: uvicorn on its own trusts 127.0.0.1)."""
     import uvicorn
+
+    proxies = ",".join(settings.forwarded_allow_ips)
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,  # type: ignore[arg-type]
                           log_config=None,  # uvicorn's loggers write JSON lines (app/observability/logs.py)
                           access_log=False, server_header=False,
                           limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,
+                          proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
                           timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
 
 

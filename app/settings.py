@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service's JSON logs and of uvicorn."
     )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's forwarded_allow_ips): "
+        "IP addresses or networks (CIDR), comma-separated, or '*' for any peer (only when nothing but the proxy can "
+        "reach the service). Empty: none; the client is always the connection's peer. Only `captioner serve`.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed by CORS, comma-separated (or a JSON list); '*' allows any. Empty: CORS off.",
@@ -242,6 +248,26 @@ class Settings(BaseSettings):
                     raise ValueError(f"not a JSON list: {exc.msg}") from None
             else:
                 value = [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="after")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an IP address, a network (CIDR) or '*'") from None
         return value
 
     @field_validator("api_keys", "admin_api_keys", mode="before")

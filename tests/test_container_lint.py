@@ -234,9 +234,15 @@ def test_replicas_file_is_valid_and_runs_n_replicas_behind_the_balancer(profile:
     # hardening and health check.
     single = _config(None if profile == "gpu" else "cpu", CAPTIONER_THREADS="2")["services"][
         "captioner" if profile == "gpu" else "captioner-cpu"]
-    for key in ("image", "environment", "volumes", "read_only", "tmpfs", "cap_drop", "security_opt", "restart",
+    for key in ("image", "volumes", "read_only", "tmpfs", "cap_drop", "security_opt", "restart",
                 "healthcheck", "stop_grace_period", "build"):
         assert replica.get(key) == single.get(key), f"{key} differs from docker-compose.yml's service"
+    # The same settings, but one: behind the balancer (which replaces a client's X-Forwarded-For with the
+    # address it saw) a replica believes that header from its peer, so its access log has the real client.
+    replica_env = dict(replica["environment"])
+    assert replica_env.pop("CAPTIONER_FORWARDED_ALLOW_IPS") == "*"
+    assert single["environment"]["CAPTIONER_FORWARDED_ALLOW_IPS"] is None  # one service: no header believed
+    assert replica_env == {k: v for k, v in single["environment"].items() if k != "CAPTIONER_FORWARDED_ALLOW_IPS"}
     if profile == "gpu":
         assert replica["deploy"]["resources"]["reservations"]["devices"] == [
             {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
