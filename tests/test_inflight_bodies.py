@@ -189,3 +189,28 @@ def test_uvicorn_limits_come_from_the_settings(tiny_bundle):
     assert config.limit_concurrency == 77 and config.timeout_keep_alive == 4
     default = uvicorn_config(object(), load_settings(bundle=tiny_bundle))
     assert default.limit_concurrency == 1000 and default.timeout_keep_alive == 5
+
+
+@pytest.mark.service
+def test_the_benchmarks_run_small(tiny_bundles):
+    """bench/memory_attack.py and bench/slow_upload.py (docs/reliability.md's figures) on tiny inputs: the
+    behaviour, never the figures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    bundle = str(tiny_bundles(max_length=6))
+    out = subprocess.run([sys.executable, "memory_attack.py", "--bundle", bundle, "--clients", "2", "--files", "2",
+                          "--file-mb", "0.2", "CAPTIONER_MAX_INFLIGHT_BODY_BYTES=500000",
+                          "CAPTIONER_MAX_UPLOAD_BYTES=210000", "CAPTIONER_MAX_BATCH_FILES=2"],
+                         cwd=bench, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    print(report)
+    assert sum(report["statuses"].values()) == 2 and report["status_after"] == 200
+    assert set(report["statuses"]) <= {"200", "503 overloaded"}, report["statuses"]
+    out = subprocess.run([sys.executable, "slow_upload.py", "--bundle", bundle, "--give-up", "30",
+                          "CAPTIONER_BODY_TIMEOUT_S=1"], cwd=bench, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    print(report)
+    assert report["code"] == "request_timeout" and report["connection_closed"], report

@@ -135,7 +135,8 @@ class BodyBudgetMiddleware:
             if complete:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+                async with asyncio.timeout(deadline - time.perf_counter()):
+                    message = await receive()
             except TimeoutError:
                 self.metrics.refused_bodies.labels("body_timeout").inc()
                 raise BodyRefused(408, "request_timeout", f"the request body did not arrive within body_timeout_s "
