@@ -198,7 +198,8 @@ class Outcome:
     status: int | None    # None: no HTTP answer at all (the client's own error)
     replica: str | None   # X-Captioner-Replica
     error: str | None     # the JSON error code, or the client's exception
-    echoed_id: str | None = None   # the answer's X-Request-ID (a 200's comes from the replica)
+    echoed_id: str | None = None   # the request id the answer carries: a 200's X-Request-ID (from the
+    #                                replica), the balancer's JSON error's request_id
 
 
 @dataclass
@@ -233,6 +234,7 @@ class Load:
                     if status != 200:
                         try:
                             error = response.json()["error"]["code"]
+                            echoed = echoed or response.json()["error"].get("request_id")
                         except (ValueError, KeyError, TypeError):
                             error = f"not the JSON error shape: {response.text[:200]!r}"
                 except httpx.HTTPError as exc:
@@ -361,29 +363,35 @@ def run_episode(cluster: Cluster, action: str) -> Episode:
     t_up = (monitor.first(max(t_down or t_action, t_ready - 1), lambda view: view.get(new_slot, Slot("", "")).status
                           == "UP" and view[new_slot].addr == f"{container_ip(victim)}:8000")
             if new_slot else None)
-    log = log_of_all(cluster.balancer, {o.request_id for o in outcomes})
+    log, dropped = log_of_all(cluster, {o.request_id for o in outcomes}, dropped_before)
     return Episode(action, victim, slot, outcomes, monitor.samples, t_load, t_action, t_ready, t_down, t_up,
-                   new_slot, log, prefix, dropped_logs(cluster.stats) - dropped_before)
+                   new_slot, log, prefix, dropped)
 
 
-def log_of_all(balancer: str, request_ids: set[str]) -> list[dict]:
-    """The balancer's log once it holds a line for each of these requests (HAProxy writes a line when
-    the request's stream ends, which can be just after the client has its answer), or after LOG_WAIT_S."""
+def log_of_all(cluster: Cluster, request_ids: set[str], dropped_before: int) -> tuple[list[dict], int]:
+    """(the balancer's log, how many lines HAProxy dropped since `dropped_before`), read once the log
+    holds a line for each of these requests (HAProxy writes a line when the request's stream ends,
+    which can be just after the client has its answer), or once the lines still missing are no more
+    than the dropped ones and none came in the last second, or after LOG_WAIT_S."""
     deadline = time.monotonic() + LOG_WAIT_S
+    previous: set[str] | None = None
     while True:
-        log = balancer_log(balancer)
-        if request_ids <= {line["request_id"] for line in log} or time.monotonic() > deadline:
-            return log
-        time.sleep(0.2)
+        log = balancer_log(cluster.balancer)
+        dropped = dropped_logs(cluster.stats) - dropped_before
+        missing = request_ids - {line["request_id"] for line in log}
+        if not missing or (missing == previous and len(missing) <= dropped) or time.monotonic() > deadline:
+            return log, dropped
+        previous = missing
+        time.sleep(1.0)
 
 
 @dataclass
 class Accounting:
     """Every request of an episode's load with the one balancer log line of the same request id."""
 
-    ok: list[tuple[Outcome, dict | None]]  # a 200, logged as a 200 from the replica that answered (None: a
-    #                                        line HAProxy dropped, and counted; the answer's headers tell)
-    errors: list[tuple[Outcome, dict]]    # the balancer's JSON 502/503, logged with that status
+    # The line is None where HAProxy dropped it (and counted it): the answer itself is the evidence.
+    ok: list[tuple[Outcome, dict | None]]      # a 200, logged as a 200 from the replica that answered
+    errors: list[tuple[Outcome, dict | None]]  # the balancer's JSON 502/503, logged with that status
     closed: list[tuple[Outcome, dict]]    # no answer: the connection closed, logged with an SD termination
 
 
@@ -406,18 +414,26 @@ def account(episode: Episode) -> Accounting:
     assert never_sent == [], f"the balancer logged requests the clients never sent: {never_sent[:5]}"
     twice = {rid: found for rid, found in lines.items() if len(found) > 1}
     assert twice == {}, f"requests logged more than once: {dict(list(twice.items())[:3])}"
-    # HAProxy drops a log line when its stdout is full and counts it: a request may lack its line only
-    # as one of those, and only as a 200 whose answer shows the balancer (X-Captioner-Replica) and the
-    # replica (the request's own id, echoed) handled it. A failure must have its line.
+    # HAProxy drops a log line when its stdout is full, and counts it; the drops come in bursts, as at
+    # the kill. A request may lack its line only as one of those counted, and only with an answer that
+    # is evidence enough on its own: a 200 that carries its own request id (from the replica) and the
+    # replica's name (from the balancer), or the balancer's JSON 502/503 for its request id. A
+    # connection closed without an answer has no such evidence: it must have its SD line.
     unlogged = [o for o in outcomes if o.request_id not in lines]
     assert len(unlogged) <= episode.dropped_logs, (
         f"{len(unlogged)} requests have no line in the balancer's log after {LOG_WAIT_S:.0f} s, and HAProxy "
         f"dropped only {episode.dropped_logs}: {unlogged[:5]}")
     result = Accounting([], [], [])
     for o in unlogged:
-        assert o.status == 200 and o.echoed_id == o.request_id and o.replica and o.replica.startswith("replica"), \
-            f"{o} is not a 200 and its line is among the {episode.dropped_logs} HAProxy dropped: it cannot be told apart"
-        result.ok.append((o, None))
+        assert o.echoed_id == o.request_id, f"{o}: its line is among the {episode.dropped_logs} HAProxy dropped, " \
+            "and its answer does not carry its request id"
+        if o.status == 200 and o.replica and o.replica.startswith("replica"):
+            result.ok.append((o, None))
+        elif o.status in ERROR_CODES and o.error == ERROR_CODES[o.status]:
+            result.errors.append((o, None))
+        else:
+            pytest.fail(f"{o}: its line is among the {episode.dropped_logs} HAProxy dropped, and its answer alone "
+                        "does not say what happened to it")
     for o in outcomes:
         if o.request_id not in lines:
             continue
@@ -432,9 +448,11 @@ def account(episode: Episode) -> Accounting:
             assert line["status"] == o.status, f"{o}: the client got {o.status}, the balancer logged {line}"
             result.errors.append((o, line))
         elif o.status is None:
-            # The connection closed without an answer: HAProxy 2.6 does that (termination "SD",
+            # The connection closed without a whole answer: HAProxy 2.6 does that (termination "SD",
             # server-side, data phase) when the replica dies while it still forwards the request's
-            # body to it, or after the replica sent its status line but not the whole answer.
+            # body to it, or after the replica sent its answer's status line and headers but not its
+            # body: HAProxy had passed the headers on, and logs the replica's 200 (seen once in 10
+            # kill runs; counting the log's non-200 lines missed it: "assert 5 == 6").
             assert "RemoteProtocolError" in (o.error or ""), f"{o}: the client's own error, not a closed connection"
             assert line["termination"].startswith("SD"), f"{o}: closed, but the balancer logged {line}"
             result.closed.append((o, line))
@@ -443,9 +461,12 @@ def account(episode: Episode) -> Accounting:
     assert len(result.ok) + len(result.errors) + len(result.closed) == len(outcomes) == len(lines) + len(unlogged)
     print(f"\n[replicas] {episode.action}: {len(outcomes)} requests = {len(result.ok)} × 200 "
           f"({len(unlogged)} of them without a log line; HAProxy dropped {episode.dropped_logs}) + "
-          f"{len(result.errors)} × balancer error {sorted(line['status'] for _, line in result.errors)} + "
+          f"{len(result.errors)} × balancer error {sorted(o.status for o, _ in result.errors)} "
+          f"({sum(1 for _, line in result.errors if line is None)} without a log line) + "
           f"{len(result.closed)} × closed (logged as "
           f"{[(line['status'], line['termination']) for _, line in result.closed]})")
+    for o, line in result.closed:
+        print(f"[replicas] {episode.action}: closed: {o.error}; logged: {json.dumps(line)}")
     return result
 
 
@@ -561,6 +582,11 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
         # In flight on the killed replica: sent to it before the balancer took it out, and still
         # unanswered when the signal went (a request sent in the instant between the signal and the
         # process's death counts: the replica had accepted it).
+        if line is None:
+            # Its line was dropped (counted above): the client's own times bound when the balancer had it.
+            assert episode.t_down is not None and o.start <= episode.t_down + 0.01 and o.end >= episode.t_action, \
+                f"{o} failed (its log line dropped) but was not in flight at the kill"
+            continue
         assert line["server"] == episode.slot, f"{o} failed on {line}, not on the killed {episode.slot}"
         assert episode.t_down is not None and line["ts"] <= episode.t_down + 0.01 and o.end >= episode.t_action, \
             (f"{o} failed but was not in flight on the killed replica: {line}; signal at {episode.t_action:.3f}, "
@@ -576,7 +602,7 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
     # closed connections above, one each.
     load_lines = [line for line in episode.log if line["request_id"].startswith(episode.prefix + "-")]
     assert sorted(line["request_id"] for line in load_lines if line["status"] != 200 or line["termination"][:2] != "--") \
-        == sorted(o.request_id for o, _ in accounting.errors + accounting.closed)
+        == sorted(o.request_id for o, line in accounting.errors + accounting.closed if line is not None)
 
 
 def test_stopping_a_replica_under_load_fails_almost_nothing(cluster):
@@ -592,6 +618,9 @@ def test_stopping_a_replica_under_load_fails_almost_nothing(cluster):
     assert accounting.closed == [], f"connections closed without an answer on a graceful stop: {accounting.closed}"
     for o, line in accounting.errors:
         assert o.status == 502 and o.error == "bad_gateway", o
+        if line is None:   # its log line dropped (counted): the client's own times bound when the balancer had it
+            assert episode.t_down is not None and episode.t_action - 1 <= o.end and o.start <= episode.t_down + 0.01, o
+            continue
         assert line["server"] == episode.slot and episode.t_down is not None \
             and episode.t_action - 1 <= line["ts"] <= episode.t_down + 0.01, \
             (f"{o} failed outside the stop: {line}; stop at {episode.t_action:.3f}, "
