@@ -20,6 +20,7 @@ cases every run.
 
 from __future__ import annotations
 
+import base64
 import io
 from collections import Counter
 
@@ -63,6 +64,15 @@ WITH_INPUT = sorted(UPLOADS & set(OPERATIONS))
 WITH_MODEL = sorted((UPLOADS | {"get_model_info"}) & set(OPERATIONS))
 # the admin routes (app/api/routes/models.py): off on these servers (no CAPTIONER_ADMIN_API_KEYS), 403 admin_disabled
 ADMIN = sorted({"load_model", "rollback_model"} & set(OPERATIONS))
+# The Open Inference Protocol (app/api/routes/v2.py): errors are {"error": "<code>: <message>"}. The model is a path
+# parameter: positive cases name the served model (the schema cannot list the loaded ones; tests/test_open_inference.py
+# covers unknown ones). Infer's positive cases get shape [len(data)] (a rule across fields) and may be 400 for the
+# other one (num_captions > beam_size: invalid_parameter) or an output asked for twice. Infer is not fuzzed in
+# negative mode: with a random model name every case is a 404 before the body is read; its malformed bodies are
+# tests/test_open_inference.py's test_wire_format_corners.
+V2 = sorted(op for op in OPERATIONS if op.startswith("v2_"))
+V2_MODEL = sorted(op for op in V2 if "model" in op)
+V2_INFER = sorted(op for op in V2 if op.endswith("_infer"))
 
 
 def _image(seed: int, fmt: str, width: int, height: int) -> bytes:
@@ -74,8 +84,9 @@ def _image(seed: int, fmt: str, width: int, height: int) -> bytes:
 
 IMAGES = [_image(i, fmt, w, h) for i, (fmt, w, h) in enumerate(
     [("PNG", 32, 24), ("JPEG", 64, 48), ("GIF", 16, 16), ("WEBP", 40, 30), ("BMP", 8, 8), ("PNG", 1, 1)])]
-# Uploads: real images; schemathesis fills `format: binary` fields with these.
+# Uploads: real images; schemathesis fills `format: binary` fields with these, and /v2's base64 (`format: byte`) too.
 schemathesis.openapi.format("binary", st.sampled_from(IMAGES))
+schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(x).decode() for x in IMAGES]))
 
 
 def _config(keyed: bool) -> SchemathesisConfig:
@@ -86,13 +97,15 @@ def _config(keyed: bool) -> SchemathesisConfig:
     def expected(op: str) -> list[str]:
         if op in ADMIN:
             return ["403", *keyed_statuses]
+        if op in V2_INFER:
+            return ["2xx", "400", *keyed_statuses]
         return ["2xx", *(["422"] if op in WITH_INPUT else []), *(["404"] if op in WITH_MODEL else []), *keyed_statuses]
 
     return SchemathesisConfig.from_dict({
         "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", *keyed_statuses]}},
         "operations": [
             {"include-operation-id": op, "checks": {"positive_data_acceptance": {"expected-statuses": expected(op)}}}
-            for op in sorted({*WITH_INPUT, *WITH_MODEL, *ADMIN})
+            for op in sorted({*WITH_INPUT, *WITH_MODEL, *ADMIN, *V2_INFER})
         ],
     })
 
@@ -138,8 +151,11 @@ def _fuzz(schema, server, operation_id: str, mode, max_examples: int, label: str
 
     operation = schema.find_operation_by_id(operation_id)
     seen: Counter[int] = Counter()
+    strategy = operation.as_strategy(generation_mode=mode)
+    if operation_id in V2_MODEL and mode is GenerationMode.POSITIVE:
+        strategy = strategy.map(lambda case: _on_served_model(case, server))
 
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=strategy)
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def check(case):
@@ -151,7 +167,14 @@ def _fuzz(schema, server, operation_id: str, mode, max_examples: int, label: str
         if headers is not None and response.status_code != 401 and not is_public(case.path):
             # the keyed server's key has a rate limit: every answer to it says how much is left
             assert "x-ratelimit-remaining" in response.headers, response.headers
-        if response.status_code >= 400:
+        if response.status_code >= 400 and operation_id in V2:
+            body = response.json()
+            assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
+            assert response.headers["x-request-id"]
+            code, _, message = body["error"].partition(": ")
+            if mode is GenerationMode.POSITIVE and response.status_code == 400:
+                assert code == "invalid_parameter" or (code == "bad_request" and "asked for twice" in message), body
+        elif response.status_code >= 400:
             body = response.json()
             assert set(body) == {"error"} and body["error"]["code"] and body["error"]["request_id"]
             echoed = response.headers["x-request-id"]
@@ -170,6 +193,25 @@ def _fuzz(schema, server, operation_id: str, mode, max_examples: int, label: str
         # with every test's share, the whole file generates over 1,000 cases
         assert sum(seen.values()) >= max_examples // 2, (operation_id, label, dict(seen))
     return seen
+
+
+_SERVED: dict[str, dict] = {}
+
+
+def _on_served_model(case, server):
+    """A /v2 case for the served model (its name and version from /readyz), infer's shape fitting its data."""
+    if server.url not in _SERVED:
+        import httpx
+
+        _SERVED[server.url] = httpx.get(f"{server.url}/readyz", timeout=10).json()["model"]
+    model = _SERVED[server.url]
+    case.path_parameters["model_name"] = model["name"]
+    if "model_version" in case.path_parameters:
+        case.path_parameters["model_version"] = model["version"]
+    inputs = case.body.get("inputs") if isinstance(case.body, dict) else None
+    if inputs and isinstance(inputs[0], dict) and isinstance(inputs[0].get("data"), list):
+        inputs[0]["shape"] = [len(inputs[0]["data"])]
+    return case
 
 
 @pytest.mark.parametrize("operation_id", OPERATIONS)

@@ -462,7 +462,10 @@ def request_body_schema(parameters: dict[str, Any]) -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "required": ["name", "datatype", "shape", "data"],
+                    "additionalProperties": False,
                     "properties": {
+                        "parameters": {"type": "object", "additionalProperties": False,
+                                       "properties": {"content_type": {"type": "string", "enum": ["base64"]}}},
                         "name": {"type": "string", "enum": [INPUT_NAME]},
                         "datatype": {"type": "string", "enum": ["BYTES"]},
                         "shape": {"type": "array", "minItems": 1, "maxItems": 1,
@@ -511,4 +514,8 @@ def fix_openapi(schema: dict[str, Any], max_images: int) -> dict[str, Any]:
                     response["content"] = v2_ref
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["V2Error"] = V2Error.model_json_schema()
+    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 bodies, which only /v2 had asked for
+        others = {name: body for name, body in components.items() if name != unused}
+        if f"#/components/schemas/{unused}\"" not in json.dumps([schema.get("paths", {}), others]):
+            components.pop(unused, None)
     return schema

@@ -73,7 +73,7 @@ _DECODING = _query_parameters(deps.decoding_config)
 _LABELS = _query_parameters(deps.labels_count)
 _MIN_CONFIDENCE = _query_parameters(deps.min_confidence)
 PARAMETERS = {**_DECODING, **_LABELS, **_MIN_CONFIDENCE}
-# strict: 3 is an integer, "3", 3.0 and true are not (a JSON number may be an integer for a float setting)
+# strict: 3 (and 3.0, an integer for JSON Schema) is an integer, "3" and true are not; a float setting takes an integer
 _ADAPTERS = {name: TypeAdapter(annotation, config=ConfigDict(strict=True)) for name, annotation in PARAMETERS.items()}
 
 
@@ -94,8 +94,11 @@ def _parameters(given: dict[str, Any]) -> dict[str, Any]:
     for name, adapter in _ADAPTERS.items():
         if name not in given:
             continue
+        value = given[name]
+        if isinstance(value, float) and value.is_integer() and typing.get_args(PARAMETERS[name])[0] is int:
+            value = int(value)  # JSON Schema's integer: 3.0 is one
         try:
-            values[name] = adapter.validate_python(given[name])
+            values[name] = adapter.validate_python(value)
         except ValidationError as exc:
             problem = exc.errors()[0]["msg"]
             raise v2_protocol.bad_request(f"parameter {name!r}: {problem}") from None
