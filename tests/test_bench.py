@@ -91,6 +91,18 @@ def test_labels_benchmark_times_both_ways(tiny_bundles, tmp_path):
     assert report["captions_identical"] is True  # labels never change the captions
 
 
+def test_v2_load_benchmark_compares_the_three_wire_formats(tiny_bundles, tmp_path):
+    report_path = tmp_path / "v2_load.json"
+    run_script("v2_load.py", "--bundle", str(tiny_bundles(labels=True)), "--seconds", "1", "--warmup", "0.3",
+               "--concurrency", "2", "--images", "2", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert set(report["results"]) == {"v1-multipart", "v2-binary", "v2-json"}
+    for row in report["results"].values():
+        assert set(row["statuses"]) == {"200"} and row["requests_per_s"] > 0 and row["server_cpu_ms_per_request"] > 0
+    sizes = {mode: row["request_bytes"] for mode, row in report["results"].items()}
+    assert sizes["v2-json"] > sizes["v2-binary"]  # base64: a third more
+
+
 def test_bulk_benchmark_runs_local_and_ray(tiny_bundle, tmp_path):
     if os.environ.get("REQUIRE_RAY_TESTS") != "1":
         pytest.importorskip("ray")

@@ -397,3 +397,57 @@ def test_the_kserve_sdk_rest_client(server, http, photos, tmp_path):
     assert out["caption"] == [r["captions"][0]["text"] for r in v1]
     assert out["captions_shape"] == [3, 2]
     assert "model_not_found" in out["unknown_error"] and "404" in out["unknown_error"]
+
+
+# ---- overload, in process (a full queue is hard to hold still in a live server: tests/test_overload_per_model.py
+# does it for /v1; here the check and the shape for /v2, the same middleware) ---------------------------------
+
+
+def test_a_full_queue_refuses_v2_infer_before_the_body_with_the_protocols_shape():
+    import asyncio
+
+    from app.api.middleware import OverloadMiddleware
+    from app.api.v2_protocol import V2ErrorMiddleware
+
+    asked: list[str | None] = []
+
+    class Batcher:
+        rejections: list[str] = []
+
+        def is_full(self) -> bool:
+            return True
+
+        def retry_after(self) -> int:
+            return 3
+
+        def count_rejection(self, reason: str) -> None:
+            self.rejections.append(reason)
+
+    class Served:
+        batcher = Batcher()
+
+    class Service:
+        def find_model(self, spec):
+            asked.append(spec)
+            return Served()
+
+    async def route(scope, receive, send):  # never reached: the body is not read
+        raise AssertionError("the route ran")
+
+    app = V2ErrorMiddleware(OverloadMiddleware(route, service=Service()))  # type: ignore[arg-type]
+    sent: list[dict] = []
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": f"/v2/models/{NAME}/versions/{NEW}/infer", "headers": [],
+             "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    assert asked == [f"{NAME}:{NEW}"] and Served.batcher.rejections == ["queue_full"]
+    start, body = sent
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    assert start["status"] == 503 and headers["retry-after"] == "3"
+    assert json.loads(body["body"]) == {"error": "overloaded: the queue is full; retry later"}
