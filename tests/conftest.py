@@ -24,9 +24,9 @@ The tiers (``-m unit``, ``-m service``, ``-m system``; DEVELOPERS.md, "Tests"), 
 * ``unit``: everything else. A unit test may start no subprocess: one that tries fails, saying to mark it
   ``service`` (the tier cannot drift).
 
-Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each module stays on one worker (its module
-fixtures, servers included, start once), and the modules that share an outside resource share a worker:
-XDIST_GROUPS.
+Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the tests that share a module-scoped fixture
+stay on one worker (their server or trained model starts once), the modules that share an outside resource
+share a worker (XDIST_GROUPS), and every other test goes wherever a worker is free.
 """
 
 from __future__ import annotations
@@ -74,14 +74,27 @@ def _tier(item: pytest.Item) -> str:
     return "unit"
 
 
+def _group(item: pytest.Item) -> str:
+    """The xdist group: XDIST_GROUPS' for the modules named there; the module's for a test that uses a
+    module-scoped fixture (its server, its trained model: built once, on one worker); else the test's own,
+    so independent tests spread over the workers."""
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
+    if module in XDIST_GROUPS:
+        return XDIST_GROUPS[module]
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in (info.name2fixturedefs.values() if info is not None else ()):
+        if definitions and definitions[-1].scope in ("module", "class", "package"):
+            return module
+    return item.nodeid
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give every test its tier, and its xdist group (its module's, or the group in XDIST_GROUPS)."""
+    """Give every test its tier, and its xdist group (_group)."""
     for item in items:
         tier = _tier(item)
         if item.get_closest_marker(tier) is None:
             item.add_marker(getattr(pytest.mark, tier))
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
     # the longest groups first, so no worker starts one at the end of the run
     order = {"podman": 0, "test_training": 1, "test_bulk_ray": 2}
 
@@ -92,18 +105,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)  # stable: the order within a module is kept
 
 
-@pytest.fixture(autouse=True)
-def _unit_tests_start_no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A unit test that starts a subprocess fails here, saying to mark it `service`."""
-    if request.node.get_closest_marker("unit") is None:
-        return
+_RUNNING: list[pytest.Item] = []  # the test whose setup, call or teardown is running now
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A unit test may start no subprocess, in its body or in the fixtures its setup builds (a module's
+    server, an export that runs Java's METEOR): one that tries fails, saying to mark it `service`."""
     import subprocess
 
-    def refuse(self, *args, **kwargs):
-        raise AssertionError(f"{request.node.nodeid} is a unit test but starts a subprocess: mark it "
-                             "@pytest.mark.service (tests/conftest.py, the tiers)")
+    original = subprocess.Popen._execute_child
 
-    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    def guarded(self, *args, **kwargs):
+        item = _RUNNING[-1] if _RUNNING else None
+        if item is not None and item.get_closest_marker("unit") is not None:
+            raise AssertionError(f"{item.nodeid} is a unit test but starts a subprocess ({args[0]!r:.80}): mark it "
+                                 "@pytest.mark.service (tests/conftest.py, the tiers)")
+        return original(self, *args, **kwargs)
+
+    subprocess.Popen._execute_child = guarded  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _RUNNING.append(item)
+    try:
+        return (yield)
+    finally:
+        _RUNNING.pop()
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def invoke(*args: str):
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # read-only: session-wide, so the tests that need only it spread over workers
 def scenes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
     generate_scenes(root, n_train=96, n_val=16, n_test=50, seed=5, workers=1, progress=False)
@@ -157,6 +157,7 @@ def test_resume_with_another_vocabulary_is_a_clear_error(scenes, trained, tmp_pa
     assert "vocabulary mismatch" in result.output and "last.pt" in result.output
 
 
+@pytest.mark.service  # the bundle fixture's export scores the test split: Java (METEOR, PTB tokenizer)
 def test_export_writes_a_bundle_that_proved_parity(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2
@@ -191,6 +192,7 @@ def test_export_writes_a_bundle_that_proved_parity(bundle):
     assert {c.name: c.passed for c in served.checks} == {"sha256": True, "warmup": True, "smoke": True, "parity": True}
 
 
+@pytest.mark.service  # the bundle fixture's export scores the test split: Java (METEOR, PTB tokenizer)
 def test_onnx_captions_equal_the_torch_reference_for_other_settings(bundle, trained, scenes):
     model, vocab, _ = load_checkpoint(trained / "best.pt")
     engine = Engine(load_bundle(bundle), device="cpu")
@@ -205,6 +207,7 @@ def test_onnx_captions_equal_the_torch_reference_for_other_settings(bundle, trai
             assert [h.tokens for h in ref] == [c.token_ids for c in got[i]]
 
 
+@pytest.mark.service  # the bundle fixture's export scores the test split: Java (METEOR, PTB tokenizer)
 def test_fp16_export_is_half_the_size_and_proves_its_own_parity(bundle, trained, scenes, tmp_path):
     out = tmp_path / "tiny16"
     result = invoke(
@@ -230,6 +233,7 @@ def test_fp16_export_is_half_the_size_and_proves_its_own_parity(bundle, trained,
     assert all(c and c[0].tokens for c in captions)
 
 
+@pytest.mark.service  # the bundle fixture's export scores the test split: Java (METEOR, PTB tokenizer)
 def test_int8_export_quantizes_the_decoder_within_its_tolerance(bundle, trained, scenes, tmp_path):
     """The int8 graphs: the encoder as in float32, the decoder's matrix products in integers, a
     fraction of its size, within its relative tolerance (10%) of torch. (The tiny
@@ -263,6 +267,7 @@ def test_unknown_precision_is_a_clear_error(trained, scenes, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.service  # starts a subprocess (and the bundle fixture's export runs Java)
 def test_evaluate_command_scores_a_bundle_without_torch(bundle, scenes, tmp_path):
     import subprocess
     import sys
@@ -484,6 +489,7 @@ def test_flip_augmentation_needs_the_frozen_encoder(scenes, tmp_path):
     assert "flip augmentation needs a frozen encoder" in result.output
 
 
+@pytest.mark.service  # the bundle fixture's export scores the test split: Java (METEOR, PTB tokenizer)
 def test_tune_decoding_then_export_with_its_choice(bundle, trained, scenes, tmp_path):
     tuned = tmp_path / "decoding.json"
     result = invoke("tune-decoding", "--bundle", bundle, "--data", scenes / "dataset.json", "--images", scenes,
