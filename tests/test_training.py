@@ -302,12 +302,13 @@ def test_show_and_tell_variant_trains_and_exports(scenes, tmp_path, feature_cach
     run = tmp_path / "run"
     assert train(scenes, run, "--epochs", "1", "--decoder", "show_and_tell", cache=feature_cache_dir).exit_code == 0
     out = tmp_path / "st"
+    # parity on 16 test images (the attention bundle's export proves all 50): the variant's graphs, not the count
     result = invoke("export", "--checkpoint", run / "best.pt", "--data", scenes / "dataset.json", "--images", scenes,
-                    "--out", out, "--evaluate-split", "", "--no-progress")
+                    "--out", out, "--evaluate-split", "", "--parity-images", "16", "--no-progress")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["architecture"]["decoder"] == "show_and_tell" and manifest["architecture"]["attention"] is False
-    assert manifest["parity"]["beam3_identical"] == 50
+    assert manifest["parity"]["beam3_identical"] == 16
     engine = Engine(load_bundle(out), device="cpu")
     (caps,) = engine.caption(np.zeros((1, 3, 224, 224), np.float32), DecodingConfig(beam_size=2, num_captions=2))
     assert len(caps) == 2
