@@ -143,6 +143,15 @@ def write_report(path: str | None, report: dict) -> None:
         Path(path).write_text(text + "\n")
 
 
+def service_settings(items: list[str]) -> dict[str, str]:
+    """`CAPTIONER_NAME=value` (or `name=value`) arguments as live-server settings: {"name": "value"}."""
+    settings = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        settings[name.upper().removeprefix("CAPTIONER_").lower()] = value
+    return settings
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """Resident memory of a process (VmRSS) and its peak (VmHWM), KiB."""
     out = {}

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from common import REPO, rss_kib
+from common import REPO, rss_kib, service_settings
 from http_load import Service
 from PIL import Image
 
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("settings", nargs="*", help="CAPTIONER_NAME=value settings for the server")
     args = parser.parse_args(argv)
-    settings = {}
-    for item in args.settings:
-        name, _, value = item.partition("=")
-        settings[name.upper().removeprefix("CAPTIONER_").lower()] = value
+    settings = service_settings(args.settings)
     file_bytes = int(args.file_mb * 1_000_000)
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(args.bundle, Path(tmp) / "service.log", **settings)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, service_settings
 from http_load import Service
 
 
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--give-up", type=float, default=90.0)
     parser.add_argument("settings", nargs="*", help="CAPTIONER_NAME=value settings for the server")
     args = parser.parse_args(argv)
-    settings = {}
-    for item in args.settings:
-        name, _, value = item.partition("=")
-        settings[name.upper().removeprefix("CAPTIONER_").lower()] = value
+    settings = service_settings(args.settings)
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(args.bundle, Path(tmp) / "service.log", **settings)
         try:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import BODY_METHODS, BodyRefused, error_json, new_request_id
+from app.api.errors import BODY_METHODS, BodyRefused, TrackedSend, error_json, new_request_id
 from app.api.state import ServiceState
 from app.observability.metrics import Metrics
 
@@ -126,7 +126,6 @@ class BodyBudgetMiddleware:
                 return
             reserved = declared
         received = 0
-        started = False
         closing = _closing_delimiter(scope)  # None: not multipart, or already seen
         tail = b""
 
@@ -161,16 +160,11 @@ class BodyBudgetMiddleware:
                     reserved = received
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, counted_receive, tracking_send)
+            await self.app(scope, counted_receive, tracked)
         except BodyRefused as exc:
-            if started:
+            if tracked.started:
                 raise
             await _answer(scope, receive, send, exc)
         finally:

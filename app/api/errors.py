@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Send
 
 log = logging.getLogger("captioner.errors")
 
@@ -150,6 +151,20 @@ _DESCRIPTIONS = {
     "retry after the Retry-After header's seconds.",
     504: "The request did not finish within the service's request_timeout_s.",
 }
+
+
+class TrackedSend:
+    """`send` for an inner app, remembering whether the response has started: a middleware can answer an
+    error of its own only while it has not."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 def new_request_id() -> str:

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import BODY_METHODS, REQUEST_ID_HEADER, PayloadTooLarge, error_json, new_request_id
+from app.api.errors import BODY_METHODS, REQUEST_ID_HEADER, PayloadTooLarge, TrackedSend, error_json, new_request_id
 from app.api.state import ServiceState
 from app.api.v2_protocol import body_limit as v2_body_limit
 from app.api.v2_protocol import infer_model as v2_infer_model
@@ -272,7 +272,6 @@ class BodyLimitMiddleware:
                 return
 
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -283,15 +282,10 @@ class BodyLimitMiddleware:
                     raise PayloadTooLarge(limit)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except PayloadTooLarge:
-            if started:
+            if tracked.started:
                 raise
             await self._refuse(scope, receive, send, limit, close=True)
