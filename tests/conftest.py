@@ -14,6 +14,9 @@ Every time a shared bundle is handed out it is checked to be as it was built, so
 contract fails the next fixture that asks for that bundle, naming it.
 
 * ``cat_jpeg`` / ``astronaut_png`` / ``coffee_jpeg``: real photos (scikit-image) as upload bytes.
+* ``feature_cache_dir``: one frozen-encoder feature cache for the session's training runs (the cache's key
+  covers the images, backbone, weights, preprocessing and mirroring, so sharing it cannot mix features).
+* ``container_images``: the podman images, built once per session (tests/support/podman.py).
 
 The tiers (``-m unit``, ``-m service``, ``-m system``; DEVELOPERS.md, "Tests"), given to every test here:
 
