@@ -35,7 +35,7 @@ KEYS = ["env-key-0123456789abcdef", "env-key-2-FEDCBA9876543210"]
 FILE_KEY = "file-key-Zm9vYmFyYmF6cXV4cXV1eA"
 WRONG_KEY = "env-key-0123456789abcdeX"  # one character off the first key
 ALL_KEYS = [*KEYS, FILE_KEY]
-PUBLIC = ["/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"]
+PUBLIC = ["/healthz", "/readyz", "/openapi.json", "/docs", "/redoc", "/v2/health/live", "/v2/health/ready"]
 LEAKS = ("Traceback", 'File "', '.py"', "site-packages", str(REPO))
 
 # Runs inside the server process (PYTHONPATH): record files opened for writing, outbound
@@ -134,7 +134,12 @@ def assert_unauthorized(r: httpx.Response) -> dict:
     assert r.status_code == 401, (r.status_code, r.text)
     assert r.headers["www-authenticate"] == "Bearer"
     body = r.json()
-    assert set(body) == {"error"} and body["error"]["code"] == "unauthorized"
+    assert set(body) == {"error"}
+    if r.url.path == "/v2" or r.url.path.startswith("/v2/"):  # the v2 protocol: {"error": "<code>: <message>"}
+        code, _, message = body["error"].partition(": ")
+        assert code == "unauthorized", body
+        return {"code": code, "message": message}
+    assert body["error"]["code"] == "unauthorized"
     assert body["error"]["request_id"] == r.headers["x-request-id"]
     return body["error"]
 
@@ -301,10 +306,11 @@ def test_openapi_documents_the_bearer_scheme_only_with_keys(keyed, sandbox):
     for method, path in _protected_operations(spec):
         op = spec["paths"][path][method.lower()]
         assert op["security"] == [{"bearer": []}], path
-        assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        shape = "/V2Error" if path.startswith("/v2") else "/ErrorResponse"  # the v2 routes: the protocol's errors
+        assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith(shape), path
         assert "X-Request-ID" in op["responses"]["401"]["headers"]
         # a key may have a rate limit (tests/test_key_rotation.py): 429 with Retry-After and X-RateLimit-*
-        assert op["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        assert op["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith(shape), path
         assert {"Retry-After", "X-RateLimit-Limit", "X-Request-ID"} <= set(op["responses"]["429"]["headers"])
     for path in ("/healthz", "/readyz"):
         assert "security" not in spec["paths"][path]["get"]
