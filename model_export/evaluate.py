@@ -22,7 +22,7 @@ from app.inference.engine import Engine
 from model_export.data.karpathy import CaptionDataset
 from model_export.data.scenes import attribute_accuracy
 from model_export.images import iter_batches
-from model_export.metrics import coco_scores
+from model_export.metrics import coco_scores_many
 
 STRATEGIES = {
     "greedy": DecodingConfig(strategy="greedy"),
@@ -94,8 +94,9 @@ def evaluate_bundle(
         "provider": engine.provider,
         "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram_size": base.no_repeat_ngram_size},
     }
+    all_scores = coco_scores_many({name: predictions[name] for name in strategies}, references)
     for name in strategies:
-        scores = coco_scores(predictions[name], references)
+        scores = all_scores[name]
         if has_scenes:
             scores["attributes"] = attribute_accuracy({e.image_id: predictions[name][i] for i, e in enumerate(examples)}, dataset)
         scores["repeated_bigram_share"] = sum(map(repeats_a_bigram, predictions[name].values())) / max(len(examples), 1)
@@ -133,8 +134,9 @@ def tune_decoding(
     def score(configs: dict[str, DecodingConfig]) -> list[dict]:
         predictions = caption_split(engine, paths, configs, progress=progress, desc=f"{len(configs)} settings on {split}")
         rows = []
+        all_scores = coco_scores_many({name: predictions[name] for name in configs}, references)
         for name, config in configs.items():
-            scores = coco_scores(predictions[name], references)
+            scores = all_scores[name]
             rows.append({
                 "beam_size": config.beam_size if config.strategy == "beam" else 1,
                 "length_penalty": config.length_penalty,

@@ -39,24 +39,45 @@ def quick_scores(predictions: Mapping[Hashable, Tokens], references: Mapping[Has
 
 def coco_scores(predictions: Mapping[Hashable, Tokens], references: Mapping[Hashable, Sequence[Tokens]]) -> dict:
     """The COCO caption metrics. Raises JavaMissing if Java (needed by METEOR) is missing."""
+    return coco_scores_many({"only": predictions}, references)["only"]
+
+
+def coco_scores_many(prediction_sets: Mapping[str, Mapping[Hashable, Tokens]],
+                     references: Mapping[Hashable, Sequence[Tokens]]) -> dict[str, dict]:
+    """`coco_scores` of several prediction sets (decoding settings) against the same references, with one
+    PTB tokenizer run over every caption and one METEOR process for all of them: each Java start costs
+    seconds, and `tune-decoding` scores 14 settings. The scores are those of separate `coco_scores` calls
+    (METEOR scores each EVAL line on its own; the tokenizer works caption by caption)."""
     if shutil.which("java") is None:
         raise JavaMissing("METEOR and the PTB tokenizer need Java (install a JRE, e.g. apt-get install default-jre-headless)")
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    res, gts = _joined(predictions, references)
-    tokenizer = PTBTokenizer()
-    res = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
-    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-    scores: dict[str, float] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    for n in range(4):
-        scores[f"BLEU-{n + 1}"] = float(bleu[n])
+    joined = {name: _joined(predictions, references) for name, predictions in prediction_sets.items()}
+    if not joined:
+        return {}
+    # one tokenizer run: every set's captions under (set, image) keys, and the references once
+    everything = {("res", name, k): [{"caption": c} for c in v] for name, (res, _) in joined.items() for k, v in res.items()}
+    _, gts_joined = next(iter(joined.values()))
+    everything.update({("gts", k): [{"caption": c} for c in v] for k, v in gts_joined.items()})
+    keyed = {i: key for i, key in enumerate(everything)}  # the tokenizer wants plain, sortable ids
+    tokenized = PTBTokenizer().tokenize({i: everything[key] for i, key in keyed.items()})
+    by_key = {keyed[i]: captions for i, captions in tokenized.items()}
+    gts = {k: by_key[("gts", k)] for k in gts_joined}
+
     meteor = Meteor()
+    results: dict[str, dict] = {}
     try:
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        for name, (res_joined, _) in joined.items():
+            res = {k: by_key[("res", name, k)] for k in res_joined}
+            scores: dict[str, float] = {}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            for n in range(4):
+                scores[f"BLEU-{n + 1}"] = float(bleu[n])
+            scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+            scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            results[name] = scores
     finally:
         del meteor
-    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return scores
+    return results

@@ -520,6 +520,22 @@ def test_tune_decoding_then_export_with_its_choice(bundle, trained, scenes, tmp_
     assert result.exit_code == 1 and "not a `captioner tune-decoding` result" in result.output
 
 
+@pytest.mark.service  # Java: METEOR and the PTB tokenizer
+def test_scoring_several_settings_at_once_equals_scoring_each_alone():
+    """evaluate and tune-decoding score every setting with one tokenizer run and one METEOR process."""
+    from model_export.metrics import coco_scores, coco_scores_many
+
+    references = {i: [["a", "dog", "runs", "on", "the", "grass", "."], ["A", "brown", "dog", "is", "running"]]
+                  for i in range(12)}
+    sets = {"dogs": {i: ["a", "dog", "runs", "fast"] if i % 3 else ["a", "dog", "'s", "ball"] for i in range(12)},
+            "cats": {i: ["a", "cat", "sits", "on", "a", "mat"] for i in range(12)}}
+    together = coco_scores_many(sets, references)
+    assert together == {name: coco_scores(predictions, references) for name, predictions in sets.items()}
+    assert together["dogs"]["METEOR"] > together["cats"]["METEOR"]  # (CIDEr is 0: every image has the same references)
+    with pytest.raises(ValueError, match="same images"):
+        coco_scores_many({"short": {0: ["a", "dog"]}}, references)
+
+
 def test_cider_d_reward_equals_pycocoevalcap_on_its_own_corpus():
     """With the corpus = the scored images' references, corpus document frequencies are exactly what
     pycocoevalcap computes per call: the two must agree per image."""
