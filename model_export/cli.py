@@ -8,6 +8,7 @@ mismatch, failed export check) prints `error: <file>: <problem>` and exits with 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from enum import StrEnum
@@ -143,12 +144,18 @@ def train_cmd(
     seed: int = typer.Option(0),
     max_minutes: float | None = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from OUT/last.pt (under torchrun, with none there yet: start at epoch 1, so "
+        "--max-restarts can rerun the same command)"),
+    dist_timeout: float = typer.Option(
+        600.0, min=10.0, help="Under torchrun: seconds a rank waits for the others in any collective before the job "
+        "stops with an error"),
     progress: bool = typer.Option(True, help="Progress bars"),
     cache: Path | None = typer.Option(
         None, help="Feature cache folder (default OUT/cache; runs on the same images may share one)"),
 ) -> None:
-    """Train a captioner (frozen encoder: features cached, fast on CPU; uses CUDA when present)."""
+    """Train a captioner (frozen encoder: features cached, fast on CPU; uses CUDA when present). Under
+    `torchrun --nproc-per-node N` it trains on N ranks with DistributedDataParallel (docs/training.md)."""
 
     def run():
         from model_export.model import ModelConfig
@@ -165,12 +172,13 @@ def train_cmd(
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
             flip_augment=flip_augment, self_critical=self_critical, sample_temperature=sample_temperature,
             init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
-            max_minutes=max_minutes, num_threads=threads, progress=progress, model=model,
+            max_minutes=max_minutes, num_threads=threads, progress=progress, dist_timeout=dist_timeout, model=model,
         )
         return Trainer(dataset, out, config, cache_dir=cache).run(resume=resume)
 
     best = _guard(run)
-    typer.echo(f"best checkpoint: {best}")
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 speaks for the job
+        typer.echo(f"best checkpoint: {best}")
 
 
 def export_cmd(

@@ -41,6 +41,19 @@ class CiderD:
         self.log_corpus = math.log(float(max(len(corpus), 1)))
         self._cache: dict[tuple[tuple[str, ...], ...], list] = {}
 
+    def document_frequencies(self) -> tuple[dict, float]:
+        """What the corpus contributes (n-gram -> images whose references hold it, log corpus size): computed
+        once, then shared (`from_document_frequencies`), e.g. by the ranks of a distributed run."""
+        return dict(self.frequency), self.log_corpus
+
+    @classmethod
+    def from_document_frequencies(cls, frequency: dict, log_corpus: float) -> CiderD:
+        scorer = cls.__new__(cls)
+        scorer.frequency = defaultdict(float, frequency)
+        scorer.log_corpus = log_corpus
+        scorer._cache = {}
+        return scorer
+
     def _vector(self, counts: Counter) -> tuple[list[dict], list[float], int]:
         vec: list[dict] = [{} for _ in range(_N)]
         norm = [0.0] * _N

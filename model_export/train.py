@@ -1,6 +1,11 @@
 """Training: teacher forcing with cross-entropy (+ the doubly stochastic attention penalty for
 Show, Attend and Tell), cached encoder features when the encoder is frozen, a checkpoint every
 epoch, `--resume`, early stopping on validation CIDEr, seeded and repeatable, CUDA when present.
+
+Under torchrun (docs/training.md) the same run is N ranks with DistributedDataParallel: every rank draws
+the same epoch plan from (seed, epoch) and takes every N-th example of each global batch of
+--batch-size, whose mean loss the ranks' shares add up to; validation is sharded and gathered, rank 0's
+scores decide for all, and rank 0 alone writes (model_export/distributed.py has the group).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from model_export import distributed
 from model_export.data.errors import DatasetError
 from model_export.data.karpathy import CaptionDataset, Example
 from model_export.data.vocab import Vocabulary
@@ -73,6 +79,8 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     num_threads: int | None = None
     progress: bool = True
+    # Under torchrun: seconds any collective may wait for the other ranks before the job stops (model_export/distributed.py)
+    dist_timeout: float = 600.0
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -111,14 +119,22 @@ def mirror_tokens(tokens: list[str]) -> list[str]:
     return [MIRRORED_WORDS.get(t, t) for t in tokens]
 
 
-def caption_loss(logits, alphas, targets, pad: int, attention_reg: float, label_smoothing: float = 0.0):
-    """Cross-entropy over real tokens + lambda * sum_p (1 - sum_t alpha_tp)^2 (Xu et al. 2015)."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad,
-                           label_smoothing=label_smoothing)
+def caption_loss(logits, alphas, targets, pad: int, attention_reg: float, label_smoothing: float = 0.0,
+                 totals: tuple[int, int] | None = None):
+    """Cross-entropy over real tokens + lambda * sum_p (1 - sum_t alpha_tp)^2 (Xu et al. 2015), means over
+    this batch. `totals` (a rank's share of a global batch): (real tokens, images x positions) of the whole
+    global batch, which the sums are divided by instead, so the ranks' shares add up to the global mean."""
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if totals is None:
+        loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=pad, label_smoothing=label_smoothing)
+    else:
+        loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=pad, label_smoothing=label_smoothing,
+                               reduction="sum") / max(totals[0], 1)
     if alphas is not None and attention_reg > 0:
         mask = (targets != pad).unsqueeze(2).to(alphas.dtype)
         coverage = (alphas * mask).sum(dim=1)
-        loss = loss + attention_reg * ((1.0 - coverage) ** 2).mean()
+        penalty = (1.0 - coverage) ** 2
+        loss = loss + attention_reg * (penalty.mean() if totals is None else penalty.sum() / max(totals[1], 1))
     return loss
 
 
@@ -227,13 +243,36 @@ class Trainer:
     # ---- training -------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> Path:
+        """Train; under torchrun, this rank's part of the job (model_export/distributed.py)."""
+        try:
+            ctx = distributed.from_environment(self.config.dist_timeout)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TrainError(f"could not join the torchrun group ({type(exc).__name__}: {exc})") from exc
+        try:
+            best = self._run(ctx, resume)
+        except TrainError:
+            raise
+        except Exception as exc:
+            if ctx.enabled and distributed.is_collective_failure(exc):
+                raise TrainError(distributed.collective_failure_message(ctx, exc)) from exc
+            raise
+        ctx.close()
+        return best
+
+    def _run(self, ctx: distributed.Context, resume: bool) -> Path:
         cfg = self.config
+        world = ctx.world_size
+        self.device = ctx.device
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if world > cfg.batch_size:
+            raise TrainError(f"--batch-size {cfg.batch_size} is the global batch, shared by the {world} ranks: it must be "
+                             "at least the number of ranks")
         _seed_everything(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mcfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(self.vocab)})
         model = Captioner(mcfg)
+        model.to(self.device)  # before the optimizer, so a resumed optimizer's state lands on the device too
         special = self.vocab.special_ids
         pad = special["pad"]
 
@@ -245,6 +284,11 @@ class Trainer:
         if backbone_params:
             groups.append({"params": backbone_params, "lr": cfg.encoder_lr})
         optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        if resume and not last_path.is_file() and distributed.under_torchrun():
+            # torchrun --max-restarts with --resume: the first attempt has no checkpoint yet
+            if ctx.main:
+                print(f"{last_path}: no checkpoint yet; starting from epoch 1", flush=True)
+            resume = False
         if resume:
             if not last_path.is_file():
                 raise TrainError(f"{last_path}: no checkpoint to resume from")
@@ -256,9 +300,9 @@ class Trainer:
                 )
             if state["model_config"] != mcfg.to_dict():
                 raise TrainError(f"{last_path}: model settings differ from the checkpoint's {state['model_config']}")
-            model.decoder.load_state_dict(state["decoder"])
+            model.decoder.load_state_dict(_plain(state["decoder"]))
             if state.get("backbone"):
-                model.backbone.load_state_dict(state["backbone"])
+                model.backbone.load_state_dict(_plain(state["backbone"]))
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, best, history, bad_epochs = state["epoch"], state["best_cider"], state["history"], state["bad_epochs"]
             torch.set_rng_state(state["torch_rng"])
@@ -270,11 +314,18 @@ class Trainer:
             if state["vocab"] != self.vocab.itos or state["model_config"] != mcfg.to_dict():
                 raise TrainError(f"{init}: its vocabulary or model settings differ from this run's; start from a checkpoint "
                                  "trained on the same data with the same --min-count and sizes")
-            model.decoder.load_state_dict(state["decoder"])
+            model.decoder.load_state_dict(_plain(state["decoder"]))
             if state.get("backbone"):
-                model.backbone.load_state_dict(state["backbone"])
-        model.to(self.device)
-        self.vocab.save(self.run_dir / "vocab.json")
+                model.backbone.load_state_dict(_plain(state["backbone"]))
+        if ctx.enabled:
+            starts = ctx.gather(start_epoch)
+            if len(set(starts)) != 1:
+                raise TrainError(f"the ranks found different checkpoints in {self.run_dir} (epochs {starts}): with several "
+                                 "nodes, --out must be on storage that every node sees")
+            if ctx.rank:  # rank 0 keeps the single process's random stream; the others their own (dropout, sampling)
+                torch.manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, start_epoch))
+        if ctx.main:
+            self.vocab.save(self.run_dir / "vocab.json")
 
         train_refs = encode_references(self.train_examples, self.vocab, cfg.max_caption_length)
         mirrored_refs = [[self.vocab.encode(mirror_tokens(r), cfg.max_caption_length) for r in ex.references]
@@ -289,22 +340,44 @@ class Trainer:
             # references as the vocabulary sees them (rare words are <unk>, dropped like in a caption)
             reward_refs = [[self.vocab.decode(r) for r in refs] for refs in train_refs]
             mirrored_reward_refs = [[self.vocab.decode(r) for r in refs] for refs in mirrored_refs] if mirrored_refs else None
-            scorer = CiderD(reward_refs)
+            if ctx.enabled:  # the document frequencies are counted once, over the whole corpus, and shared
+                tables = ctx.broadcast(CiderD(reward_refs).document_frequencies() if ctx.main else None)
+                scorer = CiderD.from_document_frequencies(*tables)
+            else:
+                scorer = CiderD(reward_refs)
         if frozen:
-            # float16 in memory (2.5 GB for 20,000 images); batches are converted to float32
             train_paths = [e.image_path for e in self.train_examples]
-            train_feats = torch.from_numpy(
-                np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress)))
-            if cfg.flip_augment:
-                flipped_feats = torch.from_numpy(
-                    np.array(feature_cache(train_paths, model.backbone, self.cache_dir, progress=cfg.progress, flip=True))
-                )
-            val_feats = torch.from_numpy(
-                np.array(feature_cache([e.image_path for e in self.val_examples], model.backbone, self.cache_dir,
-                                       progress=cfg.progress))
-            )
+            val_paths = [e.image_path for e in self.val_examples]
+            show = cfg.progress and ctx.main
+
+            def caches() -> tuple:
+                return (feature_cache(train_paths, model.backbone, self.cache_dir, progress=show),
+                        feature_cache(train_paths, model.backbone, self.cache_dir, progress=show, flip=True)
+                        if cfg.flip_augment else None,
+                        feature_cache(val_paths, model.backbone, self.cache_dir, progress=show))
+
+            if ctx.enabled:
+                # one rank per node computes the cache (or finds it); the others wait, then read the same files
+                if ctx.local_rank == 0:
+                    arrays = caches()
+                ctx.wait_for_node_leader()
+                if ctx.local_rank != 0:
+                    arrays = caches()
+                # memory-mapped: the ranks of a node share one copy in the page cache
+                train_feats, flipped_feats, val_feats = arrays
+            else:
+                # float16 in memory (2.5 GB for 20,000 images); batches are converted to float32
+                arrays = caches()
+                train_feats = torch.from_numpy(np.array(arrays[0]))
+                flipped_feats = torch.from_numpy(np.array(arrays[1])) if cfg.flip_augment else None
+                val_feats = torch.from_numpy(np.array(arrays[2]))
         spec = preprocessing_for(model.backbone)
+        net = _TrainStep(model, encode=not frozen, special=special, max_length=cfg.sample_max_length,
+                         temperature=cfg.sample_temperature)
+        net = ctx.wrap(net, broadcast_buffers=not frozen)  # DistributedDataParallel under torchrun
+        positions = model.backbone.grid**2
         started = time.monotonic()
+        steps_taken = 0
 
         from tqdm import tqdm
 
@@ -312,6 +385,8 @@ class Trainer:
             for i, group in enumerate(optimizer.param_groups):
                 base = cfg.lr if i == 0 else cfg.encoder_lr
                 group["lr"] = base * cfg.lr_decay**epoch
+            # the epoch's plan (reference choice, order, mirroring) is drawn from (seed, epoch) alone, the same on
+            # every rank; each rank then takes its share of every global batch
             rng = np.random.default_rng([cfg.seed, epoch])
             if cfg.self_critical:  # one sample per image; the reward reads all its references
                 pairs = np.array([(i, 0) for i in range(len(train_refs))], dtype=np.int64)
@@ -326,9 +401,21 @@ class Trainer:
             model.train()
             total, seen, tick = 0.0, 0, time.monotonic()
             rewards = {"sample": 0.0, "greedy": 0.0}
-            bar = tqdm(total=len(pairs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="cap", disable=not cfg.progress)
+            bar = tqdm(total=len(pairs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="cap",
+                       disable=not (cfg.progress and ctx.main))
             for b in range(0, len(pairs), cfg.batch_size):
+                steps_taken += 1
+                distributed.failure_hook_for_tests(ctx, steps_taken)
                 batch_pairs, batch_mirrored = pairs[b : b + cfg.batch_size], mirrored[b : b + cfg.batch_size]
+                global_rows, weight, global_tokens = len(batch_pairs), 1.0, 0
+                if ctx.enabled:
+                    global_tokens = sum(len((mirrored_refs if m else train_refs)[i][j]) - 1
+                                        for (i, j), m in zip(batch_pairs, batch_mirrored))
+                    mine = distributed.shard(global_rows, ctx)
+                    if len(batch_pairs[mine]):
+                        batch_pairs, batch_mirrored = batch_pairs[mine], batch_mirrored[mine]
+                    else:  # a last batch smaller than the ranks: this rank runs one row that counts for nothing
+                        batch_pairs, batch_mirrored, weight = batch_pairs[:1], batch_mirrored[:1], 0.0
                 sequences = [(mirrored_refs if m else train_refs)[i][j] for (i, j), m in zip(batch_pairs, batch_mirrored)]
                 # longest first, so each teacher-forcing step runs only the captions still going
                 by_length = np.argsort([-len(q) for q in sequences], kind="stable")
@@ -338,56 +425,77 @@ class Trainer:
                 caps = pad_batch(sequences, pad).to(self.device)
                 lengths = torch.tensor([len(q) - 1 for q in sequences], device=self.device)
                 if frozen:
-                    rows = torch.from_numpy(idx)
-                    feats = train_feats[rows]
+                    feats = _rows(train_feats, idx)
                     if batch_mirrored.any():
-                        flip_rows = torch.from_numpy(batch_mirrored)
-                        feats[flip_rows] = flipped_feats[rows[flip_rows]]
-                    feats = feats.to(self.device, torch.float32)
+                        feats[torch.from_numpy(batch_mirrored)] = _rows(flipped_feats, idx[batch_mirrored])
+                    inputs = feats.to(self.device, torch.float32)
                 else:
-                    pixels = torch.from_numpy(np.stack([load_pixels(self.train_examples[i].image_path, spec) for i in idx]))
-                    feats = model.backbone(pixels.to(self.device))
+                    inputs = torch.from_numpy(np.stack([load_pixels(self.train_examples[i].image_path, spec) for i in idx]))
+                    inputs = inputs.to(self.device)
                 if scorer is not None:
                     refs = [(mirrored_reward_refs if m else reward_refs)[i] for i, m in zip(idx, batch_mirrored)]
-                    baseline = greedy_batch(model, feats, special, cfg.sample_max_length)  # eval mode
-                    sampled, chosen = sample_batch(model, feats, special, cfg.sample_max_length, cfg.sample_temperature)
+                    baseline, sampled, chosen = net(inputs)  # greedy (eval mode, no gradients), then one sample each
                     sample_reward = scorer.scores([self.vocab.decode(s) for s in sampled], refs)
                     greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
                     advantage = torch.tensor(sample_reward, device=self.device) - torch.tensor(greedy_reward, device=self.device)
-                    loss = -(advantage[:, None] * chosen).sum() / (chosen != 0).sum().clamp(min=1)
-                    rewards["sample"] += sum(sample_reward)
-                    rewards["greedy"] += sum(greedy_reward)
+                    if ctx.enabled:  # normalised by the whole global batch's sampled tokens
+                        (count,) = ctx.sum([float((chosen != 0).sum()) * weight])
+                        loss = -(advantage[:, None] * chosen).sum() * weight / max(count, 1.0)
+                    else:
+                        loss = -(advantage[:, None] * chosen).sum() / (chosen != 0).sum().clamp(min=1)
+                    rewards["sample"] += sum(sample_reward) * weight
+                    rewards["greedy"] += sum(greedy_reward) * weight
                 else:
-                    logits, alphas = model.decoder(feats, caps[:, :-1], lengths)
-                    loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg, cfg.label_smoothing)
+                    logits, alphas = net(inputs, caps[:, :-1], lengths)
+                    totals = (global_tokens, global_rows * positions) if ctx.enabled else None
+                    loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg, cfg.label_smoothing, totals)
+                    if ctx.enabled:
+                        loss = loss * weight
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # DistributedDataParallel averages the ranks' gradients: each rank's share of the global batch's
+                # mean loss, times the number of ranks, makes that average the single process's gradient
+                (loss * world if ctx.enabled else loss).backward()
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
                 optimizer.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{total / seen:.3f}", img_s=f"{seen / (time.monotonic() - tick):.0f}")
+                total += loss.item() * global_rows
+                seen += global_rows
+                bar.update(global_rows)
+                bar.set_postfix(loss=f"{total * world / seen:.3f}", img_s=f"{seen / (time.monotonic() - tick):.0f}")
             bar.close()
+            if ctx.enabled:  # the shares of every global batch's loss (and rewards), summed over the ranks
+                total, rewards["sample"], rewards["greedy"] = ctx.sum([total, rewards["sample"], rewards["greedy"]])
 
-            # validation: greedy captions on the val split, BLEU-4 and CIDEr
-            if frozen:
-                vf = val_feats.to(self.device, torch.float32)
+            # validation: greedy captions on the val split (each rank its share, gathered), BLEU-4 and CIDEr
+            mine = list(range(len(self.val_examples)))[distributed.shard(len(self.val_examples), ctx)]
+            if not mine:
+                vf = None
+            elif frozen:
+                vf = _rows(val_feats, np.array(mine, dtype=np.int64)).to(self.device, torch.float32)
             else:
                 with torch.no_grad():
                     model.eval()
-                    paths = [e.image_path for e in self.val_examples]
+                    paths = [self.val_examples[k].image_path for k in mine]
                     vf = torch.cat([model.backbone(torch.from_numpy(px).to(self.device))
                                     for _, px in iter_batches(paths, spec, 64)])
             predictions = []
-            for i in range(0, vf.shape[0], 256):
+            for i in range(0, 0 if vf is None else vf.shape[0], 256):
                 predictions += greedy_batch(model, vf[i : i + 256], special, cfg.max_caption_length)
-            scores = quick_scores(
-                {k: self.vocab.decode(p) for k, p in enumerate(predictions)},
-                {k: e.references for k, e in enumerate(self.val_examples)},
-            )
+            if ctx.enabled:
+                gathered = {k: p for part in ctx.gather(list(zip(mine, predictions))) for k, p in part}
+                predictions = [gathered[k] for k in range(len(self.val_examples))]
+            # rank 0's scores and clock decide, for every rank: the same checkpoint choice and the same stop
+            if ctx.main:
+                scores = quick_scores(
+                    {k: self.vocab.decode(p) for k, p in enumerate(predictions)},
+                    {k: e.references for k, e in enumerate(self.val_examples)},
+                )
+                out_of_time = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
+            else:
+                scores, out_of_time = ctx.broadcast(None)
             record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores,
                       "seconds": round(time.monotonic() - started, 1)}
+            if ctx.enabled:
+                record["ranks"] = world
             if scorer is not None:
                 record["stage"] = "self_critical"
                 record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()})
@@ -397,19 +505,60 @@ class Trainer:
                 best, bad_epochs = scores["CIDEr"], 0
             else:
                 bad_epochs += 1
-            print(json.dumps(record), flush=True)
-            state = self._checkpoint(model, optimizer, epoch + 1, best, history, bad_epochs)
-            self._save(state, last_path)
-            if improved:
-                self._save(state, self.run_dir / "best.pt")
-            (self.run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            if ctx.main:  # only rank 0 writes checkpoints and logs (plain module state: no DDP "module." prefix)
+                print(json.dumps(record), flush=True)
+                state = self._checkpoint(model, optimizer, epoch + 1, best, history, bad_epochs)
+                self._save(state, last_path)
+                if improved:
+                    self._save(state, self.run_dir / "best.pt")
+                (self.run_dir / "history.json").write_text(json.dumps(history, indent=1))
+                # sent once the checkpoint is on disk: no rank starts the next epoch before it is (restarts resume it)
+                ctx.broadcast((scores, out_of_time))
             if bad_epochs >= cfg.patience:
-                print(f"early stopping: validation CIDEr has not improved for {bad_epochs} epochs", flush=True)
+                if ctx.main:
+                    print(f"early stopping: validation CIDEr has not improved for {bad_epochs} epochs", flush=True)
                 break
-            if cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes:
-                print(f"stopping: the {cfg.max_minutes}-minute budget is spent", flush=True)
+            if out_of_time:
+                if ctx.main:
+                    print(f"stopping: the {cfg.max_minutes}-minute budget is spent", flush=True)
                 break
         return self.run_dir / "best.pt"
+
+
+class _TrainStep(torch.nn.Module):
+    """One training step's forward, the module that DistributedDataParallel wraps: the encoder when it is
+    fine-tuned, then teacher forcing (`caps` given: logits, alphas) or the self-critical pair (the greedy
+    baseline without gradients, then one sampled caption per image with its log-probabilities)."""
+
+    def __init__(self, model: Captioner, encode: bool, special: dict[str, int], max_length: int, temperature: float):
+        super().__init__()
+        self.model = model
+        self.encode = encode
+        self.special = special
+        self.max_length = max_length
+        self.temperature = temperature
+
+    def forward(self, inputs: torch.Tensor, caps: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+        feats = self.model.backbone(inputs) if self.encode else inputs
+        if caps is not None:
+            return self.model.decoder(feats, caps, lengths)
+        baseline = greedy_batch(self.model, feats, self.special, self.max_length)  # eval mode
+        sampled, chosen = sample_batch(self.model, feats, self.special, self.max_length, self.temperature)
+        return baseline, sampled, chosen
+
+
+def _rows(feats, rows: np.ndarray) -> torch.Tensor:
+    """Rows of a feature cache held in memory (a tensor) or memory-mapped (an array), as a new tensor."""
+    if isinstance(feats, np.ndarray):
+        return torch.from_numpy(np.array(feats[rows]))
+    return feats[torch.from_numpy(rows)]
+
+
+def _plain(state_dict: dict) -> dict:
+    """A module's state without DistributedDataParallel's "module." prefix (checkpoints store it plain)."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def load_checkpoint(path: Path) -> tuple[Captioner, Vocabulary, dict]:
