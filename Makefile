@@ -22,7 +22,7 @@ SCST_RECIPE = --self-critical --init-checkpoint $(WORK)/xe/best.pt --sample-temp
 NAME ?= flickr8k-sat-lite0
 VERSION ?= 2.0.0
 
-.PHONY: default-model scenes-model install install-serve serve test test-fast lint node-client policy-tools
+.PHONY: default-model scenes-model install install-serve serve test test-fast lint node-client policy-tools kserve-client
 
 # Everything: serving (CPU onnxruntime), training (CPU torch 2.13), Ray Data for bulk runs, test tools.
 install:
@@ -43,7 +43,7 @@ serve: install-serve
 # Install everything and run every test: the three tiers (unit, service, system; tests/conftest.py) on
 # PYTEST_WORKERS pytest-xdist workers, each module whole on one worker (--dist loadgroup).
 PYTEST_WORKERS ?= 2
-test: install node-client policy-tools
+test: install node-client policy-tools kserve-client
 	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
 
 # The unit tier only (no subprocess, no server): the check to run while you work. Installs first on a
@@ -57,6 +57,11 @@ test-fast:
 # pins would downgrade packaging, networkx and python-dateutil in .venv.
 policy-tools:
 	test -x .checkov/bin/checkov || { python3 -m venv .checkov && .checkov/bin/pip install -q checkov==3.3.30; }
+
+# The kserve SDK, whose REST client tests/test_open_inference.py runs against the /v2 routes, in a virtualenv of
+# its own (.kserve/): its pins would downgrade protobuf, pandas and python-dateutil in .venv (docs/deploy.md).
+kserve-client:
+	test -x .kserve/bin/python || { python3 -m venv .kserve && .kserve/bin/pip install -q kserve==0.21.0; }
 
 # The TypeScript client's pinned generator and compiler (tests/test_typescript_client.py; Node >= 20.19).
 node-client:
