@@ -137,7 +137,17 @@ def from_environment(timeout_s: float = DEFAULT_TIMEOUT_S) -> Context:
     else:
         backend, device = "gloo", torch.device("cpu")
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store for all its attempts, and torch 2.13 does not separate them: a restarted
+        # rank could read the address a rank of the failed attempt left there (Gloo: "connection refused"). So
+        # each attempt gets keys of its own.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"/captioner/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     objects = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     waiting = dist.new_group(backend="gloo", timeout=max(FEATURE_CACHE_WAIT, timeout))
     _say_when_stopped(rank, world)

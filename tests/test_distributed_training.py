@@ -169,6 +169,19 @@ def test_a_failed_rank_stops_the_job_and_resume_completes(scenes, reference, tmp
     assert_same_training(reference, restarted)
 
 
+def test_a_hung_rank_stops_the_job_at_the_collective_timeout(scenes, tmp_path, feature_cache_dir):
+    hang = {"CAPTIONER_TEST_FAIL_RANK": "1", "CAPTIONER_TEST_FAIL_STEP": "2", "CAPTIONER_TEST_FAIL_MODE": "hang"}
+    started = time.monotonic()
+    proc = torchrun(scenes, tmp_path / "hung", feature_cache_dir, 1, "--dist-timeout", "10", env=hang, timeout=180)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert "rank 1 of 2 hangs at its training step 2" in proc.stderr
+    assert "error: rank 0 of 2: a collective operation failed" in proc.stderr, proc.stderr[-3000:]
+    assert "did not answer within --dist-timeout 10 s" in proc.stderr
+    assert "error: rank 1 of 2: stopped by torchrun" in proc.stderr  # the hung rank, stopped by torchrun
+    assert elapsed < 90, elapsed
+
+
 def test_one_process_resume_without_a_checkpoint_is_still_an_error(scenes, tmp_path, feature_cache_dir):
     result = runner.invoke(cli, _args(scenes, tmp_path / "none", feature_cache_dir, 1, "--resume"))
     assert result.exit_code == 1 and "no checkpoint to resume from" in result.output
