@@ -47,7 +47,7 @@ def epochs_of(out: Path) -> dict:
     seconds = [h["seconds"] for h in history]
     per_epoch = [round(b - a, 2) for a, b in zip([0.0, *seconds[:-1]], seconds, strict=True)]
     return {"epoch_seconds": per_epoch, "first_epoch_s": per_epoch[0],
-            "median_epoch_s": statistics.median(per_epoch[1:] or per_epoch),
+            "median_epoch_s": round(statistics.median(per_epoch[1:] or per_epoch), 2),
             "train_loss": [round(h["train_loss"], 4) for h in history], "CIDEr": [round(h["CIDEr"], 4) for h in history]}
 
 
