@@ -569,9 +569,9 @@ def load_checkpoint(path: Path) -> tuple[Captioner, Vocabulary, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         model = Captioner(ModelConfig(**state["model_config"]))
-        model.decoder.load_state_dict(state["decoder"])
+        model.decoder.load_state_dict(_plain(state["decoder"]))
         if state.get("backbone"):
-            model.backbone.load_state_dict(state["backbone"])
+            model.backbone.load_state_dict(_plain(state["backbone"]))
     except (KeyError, RuntimeError, TypeError, EOFError, OSError) as exc:
         raise TrainError(f"{path}: not a captioner checkpoint ({type(exc).__name__}: {exc})") from None
     model.eval()
