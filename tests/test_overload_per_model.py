@@ -13,7 +13,6 @@ passes on to its route (404 model_not_found).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from app.api.state import ServiceState, service_state
 from app.main import create_app
 from app.settings import Settings
 from model_export.tiny_bundle import make_tiny_bundle
-from tests.support.live_server import free_port, image_bytes
+from tests.support.live_server import free_port, image_bytes, partial_upload
 
 pytestmark = pytest.mark.service
 
@@ -79,25 +78,12 @@ def caption(served: Served, model: str | None) -> httpx.Response:
         return client.post("/v1/captions", params=params, files={"image": ("x.png", IMAGE, "image/png")})
 
 
-def refused_from_headers(served: Served, query: str) -> tuple[bytes, dict, float]:
-    """Declare a 10 MB upload, send the headers and 64 KB only; (status line, error body, seconds)."""
-    head = (f"POST /v1/captions{query} HTTP/1.1\r\nHost: {served.host}:{served.port}\r\n"
-            "Content-Type: multipart/form-data; boundary=XyZ\r\n"
-            f"Content-Length: {10 * 1000 * 1000}\r\n\r\n").encode()
-    part = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-    started = time.perf_counter()
-    with socket.create_connection((served.host, served.port), timeout=10) as sock:
-        sock.sendall(head + part + b"\x00" * 65536)
-        data = b""
-        while not data.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    elapsed = time.perf_counter() - started
-    head_text, _, body = data.partition(b"\r\n\r\n")
+def refused_from_headers(served: Served, query: str) -> tuple[bytes, dict]:
+    """Declare a 10 MB upload, send the headers and 64 KB only: (status line, error body). An answer at all
+    shows it came before the body (tests/support/live_server.py partial_upload)."""
+    head_text, body = partial_upload(served.host, served.port, f"/v1/captions{query}")
     assert b"connection: close" in head_text.lower(), head_text
-    return head_text.split(b"\r\n")[0], json.loads(body), elapsed
+    return head_text.split(b"\r\n")[0], json.loads(body)
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:
@@ -142,11 +128,11 @@ def test_a_full_queue_refuses_only_its_own_models_uploads_before_the_body(served
     # the other model's queue full, the default's free
     with full_queue(served, OTHER) as (gate, more):
         assert not default.batcher.is_full()
-        status, body, elapsed = refused_from_headers(served, f"?model={OTHER}")
+        status, body = refused_from_headers(served, f"?model={OTHER}")
         assert status.startswith(b"HTTP/1.1 503"), status
-        assert body["error"]["code"] == "overloaded" and elapsed < 2.0, (body, elapsed)
+        assert body["error"]["code"] == "overloaded", body
         # name:version and a repeated parameter (the last one counts, as for the routes) are that model too
-        status, _, _ = refused_from_headers(served, f"?model={DEFAULT}&model={OTHER}:0.1.0")
+        status, _ = refused_from_headers(served, f"?model={DEFAULT}&model={OTHER}:0.1.0")
         assert status.startswith(b"HTTP/1.1 503"), status
         # the default model's requests pass the check: they are answered once the engine is free
         with ThreadPoolExecutor(max_workers=2) as clients:
@@ -163,10 +149,10 @@ def test_a_full_queue_refuses_only_its_own_models_uploads_before_the_body(served
     # and the other way round: the default's queue full, the other model's free
     with full_queue(served, None) as (gate, more):
         assert not other.batcher.is_full()
-        status, body, elapsed = refused_from_headers(served, "")
+        status, body = refused_from_headers(served, "")
         assert status.startswith(b"HTTP/1.1 503"), status
-        assert body["error"]["code"] == "overloaded" and elapsed < 2.0, (body, elapsed)
-        status, _, _ = refused_from_headers(served, f"?model={DEFAULT}")
+        assert body["error"]["code"] == "overloaded", body
+        status, _ = refused_from_headers(served, f"?model={DEFAULT}")
         assert status.startswith(b"HTTP/1.1 503"), status
         # a model that is not loaded passes on to its route, which says so (not 503)
         missing = caption(served, "nosuchmodel")

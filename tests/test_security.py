@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.support.live_server import REPO, LiveServer, image_bytes
+from tests.support.live_server import REPO, LiveServer, image_bytes, partial_upload
 
 KEYS = ["env-key-0123456789abcdef", "env-key-2-FEDCBA9876543210"]
 FILE_KEY = "file-key-Zm9vYmFyYmF6cXV4cXV1eA"
@@ -219,20 +219,9 @@ def test_every_configured_key_works(keyed, key):
 def test_unauthenticated_upload_is_refused_before_the_body_is_read(keyed):
     """Declare a 10 MB upload and send the headers and 64 KB only: the 401 comes without the rest of the
     body (had the server waited for it, the socket's 10 s timeout would end the read with no answer)."""
-    head = (f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1:{keyed.port}\r\n"
-            "Content-Type: multipart/form-data; boundary=XyZ\r\nX-Request-ID: no-key-upload\r\n"
-            f"Content-Length: {10 * 1000 * 1000}\r\n\r\n").encode()
-    part = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
-    with socket.create_connection((keyed.host, keyed.port), timeout=10) as sock:
-        sock.sendall(head + part + b"\x00" * 65536)
-        data = b""
-        while not data.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head_text, _, body = data.partition(b"\r\n\r\n")
-    assert head_text.startswith(b"HTTP/1.1 401"), data[:300]
+    head_text, body = partial_upload(keyed.host, keyed.port, "/v1/captions", "X-Request-ID: no-key-upload\r\n",
+                                     filename="a.jpg")
+    assert head_text.startswith(b"HTTP/1.1 401"), head_text[:300]
     lower = head_text.lower()
     assert b"www-authenticate: bearer" in lower and b"connection: close" in lower
     assert json.loads(body)["error"]["code"] == "unauthorized"

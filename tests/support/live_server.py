@@ -92,6 +92,26 @@ def live_server(bundle: Path, log_path: Path, startup_timeout: float = 60.0, **s
         log_file.close()
 
 
+def partial_upload(host: str, port: int, target: str, headers: str = "", filename: str = "a.png") -> tuple[bytes, bytes]:
+    """Declare a 10 MB multipart upload to `target`, send the headers and 64 KB only, and read the answer:
+    (status line and headers, body). An answer at all shows the server did not wait for the body: had it,
+    the socket's 10 s timeout would end the read with nothing."""
+    head = (f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=XyZ\r\n{headers}"
+            f"Content-Length: {10 * 1000 * 1000}\r\n\r\n").encode()
+    part = f'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n\r\n'.encode()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head + part + b"\x00" * 65536)
+        data = b""
+        while not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head_text, _, body = data.partition(b"\r\n\r\n")
+    return head_text, body
+
+
 def image_bytes(array, fmt: str, **save_args) -> bytes:
     from PIL import Image
 
