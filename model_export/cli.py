@@ -77,12 +77,13 @@ def _own_errors() -> tuple[type[Exception], ...]:
     # imported here: `generate-scenes` alone must not pay for importing torch
     from app.inference.bundle import BundleError
     from model_export.export import ExportError
+    from model_export.label_words import WordNetError
     from model_export.labels import LabelsError
     from model_export.metrics import JavaMissing
     from model_export.model import ModelConfigError
     from model_export.train import TrainError
 
-    return (DatasetError, BundleError, ModelConfigError, TrainError, ExportError, JavaMissing, LabelsError)
+    return (DatasetError, BundleError, ModelConfigError, TrainError, ExportError, JavaMissing, LabelsError, WordNetError)
 
 
 def generate_scenes_cmd(
@@ -139,8 +140,12 @@ def train_cmd(
     sample_temperature: float = typer.Option(0.5, min=0.05, max=2.0, help="Self-critical: sampling temperature"),
     init_checkpoint: Path | None = typer.Option(
         None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before "
-        "--self-critical)"
+        "--self-critical), or from a float32 bundle folder's; a --label-prior run may start from a model without one"
     ),
+    prior_lr_scale: float = typer.Option(10.0, min=0.0, help="--label-prior: the prior's learning rate as a multiple of --lr"),
+    label_prior: bool = typer.Option(
+        False, "--label-prior", help="The decoder also reads the encoder's ImageNet labels as caption-word probabilities "
+        "(class -> words from WordNet, model_export/label_words.py; show_attend_tell only)"),
     seed: int = typer.Option(0),
     max_minutes: float | None = typer.Option(None, help="Stop after the epoch that crosses this time budget"),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
@@ -164,13 +169,13 @@ def train_cmd(
         dataset = load_dataset(data, images, format, val_data, val_images)
         model = ModelConfig(
             backbone=backbone, image_size=image_size, decoder=decoder.value, embed_dim=embed_dim, hidden_dim=hidden_dim,
-            attention_dim=attention_dim, dropout=dropout, fine_tune_blocks=fine_tune_blocks,
+            attention_dim=attention_dim, dropout=dropout, fine_tune_blocks=fine_tune_blocks, label_prior=label_prior,
         )
         config = TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
-            flip_augment=flip_augment, self_critical=self_critical, sample_temperature=sample_temperature,
+            flip_augment=flip_augment, self_critical=self_critical, prior_lr_scale=prior_lr_scale, sample_temperature=sample_temperature,
             init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
             max_minutes=max_minutes, num_threads=threads, progress=progress, dist_timeout=dist_timeout, model=model,
         )
@@ -200,6 +205,9 @@ def export_cmd(
         None, help="JSON from `captioner tune-decoding`: its chosen length penalty and n-gram blocking become the "
         "bundle's recommendation"
     ),
+    label_words: bool | None = typer.Option(
+        None, "--label-words/--no-label-words", help="Write each ImageNet class's caption words into labels.json "
+        "(WordNet 3.0: apt install wordnet-base), which guide=labels reads (default: for --label-prior models only)"),
 ) -> None:
     """Export a checkpoint to a model bundle; it proves parity before anything is written."""
 
@@ -217,7 +225,7 @@ def export_cmd(
         return export_bundle(
             checkpoint, out, dataset, name=name, version=version, parity_split=parity_split, parity_images=parity_images,
             evaluate_split=evaluate_split or None, evaluate_limit=evaluate_limit, progress=progress,
-            precision=precision, decoding=chosen,
+            precision=precision, decoding=chosen, label_words=label_words,
         )
 
     path = _guard(run)
@@ -337,26 +345,39 @@ def confidence_cmd(
 
 
 def add_labels_cmd(
-    bundle: Path = typer.Option(..., help="Bundle folder without labels (exported before they existed); changed in place"),
+    bundle: Path = typer.Option(..., help="Bundle folder without labels (exported before they existed), or with "
+                                "labels but no caption words; changed in place"),
     images: list[Path] = typer.Option(
         [], "--image", help="Real images for the torch vs onnxruntime check (repeat; default: scikit-image's photos "
         "if installed)"),
+    words: bool = typer.Option(
+        True, help="Also give labels.json each class's caption words (WordNet 3.0: apt install wordnet-base), which "
+        "guide=labels needs; on a bundle with labels already, only that"),
 ) -> None:
-    """Add the encoder's ImageNet head and labels.json to an older bundle (`captioner export` writes them)."""
+    """Add the encoder's ImageNet head and labels.json to an older bundle (`captioner export` writes them),
+    and the caption words per class that guide=labels reads."""
 
     def run():
         import numpy as np
 
         from app.inference.bundle import load_bundle
         from model_export.images import load_pixels
-        from model_export.labels import add_labels
+        from model_export.labels import add_labels, add_words
 
-        spec = load_bundle(bundle, verify=False).preprocessing
-        pixels = [load_pixels(p, spec) for p in images] if images else _sample_photos(spec)
-        return add_labels(bundle, np.stack(pixels) if pixels else None)
+        loaded = load_bundle(bundle, verify=False)
+        report = {}
+        if not loaded.has_labels:
+            spec = loaded.preprocessing
+            pixels = [load_pixels(p, spec) for p in images] if images else _sample_photos(spec)
+            report = add_labels(bundle, np.stack(pixels) if pixels else None)
+        elif not words or loaded.label_words is not None:
+            fail(f"{bundle} has labels{' and words' if loaded.label_words is not None else ''} already")
+        if words:
+            report["classes_with_words"] = add_words(bundle)
+        return report
 
     report = _guard(run)
-    typer.echo(f"added labels to {bundle} (parity: {json.dumps(report)})")
+    typer.echo(f"added labels to {bundle} ({json.dumps(report)})")
 
 
 def add_reference_cmd(

