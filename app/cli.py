@@ -20,6 +20,9 @@ from app.cli_options import (
     BeamSizeOption,
     BundleOption,
     DeviceOption,
+    GuideOption,
+    GuideThresholdOption,
+    GuideWordsOption,
     LabelsOption,
     LengthPenaltyOption,
     MaxLengthOption,
@@ -109,6 +112,11 @@ def caption(
     max_length: MaxLengthOption = None,
     length_penalty: LengthPenaltyOption = None,
     no_repeat_ngram_size: NoRepeatNgramOption = None,
+    include: Annotated[str | None, typer.Option(
+        help="Words every caption must contain, comma-separated (alternatives joined by |: 'cat|cats,sofa')")] = None,
+    guide: GuideOption = None,
+    guide_threshold: GuideThresholdOption = None,
+    guide_words: GuideWordsOption = None,
     labels: LabelsOption = None,
     bundle: BundleOption = None,
     device: DeviceOption = None,
@@ -122,10 +130,17 @@ def caption(
     from app.inference.preprocess import ImageDecodeError, decode_image, draft_size, to_array
 
     settings = _settings_or_exit(bundle=bundle, device=device, threads=threads)
-    def decoding(recommended=None):
-        return settings.decoding_defaults(recommended).with_overrides(
+    def decoding(loaded=None):
+        groups = None
+        if include is not None and loaded is not None:
+            from app.inference.guidance import include_groups
+
+            groups = include_groups(include, loaded.token_ids, list(loaded.special.values()))
+        base = settings.decoding_for(loaded) if loaded is not None else settings.decoding_defaults()
+        return base.with_overrides(
             strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
-            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size, include=groups, guide=guide,
+            guide_threshold=guide_threshold, guide_words=guide_words,
         )
 
     try:
@@ -139,7 +154,13 @@ def caption(
     except (BundleError, EngineError) as exc:
         typer.echo(f"captioner: cannot load the model: {exc}", err=True)
         raise typer.Exit(2) from None
-    config = decoding(loaded.recommended_decoding)
+    try:
+        config = decoding(loaded)
+        if config.guide == "labels" and not engine.has_label_words:
+            raise ValueError(f"--guide labels: the model {loaded.name} has no label words (captioner add-labels adds them)")
+    except ValueError as exc:
+        typer.echo(f"captioner: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         top_k = resolve_labels(labels, engine.has_labels, settings.labels_for(engine.has_labels), f"the model {loaded.name}")
     except ValueError as exc:
@@ -163,23 +184,28 @@ def caption(
                 typer.echo(f"{path}: error: {message}", err=True)
 
     if arrays:
-        from app.api.schemas import CaptionItem, DecodingSettings, Label, ModelRef
+        from app.api.schemas import CaptionItem, DecodingSettings, GuideItem, Label, ModelRef
 
         results = engine.run(arrays, config, labels=top_k)
         # --json: each image's captions, settings, model and labels as the API answers them (app/api/schemas.py)
-        used = DecodingSettings.of(config, loaded.max_length).model_dump()
+        used = DecodingSettings.of(config, loaded.max_length, loaded.vocab).model_dump()
+        constrained = bool(config.include) or (config.guide == "labels" and config.guide_words > 0)
+        guided = config.guide == "labels" and config.guide_words > 0
         model = ModelRef(name=loaded.name, version=loaded.version).model_dump()
         for path, result in zip(good, results, strict=True):
             captions = result.captions
             if as_json:
                 record: dict[str, object] = {
                     "image": str(path),
-                    "captions": [CaptionItem.of(c, settings.min_confidence).model_dump() for c in captions],
+                    "captions": [CaptionItem.of(c, settings.min_confidence, constrained).model_dump(exclude_none=True)
+                                 for c in captions],
                     "settings": used,
                     "model": model,
                 }
                 if result.labels:  # as the API: absent with --labels 0 or a bundle without labels
                     record["labels"] = [Label.of(x).model_dump() for x in result.labels]
+                if guided:
+                    record["guide"] = [GuideItem.of(w).model_dump() for w in result.guide]
                 typer.echo(json.dumps(record))
                 continue
             if len(captions) == 1:
@@ -190,6 +216,8 @@ def caption(
                     typer.echo(f"  {rank}. {c.text}  ({c.normalized_score:.3f})")
             if result.labels:
                 typer.echo(f"  labels: {labels_line(result.labels)}")
+            if result.guide:
+                typer.echo("  guided by: " + ", ".join(f"{'|'.join(w.words)} {w.probability:.1%}" for w in result.guide))
     if failed:
         raise typer.Exit(1)
 

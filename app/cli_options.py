@@ -12,9 +12,11 @@ import typer
 from app.inference.bundle import MAX_LABELS
 from app.inference.decoding import (
     MAX_BEAM_SIZE,
+    MAX_CONSTRAINTS,
     MAX_LENGTH_LIMIT,
     MAX_LENGTH_PENALTY,
     MAX_NO_REPEAT_NGRAM_SIZE,
+    Guide,
     Strategy,
 )
 
@@ -35,6 +37,16 @@ NoRepeatNgramOption = Annotated[
     int | None, typer.Option(min=0, max=MAX_NO_REPEAT_NGRAM_SIZE,
                              help=f"Block repeated n-grams of this size (0 = off, up to {MAX_NO_REPEAT_NGRAM_SIZE}; "
                                   "default: the model's recommendation)")]
+
+GuideOption = Annotated[
+    Guide | None, typer.Option(help="labels: captions name the image's confident ImageNet label words (constrained "
+                                    "beam search); none: unguided (default: the model's recommendation)")]
+GuideThresholdOption = Annotated[
+    float | None, typer.Option(min=0.0, max=1.0, help="--guide labels: a label word's least probability "
+                                                       "(default: the model's recommendation, else 0.5)")]
+GuideWordsOption = Annotated[
+    int | None, typer.Option(min=0, max=MAX_CONSTRAINTS, help="--guide labels: at most this many label words "
+                                                               "(default: the model's recommendation, else 1)")]
 
 # ---- ImageNet labels ----------------------------------------------------------------------------------
 

@@ -25,10 +25,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from app.inference.bundle import MAX_LABELS, scan_repository
 from app.inference.decoding import (
     MAX_BEAM_SIZE,
+    MAX_CONSTRAINTS,
     MAX_LENGTH_LIMIT,
     MAX_LENGTH_PENALTY,
     MAX_NO_REPEAT_NGRAM_SIZE,
     DecodingConfig,
+    Guide,
     Strategy,
 )
 from app.security.keys import HASH_PREFIX, MAX_API_KEY_LENGTH, MAX_RATE, MIN_API_KEY_LENGTH, entry_problem, read_keys_file
@@ -169,6 +171,20 @@ class Settings(BaseSettings):
         "bundle's recommendation (else 0).",
     )
 
+    default_guide: Guide | None = Field(
+        None, description="Default guide: `labels` makes every caption name its image's confident label words "
+        "(constrained beam search), `none` does not; unset = the bundle's recommendation (else none). A model "
+        "without label words is never guided by default.",
+    )
+    default_guide_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="Default least probability of a label word group that guides a caption; "
+        "unset = the bundle's recommendation (else 0.5).",
+    )
+    default_guide_words: int | None = Field(
+        None, ge=0, le=MAX_CONSTRAINTS, description=f"Default most label word groups that guide a caption (0-"
+        f"{MAX_CONSTRAINTS}); unset = the bundle's recommendation (else 1).",
+    )
+
     default_labels: int = Field(
         3, ge=0, le=MAX_LABELS, description=f"ImageNet-1k labels per image when a request does not say (0-{MAX_LABELS}; "
         "0 = none); a bundle without labels answers none."
@@ -220,13 +236,14 @@ class Settings(BaseSettings):
     )
     _file_api_keys: list[SecretStr] = PrivateAttr(default_factory=list)  # read from api_keys_file
 
-    @field_validator("device", "log_level", "default_strategy", mode="before")
+    @field_validator("device", "log_level", "default_strategy", "default_guide", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("threads", "default_max_length", "preprocess_threads", "default_length_penalty",
                      "default_no_repeat_ngram_size", "api_key_rate_limit", "api_key_rate_burst",
+                     "default_guide_threshold", "default_guide_words",
                      "max_inflight_body_bytes", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -359,15 +376,17 @@ class Settings(BaseSettings):
             raise ValueError(f"invalid decoding defaults: {exc}") from None
         return self
 
-    def decoding_defaults(self, recommended: RecommendedDecoding | None = None) -> DecodingConfig:
+    def decoding_defaults(self, recommended: RecommendedDecoding | None = None, label_words: bool = False) -> DecodingConfig:
         """The default `DecodingConfig` (raises ValueError if the defaults are inconsistent).
         `recommended`: the bundle's recommended decoding (`Bundle.recommended_decoding`), used for
-        the length penalty and n-gram blocking where these settings are unset."""
+        the length penalty, n-gram blocking and guide where these settings are unset. `label_words`:
+        whether the model can be guided by its labels (else the default guide is none)."""
 
         def chosen(value: Any, name: str, fallback: Any) -> Any:
             if value is not None:
                 return value
-            return getattr(recommended, name) if recommended is not None else fallback
+            given = getattr(recommended, name) if recommended is not None else None
+            return fallback if given is None else given
 
         return DecodingConfig(
             strategy=self.default_strategy,
@@ -376,7 +395,15 @@ class Settings(BaseSettings):
             max_length=self.default_max_length,
             length_penalty=chosen(self.default_length_penalty, "length_penalty", 0.0),
             no_repeat_ngram_size=chosen(self.default_no_repeat_ngram_size, "no_repeat_ngram_size", 0),
+            guide=chosen(self.default_guide, "guide", "none") if label_words else "none",
+            guide_threshold=chosen(self.default_guide_threshold, "guide_threshold", 0.5),
+            guide_words=chosen(self.default_guide_words, "guide_words", 1),
         )
+
+    def decoding_for(self, bundle: Any) -> DecodingConfig:
+        """The default `DecodingConfig` for a loaded bundle (app/inference/bundle.py's Bundle): its
+        recommendation where these settings are unset, guided by labels only if it has label words."""
+        return self.decoding_defaults(bundle.recommended_decoding, bundle.label_words is not None)
 
     def labels_for(self, has_labels: bool) -> int:
         """The label count when a request (or a command) does not say: default_labels for a model with

@@ -36,12 +36,26 @@ def recommended_decoding(bundle) -> DecodingConfig:
     """Beam 3 with the bundle's recommended length penalty and n-gram blocking (`Bundle.recommended_decoding`,
     read and checked with the manifest), as the service decodes by default."""
     chosen = bundle.recommended_decoding
-    return DecodingConfig(length_penalty=chosen.length_penalty, no_repeat_ngram_size=chosen.no_repeat_ngram_size)
+    guided = (chosen.guide or "none") if bundle.label_words is not None else "none"
+    return DecodingConfig(length_penalty=chosen.length_penalty, no_repeat_ngram_size=chosen.no_repeat_ngram_size,
+                          guide=guided, guide_threshold=chosen.guide_threshold or 0.5,
+                          guide_words=1 if chosen.guide_words is None else chosen.guide_words)
+
+
+SHARED = ("length_penalty", "no_repeat_ngram_size", "guide", "guide_threshold", "guide_words")  # all rows decode with
 
 
 def _strategies(base: DecodingConfig) -> dict[str, DecodingConfig]:
-    return {name: replace(config, length_penalty=base.length_penalty, no_repeat_ngram_size=base.no_repeat_ngram_size)
-            for name, config in STRATEGIES.items()}
+    return {name: replace(config, **{k: getattr(base, k) for k in SHARED}) for name, config in STRATEGIES.items()}
+
+
+def decoding_record(config: DecodingConfig) -> dict:
+    """The settings an evaluation decoded with, as the manifest's `evaluation.decoding` keeps them (the
+    guide's only when guided)."""
+    record = {"length_penalty": config.length_penalty, "no_repeat_ngram_size": config.no_repeat_ngram_size}
+    if config.guide != "none":
+        record.update(guide=config.guide, guide_threshold=config.guide_threshold, guide_words=config.guide_words)
+    return record
 
 
 def caption_split(engine: Engine, paths: list[Path], configs: dict[str, DecodingConfig], batch_size: int = 32,
@@ -92,7 +106,7 @@ def evaluate_bundle(
         "bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle_dir)},
         "dataset": {"name": dataset.name, "source": str(dataset.source), "split": split, "images": len(examples)},
         "provider": engine.provider,
-        "decoding": {"length_penalty": base.length_penalty, "no_repeat_ngram_size": base.no_repeat_ngram_size},
+        "decoding": decoding_record(base),
     }
     all_scores = coco_scores_many({name: predictions[name] for name in strategies}, references)
     for name in strategies:
@@ -120,10 +134,13 @@ def tune_decoding(
     limit: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    guide_thresholds: tuple[float, ...] = (0.5, 0.7, 0.9),
+    guide_word_counts: tuple[int, ...] = (1, 2),
 ) -> dict:
     """Choose the length penalty and n-gram blocking on `split` (beam 3, best validation CIDEr),
-    then score beam sizes with them. Returns every setting tried with its scores (all the COCO
-    metrics, as `evaluate` computes them)."""
+    then score beam sizes with them, and (a bundle with label words) guide=labels at each threshold
+    and word count beside guide=none, choosing the guide the same way. Returns every setting tried
+    with its scores (all the COCO metrics, as `evaluate` computes them)."""
 
     started = time.monotonic()
     engine = Engine(load_bundle(bundle_dir), device=device)
@@ -141,6 +158,8 @@ def tune_decoding(
                 "beam_size": config.beam_size if config.strategy == "beam" else 1,
                 "length_penalty": config.length_penalty,
                 "no_repeat_ngram_size": config.no_repeat_ngram_size,
+                **({"guide": config.guide, "guide_threshold": config.guide_threshold, "guide_words": config.guide_words}
+                   if config.guide != "none" else {}),
                 **scores,
                 "repeated_bigram_share": sum(map(repeats_a_bigram, predictions[name].values())) / max(len(examples), 1),
                 "mean_words": sum(map(len, predictions[name].values())) / max(len(examples), 1),
@@ -154,11 +173,21 @@ def tune_decoding(
                                              length_penalty=best["length_penalty"],
                                              no_repeat_ngram_size=best["no_repeat_ngram_size"])
                    for b in beam_sizes})
+    chosen = {"length_penalty": best["length_penalty"], "no_repeat_ngram_size": best["no_repeat_ngram_size"]}
+    guides: list[dict] = []
+    if engine.has_label_words:
+        base = dict(beam_size=3, **chosen)
+        guides = score({f"guide{th}-{k}": DecodingConfig(guide="labels", guide_threshold=th, guide_words=k, **base)
+                        for th in guide_thresholds for k in guide_word_counts})
+        unguided = next(r for r in grid if r["length_penalty"] == chosen["length_penalty"]
+                        and r["no_repeat_ngram_size"] == chosen["no_repeat_ngram_size"])
+        top = max(guides, key=lambda r: (r["CIDEr"], r["BLEU-4"]))
+        if (top["CIDEr"], top["BLEU-4"]) > (unguided["CIDEr"], unguided["BLEU-4"]):
+            chosen.update(guide="labels", guide_threshold=top["guide_threshold"], guide_words=top["guide_words"])
+    chosen["chosen_on"] = f"{dataset.name} {split} ({len(examples)} images), beam 3, best CIDEr"
     return {
-        "split": split, "images": len(examples),
-        "chosen": {"length_penalty": best["length_penalty"], "no_repeat_ngram_size": best["no_repeat_ngram_size"],
-                   "chosen_on": f"{dataset.name} {split} ({len(examples)} images), beam 3, best CIDEr"},
-        "grid_beam3": grid, "beam_sizes": beams, "seconds": round(time.monotonic() - started, 1),
+        "split": split, "images": len(examples), "chosen": chosen,
+        "grid_beam3": grid, "beam_sizes": beams, "guides": guides, "seconds": round(time.monotonic() - started, 1),
     }
 
 

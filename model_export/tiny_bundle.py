@@ -73,6 +73,10 @@ FEAT = 16
 ATT = 12
 LABEL_CLASSES = 10  # the stand-in ImageNet head of a bundle made with labels=True
 LABEL_NAMES = [f"tiny class {i}" for i in range(LABEL_CLASSES)]
+# labels.json `words` of a bundle made with label_words=True: two classes share "cat" (its probability
+# is their sum), one class has no word
+LABEL_WORDS = [[["cat"]], [["dog"]], [["man"]], [["woman"]], [["hat"]], [["tree"]], [["grass"]], [["street"]], [],
+               [["cat"]]]
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -327,6 +331,7 @@ def make_tiny_bundle(
     row_layout: bool = False,
     decoding: dict | None = None,
     labels: bool = False,
+    label_words: bool = False,
     confidence: dict | None = None,
     reference: bool = False,
     end_bias: float = -9.0,
@@ -336,7 +341,8 @@ def make_tiny_bundle(
     ``attention=True`` gives a show_attend_tell bundle (P = 49), ``False`` a show_and_tell one
     (features/att_proj are [N, 1, 1] zeros, alpha is all ones). The same arguments always give
     byte-identical files. ``labels=True`` adds a stand-in ImageNet head (LABEL_CLASSES classes, its
-    own random weights, so the captions are those of the same bundle without labels) and labels.json.
+    own random weights, so the captions are those of the same bundle without labels) and labels.json;
+    ``label_words=True`` also gives labels.json its caption words per class (LABEL_WORDS), for guide=labels.
     ``confidence``: the manifest's confidence calibration block (``{"slope": ..., "intercept": ...}``).
     ``reference=True`` records `parity.reference`: the greedy captions of REFERENCE_SEEDS' inputs
     (app/inference/bundle.py reference_input), made with the service's own engine, as `captioner export` does.
@@ -355,7 +361,8 @@ def make_tiny_bundle(
     files = {}
     names = (("encoder", "encoder.onnx"), ("decoder", "decoder.onnx"), ("vocab", "vocab.json"))
     if labels:
-        (out / "labels.json").write_text(json.dumps({"names": LABEL_NAMES}) + "\n", encoding="utf-8")
+        content = {"names": LABEL_NAMES, **({"words": LABEL_WORDS} if label_words else {})}
+        (out / "labels.json").write_text(json.dumps(content) + "\n", encoding="utf-8")
         names += (("labels", "labels.json"),)
     for key, fname in names:
         fpath = out / fname

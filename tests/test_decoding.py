@@ -389,3 +389,81 @@ def test_cancelling_before_the_first_step_decodes_only_the_others():
     got = beam_search(model.step_fn(), 3, CANCEL_CONFIGS, SPECIAL, cancelled=lambda: {1})
     assert got[1] == [] and got[0] == alone[0] and got[2] == alone[2]
     assert model.rows_per_call[0] == 2  # the first step: one row for each image still wanted
+
+
+# ---- constraints (include words, guide=labels): constrained beam search ------------------------
+
+def constrained(model: ToyModel, images: int, groups, config_class=DecodingConfig, **settings):
+    config = config_class(**settings).resolved(bundle_max_length=settings.get("max_length") or 5)
+    return beam_search(model.step_fn(), images, config, SPECIAL, constraints=[groups] * images)
+
+
+@pytest.mark.parametrize("groups", [[{4}], [{5, 6}], [{4}, {6}]])
+@pytest.mark.parametrize("seed", range(4))
+def test_wide_constrained_beam_finds_the_best_caption_that_meets_every_constraint(groups, seed):
+    model = ToyModel(words=3, seed=seed)
+    best = [c for c in exhaustive(model, 0, 3, 0.0) if all(g & set(c[1]) for g in groups)]
+    got = constrained(model, 1, groups, UncheckedConfig, beam_size=40, max_length=3)[0][0]
+    assert got.met
+    assert got.tokens == best[0][1]
+    assert math.isclose(got.score, best[0][2], rel_tol=1e-6, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+@pytest.mark.parametrize("seed", range(5))
+def test_every_caption_contains_one_token_of_each_group(beam, seed):
+    model = ToyModel(words=8, seed=seed)
+    groups = [{5, 9}, {11}]
+    results = constrained(model, 3, groups, strategy="beam", beam_size=beam, num_captions=beam, max_length=6)
+    for per_image in results:
+        assert len(per_image) == beam
+        for hyp in per_image:
+            assert hyp.met and all(g & set(hyp.tokens) for g in groups), hyp.tokens
+            assert math.isclose(sum(hyp.token_log_probs), hyp.score, abs_tol=1e-6)
+
+
+def test_unreachable_constraints_fall_back_to_a_caption_that_misses_them():
+    model = ToyModel(words=4, seed=3)
+    # one word at most, two constraints: no caption can meet both
+    hyp = constrained(model, 1, [{4}, {5}], beam_size=3, max_length=1)[0][0]
+    assert not hyp.met
+    assert len(hyp.tokens) == 1
+
+
+def test_constrained_and_plain_images_share_steps_and_decode_as_alone():
+    model = ToyModel(words=6, seed=11)
+    config = DecodingConfig(beam_size=3, no_repeat_ngram_size=2).resolved(6)
+    groups = [[{7}], [], [{4, 5}, {9}]]
+    together = beam_search(model.step_fn(), 3, config, SPECIAL, constraints=groups)
+    for image, g in enumerate(groups):
+        alone_model = ToyModel(words=6, seed=11)
+
+        def step_for(image=image, inner=alone_model.step_fn()):
+            def step(tokens, parents, row_image):
+                return inner(tokens, parents, np.full_like(row_image, image))
+            return step
+
+        alone = beam_search(step_for(), 1, config, SPECIAL, constraints=[g])[0]
+        assert [h.tokens for h in together[image]] == [h.tokens for h in alone]
+    assert all(g[0] & set(together[0][0].tokens) for g in [[{7}]])
+
+
+def test_no_constraints_is_the_plain_search():
+    model = ToyModel(words=6, seed=2)
+    config = DecodingConfig(beam_size=3, num_captions=3).resolved(5)
+    plain = beam_search(model.step_fn(), 2, config, SPECIAL)
+    empty = beam_search(ToyModel(words=6, seed=2).step_fn(), 2, config, SPECIAL, constraints=[[], []])
+    assert [[h.tokens for h in r] for r in plain] == [[h.tokens for h in r] for r in empty]
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"guide": "words"}, "guide must be"),
+    ({"guide_threshold": 0.0}, "guide_threshold"),
+    ({"guide_threshold": 1.5}, "guide_threshold"),
+    ({"guide_words": 4}, "guide_words"),
+    ({"include": ((4,),) * 4}, "at most 3 include"),
+    ({"include": ((),)}, "each include group"),
+])
+def test_constraint_settings_are_validated(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingConfig(**settings)

@@ -7,16 +7,18 @@ prints the same shapes."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.inference.decoding import DecodingConfig, Strategy
+from app.inference.decoding import DecodingConfig, Guide, Strategy
 
 if TYPE_CHECKING:  # the CLI imports these models before it loads the engine (onnxruntime)
     from app.inference.engine import Caption
     from app.inference.engine import Label as EngineLabel
+    from app.inference.guidance import GuideWord
 
 _RID = "9f1c2b7e4d6a4e0f8a1b2c3d4e5f6a7b"
 
@@ -77,14 +79,19 @@ class CaptionItem(BaseModel):
     low_confidence: bool = Field(
         description="confidence < min_confidence (the request's, else the service's setting; 0 flags none)."
     )
+    constraints_met: bool | None = Field(
+        None, description="With include words or guide=labels: whether the caption contains every required word "
+        "(false only when no caption could: e.g. max_length too short); absent without constraints."
+    )
 
     @classmethod
-    def of(cls, caption: Caption, min_confidence: float) -> CaptionItem:
+    def of(cls, caption: Caption, min_confidence: float, constrained: bool = False) -> CaptionItem:
         """An engine caption as the API (and `captioner caption --json`) answers it: flagged
         low_confidence below `min_confidence`; a score that is not finite is -1e30 (JSON has no -inf)."""
         return cls(text=caption.text, score=_finite(caption.score), normalized_score=_finite(caption.normalized_score),
                    tokens=list(caption.tokens), token_probs=list(caption.token_probs), end_prob=caption.end_prob,
-                   confidence=caption.confidence, low_confidence=caption.confidence < min_confidence)
+                   confidence=caption.confidence, low_confidence=caption.confidence < min_confidence,
+                   constraints_met=caption.met if constrained else None)
 
 
 class Label(BaseModel):
@@ -125,12 +132,34 @@ class DecodingSettings(BaseModel):
     max_length: int
     length_penalty: float
     no_repeat_ngram_size: int
+    include: list[str] = Field(default_factory=list, description="The words every caption must contain, one entry "
+                               "per constraint (alternatives joined by `|`).")
+    guide: Guide = Field("none", description="`labels`: captions name the image's confident label words (each "
+                         "image's answer has `guide`, the words that applied).")
+    guide_threshold: float = Field(0.5, description="guide=labels: a label word's least probability.")
+    guide_words: int = Field(1, description="guide=labels: the most label words that guide a caption.")
 
     @classmethod
-    def of(cls, config: DecodingConfig, bundle_max_length: int) -> DecodingSettings:
+    def of(cls, config: DecodingConfig, bundle_max_length: int, vocab: Sequence[str] = ()) -> DecodingSettings:
         """The settings `config` decodes with, as `DecodingConfig.resolved` works them out (greedy: one
-        beam; max_length: the bundle's if unset)."""
-        return cls.model_validate(asdict(config.resolved(bundle_max_length)))
+        beam; max_length: the bundle's if unset); `vocab` spells the include words."""
+        used = asdict(config.resolved(bundle_max_length))
+        used["include"] = ["|".join(vocab[t] if t < len(vocab) else str(t) for t in group) for group in config.include]
+        return cls.model_validate(used)
+
+
+class GuideItem(BaseModel):
+    """A word group that the image's own labels made its captions contain (`guide=labels`)."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"words": ["cat", "cats"], "probability": 0.95}})
+
+    words: list[str] = Field(description="The caption holds one of these (a word and its other forms).")
+    probability: float = Field(ge=0.0, le=1.0, description="The sum of the probabilities of the ImageNet classes "
+                               "whose caption words these are.")
+
+    @classmethod
+    def of(cls, word: GuideWord) -> GuideItem:
+        return cls(words=list(word.words), probability=round(min(1.0, word.probability), 6))
 
 
 class ModelRef(BaseModel):
@@ -210,6 +239,10 @@ class CaptionResponse(BaseModel):
         None, description="The image's best ImageNet-1k labels, best first (`labels` of them; absent with labels=0 "
         "or a model without labels)."
     )
+    guide: list[GuideItem] | None = Field(
+        None, description="With guide=labels: the label words the captions had to contain (empty: no label word was "
+        "confident enough); absent otherwise."
+    )
 
 
 class BatchItemError(BaseModel):
@@ -244,6 +277,9 @@ class BatchItem(BaseModel):
     captions: list[CaptionItem] | None = Field(None, description="Present when the file was captioned.")
     labels: list[Label] | None = Field(
         None, description="The file's best ImageNet-1k labels, best first (when captioned and labels > 0)."
+    )
+    guide: list[GuideItem] | None = Field(
+        None, description="With guide=labels: the label words the file's captions had to contain (when captioned)."
     )
     error: BatchItemError | None = Field(None, description="Present when the file could not be captioned.")
 
@@ -348,6 +384,10 @@ class ModelInfo(BaseModel):
     attention: bool
     labels: bool = Field(description="Whether the model answers ImageNet-1k labels (`?labels=K`).")
     default_labels: int = Field(description="Labels per image when a request does not say (0 for a model without).")
+    label_words: bool = Field(False, description="Whether the model knows each label's caption words, so that "
+                              "`guide=labels` can make its captions name what its labels see.")
+    label_prior: bool = Field(False, description="Whether the model's decoder reads its own labels as it writes "
+                              "(a label-conditioned decoder: docs/model-card.md).")
     confidence_calibration: dict[str, Any] | None = Field(
         None, description="The manifest's confidence calibration (docs/confidence.md); absent: captions get the raw "
         "confidence, the geometric mean of their token probabilities."

@@ -17,6 +17,9 @@ from app.cli_options import (
     BeamSizeOption,
     BundleOption,
     DeviceOption,
+    GuideOption,
+    GuideThresholdOption,
+    GuideWordsOption,
     LabelsOption,
     LengthPenaltyOption,
     MaxLengthOption,
@@ -65,6 +68,9 @@ def caption_dir(
     max_length: MaxLengthOption = None,
     length_penalty: LengthPenaltyOption = None,
     no_repeat_ngram_size: NoRepeatNgramOption = None,
+    guide: GuideOption = None,
+    guide_threshold: GuideThresholdOption = None,
+    guide_words: GuideWordsOption = None,
     labels: LabelsOption = None,
     bundle: BundleOption = None,
     device: DeviceOption = None,
@@ -82,7 +88,8 @@ def caption_dir(
     2 bad options or a model that cannot load."""
     decoding = {"strategy": strategy, "beam_size": beam_size, "num_captions": num_captions,
                 "max_length": max_length, "length_penalty": length_penalty,
-                "no_repeat_ngram_size": no_repeat_ngram_size}
+                "no_repeat_ngram_size": no_repeat_ngram_size, "guide": guide, "guide_threshold": guide_threshold,
+                "guide_words": guide_words}
 
     def fail(message: str) -> NoReturn:
         typer.echo(f"captioner: {message}", err=True)

@@ -95,7 +95,7 @@ def choose_model(*, decoding: dict[str, Any], labels: int | None = None, bundle:
     except BundleError as exc:
         raise BulkError(f"cannot load the model: {exc}") from None
     try:
-        config = settings.decoding_defaults(loaded.recommended_decoding).with_overrides(**decoding)
+        config = settings.decoding_for(loaded).with_overrides(**decoding)
     except ValueError as exc:
         raise BulkError(f"invalid decoding settings: {exc}") from None
     try:

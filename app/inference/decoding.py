@@ -25,6 +25,19 @@ The rules, which the training side's torch reference decoder (model_export/torch
   candidates, and the length penalty only reorders finished hypotheses, so neither changes these
   values (their sum is `score`). app/inference/confidence.py turns them into the caption's confidence.
 
+Constraints (Anderson et al. 2017, constrained beam search with disjunctive constraints): an image
+may have up to MAX_CONSTRAINTS constraints, each a set of token ids of which the caption must contain
+one (the request's `include` words, or the words of the image's own confident ImageNet labels with
+`guide="labels"`: app/inference/guidance.py). Its rows are then split into banks, one per subset of
+met constraints (a bitmask); each bank has `beam_size` slots, the bank of all constraints met has
+the image's open slots, and only there does <end> finish a caption. Each step a row's extension goes
+to the bank of its row's met constraints plus those its token meets, and each bank keeps its best
+extensions as above (ties: lower row, then lower token id); the rows of an image are laid out bank
+by bank, lowest bitmask first. A row outside the full bank that reaches <end> is kept aside as a
+fallback (`Hypothesis.met` false): the image gets those only when no caption met every constraint
+(e.g. a forced word the n-gram rule blocks, or max_length too short). Without constraints an image
+has one bank and the search is the plain one above.
+
 All rows of all images go through one step call per step, even when the images have different
 settings (each image has its own DecodingConfig: the service batches requests together). The search
 asks each step only for every row's best few tokens (`StepOutput.top`), so an engine can run TopK
@@ -53,8 +66,12 @@ MAX_BEAM_SIZE = 10  # beam_size and num_captions: 1..MAX_BEAM_SIZE
 MAX_LENGTH_LIMIT = 64  # max_length: 1..MAX_LENGTH_LIMIT words
 MAX_LENGTH_PENALTY = 5.0  # length_penalty: 0..MAX_LENGTH_PENALTY
 MAX_NO_REPEAT_NGRAM_SIZE = 10  # no_repeat_ngram_size: 0 (off)..MAX_NO_REPEAT_NGRAM_SIZE
+MAX_CONSTRAINTS = 3  # include groups plus guide words per image (2 ** 3 banks of beam_size rows at most)
+MAX_CONSTRAINT_TOKENS = 8  # token ids in one include group (a word and its other forms)
 STRATEGIES = ("greedy", "beam")
 Strategy = Literal["greedy", "beam"]
+GUIDES = ("none", "labels")
+Guide = Literal["none", "labels"]
 NEG_INF = -np.inf
 
 
@@ -68,6 +85,14 @@ class DecodingConfig:
     max_length: int | None = None  # None: the bundle's max_length
     length_penalty: float = 0.0  # 0: rank by total log-probability (chosen on validation CIDEr)
     no_repeat_ngram_size: int = 0
+    # Constraints (see the module docstring). `include`: token-id groups, the caption holds one id of
+    # each. `guide="labels"`: also the words of the image's most probable label words whose
+    # probability is at least `guide_threshold`, at most `guide_words` of them (the engine works
+    # them out from the encoder's labels: app/inference/guidance.py).
+    include: tuple[tuple[int, ...], ...] = ()
+    guide: Guide = "none"
+    guide_threshold: float = 0.5
+    guide_words: int = 1
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -88,6 +113,18 @@ class DecodingConfig:
         if (not isinstance(self.no_repeat_ngram_size, int)
                 or not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM_SIZE):
             raise ValueError(f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NO_REPEAT_NGRAM_SIZE}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide must be 'none' or 'labels', not {self.guide!r}")
+        if isinstance(self.guide_threshold, bool) or not (0.0 < float(self.guide_threshold) <= 1.0):
+            raise ValueError("guide_threshold must be above 0 and at most 1")
+        if not isinstance(self.guide_words, int) or not 0 <= self.guide_words <= MAX_CONSTRAINTS:
+            raise ValueError(f"guide_words must be an integer from 0 to {MAX_CONSTRAINTS}")
+        groups = tuple(tuple(int(t) for t in group) for group in self.include)
+        object.__setattr__(self, "include", groups)  # frozen: normalise lists to tuples once
+        if len(groups) > MAX_CONSTRAINTS:
+            raise ValueError(f"at most {MAX_CONSTRAINTS} include words")
+        if any(not 1 <= len(g) <= MAX_CONSTRAINT_TOKENS or min(g) < 0 for g in groups):
+            raise ValueError(f"each include group holds 1 to {MAX_CONSTRAINT_TOKENS} token ids")
 
     @property
     def beams(self) -> int:
@@ -122,6 +159,7 @@ class Hypothesis:
     attention: np.ndarray | None = None  # [len(tokens) + 1, P]: one row per generated token, <end> last
     # [len(tokens) + 1]: the model's log-probability of each generated token, <end> last (sum: score)
     token_log_probs: list[float] = field(default_factory=list)
+    met: bool = True  # False: a fallback that misses a constraint (see the module docstring)
 
 
 # ---- the rules, one small function each -----------------------------------------------------
@@ -206,6 +244,16 @@ class _Row:
     score: float
     attention: list[np.ndarray] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)  # one per word, as the step gave it
+    bank: int = 0  # bitmask of the image's constraints the words meet
+
+
+def constraint_masks(constraints: Sequence[Collection[int]]) -> dict[int, int]:
+    """token id -> bitmask of the constraints it meets."""
+    masks: dict[int, int] = {}
+    for bit, group in enumerate(constraints):
+        for token in group:
+            masks[int(token)] = masks.get(int(token), 0) | (1 << bit)
+    return masks
 
 
 def _candidates(
@@ -260,6 +308,7 @@ def beam_search(
     vocab_size: int | None = None,
     cancelled: Callable[[], Collection[int]] | None = None,
     stats: SearchStats | None = None,
+    constraints: Sequence[Sequence[Collection[int]]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode `num_images` images at once, each with its own settings (`config`: one resolved config
     for all, or one per image; they may differ in every setting, and still share each step call).
@@ -270,14 +319,25 @@ def beam_search(
 
     `cancelled()`, asked before every step, names the images to give up (see the module docstring):
     their rows are dropped before the step and their result is an empty list. `stats`: filled in.
+    `constraints`: per image, its token-id groups (the config's `include` plus any guide words; the
+    module docstring says how they are decoded).
     """
     configs = [config] * num_images if isinstance(config, DecodingConfig) else list(config)
     if len(configs) != num_images:
         raise ValueError(f"{len(configs)} decoding configs for {num_images} images")
     assert all(c.max_length is not None for c in configs), "resolve the configs first"
-    open_slots = np.array([c.beams for c in configs], dtype=np.int64)
+    beams = np.array([c.beams for c in configs], dtype=np.int64)
+    open_slots = beams.copy()
     max_length = np.array([c.max_length for c in configs], dtype=np.int64)
     ngram_size = np.array([c.no_repeat_ngram_size for c in configs], dtype=np.int64)
+    groups = [list(g) for g in constraints] if constraints is not None else [[] for _ in range(num_images)]
+    if len(groups) != num_images:
+        raise ValueError(f"constraints for {len(groups)} images, {num_images} images")
+    masks = [constraint_masks(g) for g in groups]
+    full_bank = np.array([(1 << len(g)) - 1 for g in groups], dtype=np.int64)
+    # a constrained image's rows read its constraint tokens beside their best few (see _constrained)
+    extra_need = np.array([len(m) for m in masks], dtype=np.int64)
+    fallback: list[list[Hypothesis]] = [[] for _ in range(num_images)]
     finished: list[list[Hypothesis]] = [[] for _ in range(num_images)]
     rows = [_Row(image=i, words=[], score=0.0) for i in range(num_images)]
     parents = np.arange(num_images, dtype=np.int64)
@@ -302,8 +362,8 @@ def beam_search(
         out, attention = step(tokens, parents, row_image)
         if isinstance(out, np.ndarray):
             out = DenseLogProbs(out)
-        cand, ids = _candidates(out, rows, t, open_slots[row_image], max_length[row_image],
-                                ngram_size[row_image], special, vocab_size)
+        need = np.where(extra_need[row_image] > 0, beams[row_image] + extra_need[row_image], open_slots[row_image])
+        cand, ids = _candidates(out, rows, t, need, max_length[row_image], ngram_size[row_image], special, vocab_size)
         totals = cand + np.fromiter((r.score for r in rows), dtype=np.float64, count=len(rows))[:, None]
         width = totals.shape[1]
 
@@ -316,6 +376,16 @@ def beam_search(
             stop = start
             while stop < len(rows) and rows[stop].image == image:
                 stop += 1
+            if masks[image]:
+                if open_slots[image] > 0:
+                    _constrained(
+                        out, rows, start, stop, t, totals, cand, ids, attention if keep_attention else None,
+                        masks[image], int(full_bank[image]), configs[image], special, int(max_length[image]),
+                        int(ngram_size[image]), open_slots, finished[image], fallback[image],
+                        new_rows, new_parents, new_tokens,
+                    )
+                start = stop
+                continue
             block = totals[start:stop].ravel()
             block_ids = ids[start:stop].ravel()
             block_rows = np.repeat(np.arange(stop - start), width)
@@ -354,6 +424,94 @@ def beam_search(
         if image in stats.cancelled_images:
             results.append([])
             continue
-        ranked = sorted(enumerate(finished[image]), key=lambda item: (-item[1].normalized_score, item[0]))
+        done = finished[image] if finished[image] else fallback[image]
+        ranked = sorted(enumerate(done), key=lambda item: (-item[1].normalized_score, item[0]))
         results.append([h for _, h in ranked[: configs[image].num_captions]])
     return results
+
+
+def _constrained(
+    out: StepOutput, rows: list[_Row], start: int, stop: int, t: int, totals: np.ndarray, cand: np.ndarray,
+    ids: np.ndarray, attention: np.ndarray | None, masks: dict[int, int], full: int, config: DecodingConfig,
+    special: dict[str, int], max_length: int, ngram: int, open_slots: np.ndarray, finished: list[Hypothesis],
+    fallback: list[Hypothesis], new_rows: list[_Row], new_parents: list[int], new_tokens: list[int],
+) -> None:
+    """One constrained image's step (rows start..stop): its candidates are each row's best few (as
+    `_candidates` read them) plus the row's constraint tokens, each bank keeps its best. Appends the
+    image's new rows bank by bank and its finished hypotheses."""
+    image = rows[start].image
+    end = special["end"]
+    tokens = np.fromiter(masks, dtype=np.int64, count=len(masks))
+    columns = np.stack([np.asarray(out.column(int(tok)), dtype=np.float64)[start:stop] for tok in tokens], axis=1)
+    cand_rows, cand_tokens, cand_lp = [], [], []
+    for local in range(stop - start):
+        row = rows[start + local]
+        seen = set()
+        for value, token in zip(cand[start + local], ids[start + local], strict=True):
+            if np.isfinite(value):
+                seen.add(int(token))
+                cand_rows.append(local)
+                cand_tokens.append(int(token))
+                cand_lp.append(float(value))
+        if t >= max_length:
+            continue  # only <end>, which the row's candidates hold
+        banned = banned_ngram_tokens(row.words, ngram) if ngram else set()
+        for j, token in enumerate(tokens.tolist()):
+            value = columns[local, j]
+            if token in seen or token in banned or not np.isfinite(value):
+                continue
+            cand_rows.append(local)
+            cand_tokens.append(token)
+            cand_lp.append(float(value))
+        if row.bank != full and t > 0 and end not in seen:  # every row's <end> is a possible fallback
+            value = float(np.asarray(out.column(end))[start + local])
+            if np.isfinite(value):
+                cand_rows.append(local)
+                cand_tokens.append(end)
+                cand_lp.append(value)
+    if not cand_rows:
+        return
+    lrows = np.asarray(cand_rows, dtype=np.int64)
+    ltoks = np.asarray(cand_tokens, dtype=np.int64)
+    lps = np.asarray(cand_lp, dtype=np.float64)
+    scores = lps + np.fromiter((rows[start + r].score for r in cand_rows), dtype=np.float64, count=len(cand_rows))
+    banks = np.fromiter((rows[start + r].bank | masks.get(tok, 0) for r, tok in zip(cand_rows, cand_tokens, strict=True)),
+                        dtype=np.int64, count=len(cand_rows))
+    is_end = ltoks == end
+    for k in np.flatnonzero(is_end & (banks != full)):  # a caption that misses a constraint: kept aside
+        parent = rows[start + int(lrows[k])]
+        fallback.append(_finish(parent, float(scores[k]), float(lps[k]), attention, start + int(lrows[k]), config, met=False))
+    beams = config.beams
+    for bank in sorted(set(banks.tolist())):
+        chosen = np.flatnonzero((banks == bank) & ~(is_end & (bank != full)))
+        if not chosen.size:
+            continue
+        # best total first; ties: lower row, then lower token id
+        chosen = chosen[np.lexsort((ltoks[chosen], lrows[chosen], -scores[chosen]))]
+        for k in chosen[: (open_slots[image] if bank == full else beams)]:
+            local, token = int(lrows[k]), int(ltoks[k])
+            parent = rows[start + local]
+            if token == end:
+                open_slots[image] -= 1
+                finished.append(_finish(parent, float(scores[k]), float(lps[k]), attention, start + local, config))
+                continue
+            att = parent.attention + [attention[start + local]] if attention is not None else []
+            new_rows.append(_Row(image=image, words=parent.words + [token], score=float(scores[k]), attention=att,
+                                 log_probs=parent.log_probs + [float(lps[k])], bank=bank))
+            new_parents.append(start + local)
+            new_tokens.append(token)
+    if open_slots[image] <= 0:  # every caption of the full bank has ended: the image is done
+        keep = len(new_rows)
+        while keep and new_rows[keep - 1].image == image:
+            keep -= 1
+        del new_rows[keep:], new_parents[keep:], new_tokens[keep:]
+
+
+def _finish(parent: _Row, score: float, end_log_prob: float, attention: np.ndarray | None, row: int,
+            config: DecodingConfig, met: bool = True) -> Hypothesis:
+    att = parent.attention + [attention[row]] if attention is not None else []
+    return Hypothesis(
+        tokens=list(parent.words), score=score,
+        normalized_score=length_normalized(score, len(parent.words) + 1, config.length_penalty),
+        attention=np.stack(att) if att else None, token_log_probs=parent.log_probs + [end_log_prob], met=met,
+    )

@@ -34,10 +34,11 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from app.inference.bundle import IMAGENET_OUTPUT, Bundle
+from app.inference.bundle import IMAGENET_OUTPUT, WORD_PRIOR, Bundle
 from app.inference.confidence import confidence
-from app.inference.decoding import DecodingConfig, Hypothesis, SearchStats, beam_search
+from app.inference.decoding import MAX_CONSTRAINTS, DecodingConfig, Hypothesis, SearchStats, beam_search
 from app.inference.graphs import REORDER_GRAPH, SELECT_GRAPH
+from app.inference.guidance import GuideWord, guide_words
 
 log = logging.getLogger("captioner.engine")
 
@@ -45,7 +46,9 @@ log = logging.getLogger("captioner.engine")
 # (app/inference/graphs.py builds both).
 
 ENCODER_OUTPUTS = ("features", "h0", "c0", "att_proj")
-DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj")  # row_image: format 1 bundles only
+# row_image: format 1 bundles only; word_prior: label-prior decoders (the encoder outputs it too)
+DECODER_INPUTS = ("tokens", "h", "c", "row_image", "features", "att_proj", WORD_PRIOR)
+STATIC_INPUTS = ("features", "att_proj", WORD_PRIOR)  # one row per image, never copied per beam row
 DECODER_OUTPUTS = ("log_probs", "h_out", "c_out", "alpha")
 
 
@@ -65,6 +68,7 @@ class Caption:
     end_prob: float = 0.0  # ... and of the <end> after them
     confidence: float = 0.0  # app/inference/confidence.py: in [0, 1], calibrated when the bundle says how
     token_log_probs: list[float] = field(default_factory=list)  # every generated token's, <end> last
+    met: bool = True  # False: the search's fallback, missing a constraint (include, guide) it could not meet
 
 
 @dataclass
@@ -82,6 +86,7 @@ class ImageResult:
 
     captions: list[Caption]
     labels: list[Label]
+    guide: list[GuideWord] = field(default_factory=list)  # the constraints its labels gave (guide="labels")
 
 
 @dataclass
@@ -158,6 +163,7 @@ class Engine:
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._check_graphs()
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        self._encoder_outputs = list(ENCODER_OUTPUTS) + ([WORD_PRIOR] if WORD_PRIOR in self._decoder_inputs else [])
         self._has_alpha = bundle.attention and "alpha" in [o.name for o in self.decoder.get_outputs()]
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self._vocab_out = len(bundle.vocab)  # load_bundle checked it against the manifest
@@ -192,6 +198,8 @@ class Engine:
             problems.append(f"the bundle has labels but the encoder lacks the {IMAGENET_OUTPUT} output")
         if missing := {"tokens", "h", "c"} - dec_in:
             problems.append(f"decoder lacks inputs {sorted(missing)}")
+        if WORD_PRIOR in dec_in and WORD_PRIOR not in enc_out:
+            problems.append(f"the decoder reads {WORD_PRIOR} but the encoder does not output it")
         if extra := dec_in - set(DECODER_INPUTS):
             problems.append(f"decoder has unknown inputs {sorted(extra)}")
         if missing := {"log_probs", "h_out", "c_out"} - dec_out:
@@ -203,14 +211,14 @@ class Engine:
 
     def encode(self, images: np.ndarray, labels: bool = False) -> dict[str, np.ndarray]:
         """The encoder's outputs by name; `labels`: also the ImageNet probabilities (IMAGENET_OUTPUT)."""
-        names = [*ENCODER_OUTPUTS, IMAGENET_OUTPUT] if labels else list(ENCODER_OUTPUTS)
+        names = [*self._encoder_outputs, IMAGENET_OUTPUT] if labels else list(self._encoder_outputs)
         return dict(zip(names, self.encoder.run(names, {"image": images}), strict=True))
 
     def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool):
         """The step on host arrays: each call lays the live rows out in blocks of R rows per image
         (R = the most live rows of any image at this step), padding rows zero."""
         n = encoded["h0"].shape[0]
-        static = {name: encoded[name] for name in ("features", "att_proj") if name in self._decoder_inputs}
+        static = {name: encoded[name] for name in STATIC_INPUTS if name in self._decoder_inputs}
         outputs = ["log_probs", "h_out", "c_out"] + (["alpha"] if self._has_alpha else [])
         # the previous call's outputs, and where each of its live rows sits in them
         state = {"h": encoded["h0"], "c": encoded["c0"], "slots": np.arange(n)}
@@ -257,14 +265,14 @@ class Engine:
         device = self.device
         binding = self.encoder.io_binding()
         binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(images, device, 0))
-        for name in ENCODER_OUTPUTS:
+        for name in self._encoder_outputs:
             binding.bind_output(name, device)
         if labels:
             binding.bind_output(IMAGENET_OUTPUT, "cpu")
         self.encoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        encoded = dict(zip(ENCODER_OUTPUTS, outputs))
-        probs = outputs[len(ENCODER_OUTPUTS)].numpy() if labels else None
+        encoded = dict(zip(self._encoder_outputs, outputs))
+        probs = outputs[len(self._encoder_outputs)].numpy() if labels else None
         hidden = encoded["h0"].shape()[1]
 
         def buffer(shape, dtype=np.float32):
@@ -290,7 +298,7 @@ class Engine:
         decoder.bind_ortvalue_input("c", c_sel)
         if "row_image" in self._decoder_inputs:
             decoder.bind_ortvalue_input("row_image", images_v)
-        for name in ("features", "att_proj"):
+        for name in STATIC_INPUTS:
             if name in self._decoder_inputs:
                 decoder.bind_ortvalue_input(name, encoded[name])
         decoder.bind_ortvalue_output("log_probs", log_probs)
@@ -364,20 +372,29 @@ class Engine:
         if len(configs) != n or len(wants) != n or len(top_k) != n:
             raise ValueError(f"{n} images but {len(configs)} configs, {len(wants)} attention flags and "
                              f"{len(top_k)} label counts")
-        want_labels = any(k > 0 for k in top_k)
+        resolved = [c.resolved(self.bundle.max_length) for c in configs]
+        guided = [c.guide == "labels" and c.guide_words > 0 for c in resolved]
+        if any(guided) and not self.has_label_words:
+            raise ValueError(f"the model {self.bundle.name} has no label words to guide its captions with (guide=labels "
+                             "needs a bundle whose labels.json has words: captioner add-labels)")
+        want_labels = any(k > 0 for k in top_k) or any(guided)
         if want_labels and not self.has_labels:
             raise ValueError(f"the model {self.bundle.name} has no ImageNet labels")
-        resolved = [c.resolved(self.bundle.max_length) for c in configs]
         keep_attention = self._has_alpha and any(wants)
         stats.encode_start_ns = time.time_ns()
         if self.io_binding:
-            widest = max(c.beams for c in resolved)
+            # a constrained image has up to a bank of beams per subset of its constraints
+            widest = max(c.beams * 2 ** min(MAX_CONSTRAINTS, len(c.include) + (c.guide_words if g else 0))
+                         for c, g in zip(resolved, guided, strict=True))
             step, probs = self._make_bound_step(batch, widest, keep_attention, want_labels)
         else:
             encoded = self.encode(batch, want_labels)
             probs = encoded.get(IMAGENET_OUTPUT)
             step = self._make_step(encoded, keep_attention)
         stats.encode_end_ns = stats.decode_start_ns = time.time_ns()  # (with IO binding: the encoder and buffers)
+        guides = [self._guide(probs[i], c) if g else [] for i, (c, g) in enumerate(zip(resolved, guided, strict=True))]
+        constraints = [[set(group) for group in c.include] + [set(w.token_ids) for w in guide]
+                       for c, guide in zip(resolved, guides, strict=True)]
         hypotheses = beam_search(
             step,
             num_images=n,
@@ -387,12 +404,32 @@ class Engine:
             vocab_size=self._vocab_out,
             cancelled=cancelled,
             stats=stats.search,
+            constraints=constraints if any(constraints) else None,
         )
         stats.decode_end_ns = time.time_ns()
         return [
-            ImageResult([self._to_caption(h, want) for h in per_image], self._top_labels(probs, i, top_k[i]))
+            ImageResult([self._to_caption(h, want) for h in per_image], self._top_labels(probs, i, top_k[i]), guides[i])
             for i, (per_image, want) in enumerate(zip(hypotheses, wants, strict=True))
         ]
+
+    @property
+    def label_prior(self) -> bool:
+        """Whether the decoder reads the encoder's label word prior (a label-conditioned model)."""
+        return WORD_PRIOR in self._decoder_inputs
+
+    @property
+    def has_label_words(self) -> bool:
+        """Whether the bundle's labels.json gives caption words per class (what guide=labels needs)."""
+        return self.bundle.label_words is not None
+
+    def _guide(self, class_probs: np.ndarray, config: DecodingConfig) -> list[GuideWord]:
+        """The constraints an image's labels give under `config` (guide="labels"), leaving out words the
+        request's include already asks for."""
+        included = {t for group in config.include for t in group}
+        found = guide_words(class_probs, self.bundle.label_words, self.bundle.token_ids, config.guide_threshold,
+                            config.guide_words + len(config.include))
+        found = [w for w in found if not included & set(w.token_ids)]
+        return found[: max(0, min(config.guide_words, MAX_CONSTRAINTS - len(config.include)))]
 
     def _top_labels(self, probs: np.ndarray | None, image: int, k: int) -> list[Label]:
         """The image's k most probable classes, best first (ties: the lower class id)."""
@@ -417,6 +454,7 @@ class Engine:
             end_prob=probs[-1] if len(probs) > len(hyp.tokens) else 0.0,
             confidence=confidence(hyp.token_log_probs, self.bundle.confidence_calibration),
             token_log_probs=list(hyp.token_log_probs),
+            met=hyp.met,
         )
 
     def warmup(self) -> None:
@@ -452,6 +490,7 @@ class _Selected:
         self.log_probs = log_probs
         self.slots = slots
         self._end: np.ndarray | None = None
+        self._full: np.ndarray | None = None
 
     def _select(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         engine = self.engine
@@ -482,5 +521,7 @@ class _Selected:
         return self.full()[:, token]
 
     def full(self) -> np.ndarray:
-        array = self.log_probs if isinstance(self.log_probs, np.ndarray) else self.log_probs.numpy()
-        return array[self.slots]
+        if self._full is None:  # once per step (constrained search reads a few columns through it)
+            array = self.log_probs if isinstance(self.log_probs, np.ndarray) else self.log_probs.numpy()
+            self._full = array[self.slots]
+        return self._full

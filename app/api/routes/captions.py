@@ -20,11 +20,13 @@ from app.api.schemas import (
     CaptionItem,
     CaptionResponse,
     DecodingSettings,
+    GuideItem,
     Label,
     ModelRef,
     Timings,
 )
 from app.inference.attention_map import attention_map
+from app.inference.decoding import DecodingConfig
 from app.inference.engine import Caption, ImageResult
 from app.inference.engine import Label as EngineLabel
 from app.inference.preprocess import ImageDecodeError
@@ -33,9 +35,9 @@ from app.observability.metrics import Metrics
 router = APIRouter(prefix="/v1", tags=["captions"])
 
 
-def _items(captions: Sequence[Caption], min_confidence: float, metrics: Metrics) -> list[CaptionItem]:
+def _items(captions: Sequence[Caption], min_confidence: float, metrics: Metrics, constrained: bool) -> list[CaptionItem]:
     """The API's captions; each flagged low_confidence below `min_confidence` and counted in the metrics."""
-    items = [CaptionItem.of(c, min_confidence) for c in captions]
+    items = [CaptionItem.of(c, min_confidence, constrained) for c in captions]
     for item in items:
         metrics.observe_caption(item.confidence, item.low_confidence)
     return items
@@ -43,6 +45,19 @@ def _items(captions: Sequence[Caption], min_confidence: float, metrics: Metrics)
 
 def _labels(labels: Sequence[EngineLabel]) -> list[Label] | None:
     return [Label.of(x) for x in labels] or None
+
+
+def _constrained(config: DecodingConfig) -> bool:
+    """Whether the request's captions may have had to contain words (include, guide=labels)."""
+    return bool(config.include) or (config.guide == "labels" and config.guide_words > 0)
+
+
+def _guide(config: DecodingConfig, result: ImageResult) -> list[GuideItem] | None:
+    """The label words that guided an image's captions (an empty list: none was confident enough), or None
+    when the request was not guided."""
+    if config.guide != "labels" or config.guide_words <= 0:
+        return None
+    return [GuideItem.of(w) for w in result.guide]
 
 
 def _ms(seconds: float) -> float:
@@ -96,14 +111,15 @@ async def create_caption(
     results, t_infer = await pipeline.caption(request, [prepared.array], config, attention=attention, labels=labels)
     captions = results[0].captions
     return CaptionResponse(
-        captions=_items(captions, min_confidence, metrics),
-        settings=DecodingSettings.of(config, bundle.max_length),
+        captions=_items(captions, min_confidence, metrics, _constrained(config)),
+        settings=DecodingSettings.of(config, bundle.max_length, bundle.vocab),
         model=ModelRef(name=bundle.name, version=bundle.version),
         timings_ms=Timings(decode_image=_ms(prepared.decode_s), preprocess=_ms(prepared.preprocess_s),
                            inference=_ms(t_infer), total=pipeline.elapsed_ms(request)),
         request_id=request_id_of(request),
         attention=attention_map(captions[0], bundle) if attention and captions else None,
         labels=_labels(results[0].labels),
+        guide=_guide(config, results[0]),
     )
 
 
@@ -173,11 +189,11 @@ async def create_captions_batch(
         else:
             done = captions[slot]
             results.append(BatchItem(index=index, filename=upload.filename,
-                                     captions=_items(done.captions, min_confidence, metrics),
-                                     labels=_labels(done.labels)))
+                                     captions=_items(done.captions, min_confidence, metrics, _constrained(config)),
+                                     labels=_labels(done.labels), guide=_guide(config, done)))
     return BatchResponse(
         results=results,
-        settings=DecodingSettings.of(config, bundle.max_length),
+        settings=DecodingSettings.of(config, bundle.max_length, bundle.vocab),
         model=ModelRef(name=bundle.name, version=bundle.version),
         timings_ms=Timings(decode_image=_ms(t_decode), preprocess=_ms(t_pre), inference=_ms(t_infer),
                            total=pipeline.elapsed_ms(request)),

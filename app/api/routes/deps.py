@@ -23,13 +23,16 @@ from app.api.state import service_state
 from app.inference.bundle import MAX_LABELS
 from app.inference.decoding import (
     MAX_BEAM_SIZE,
+    MAX_CONSTRAINTS,
     MAX_LENGTH_LIMIT,
     MAX_LENGTH_PENALTY,
     MAX_NO_REPEAT_NGRAM_SIZE,
     DecodingConfig,
+    Guide,
     Strategy,
 )
 from app.inference.engine import Engine
+from app.inference.guidance import UnknownWords, include_groups
 from app.observability.metrics import Metrics
 from app.serving.registry import MODEL_SPEC_PATTERN, ModelNotFound, ModelRegistry, ServedModel
 from app.settings import Settings
@@ -156,13 +159,50 @@ def decoding_config(
         Query(ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE, description="Never repeat an n-gram of this size (0 = off). "
               "Default: the service's default_no_repeat_ngram_size, else the model's recommendation."),
     ] = None,  # type: ignore[assignment]
+    include: Annotated[
+        str,
+        Query(max_length=400, description=f"Words every caption must contain (constrained beam search), "
+              f"comma-separated, at most {MAX_CONSTRAINTS}; alternatives joined by `|` (`cat|cats,sofa`: a cat or "
+              "cats, and a sofa). A word outside the model's vocabulary is a 422 unknown_word naming it."),
+    ] = None,  # type: ignore[assignment]
+    guide: Annotated[
+        Guide,
+        Query(description="`labels`: every caption names the image's most probable ImageNet label words (see "
+              "guide_threshold, guide_words; the answer's `guide` says which); `none`: unguided. Default: the "
+              "service's default_guide, else the model's recommendation. A model without label words is a 409 "
+              "guide_unavailable."),
+    ] = None,  # type: ignore[assignment]
+    guide_threshold: Annotated[
+        float,
+        Query(gt=0.0, le=1.0, allow_inf_nan=False, description="guide=labels: the least probability of a label word "
+              "(summed over the classes that have it) that guides the caption. Default: the service's, else the "
+              "model's recommendation (else 0.5)."),
+    ] = None,  # type: ignore[assignment]
+    guide_words: Annotated[
+        int,
+        Query(ge=0, le=MAX_CONSTRAINTS, description="guide=labels: at most this many label words guide the caption. "
+              "Default: the service's, else the model's recommendation (else 1)."),
+    ] = None,  # type: ignore[assignment]
 ) -> DecodingConfig:
     """The request's decoding settings on top of the service's and the model's defaults, validated
     once here (app/inference/decoding.py's rules): a bad combination is a 422 invalid_parameter."""
+    bundle = engine.bundle
+    if guide == "labels" and not engine.has_label_words:
+        raise APIError(409, "guide_unavailable", f"the model {bundle.name} has no label words to guide its captions "
+                       "with (its labels.json has no `words`: captioner add-labels adds them)")
+    groups = None
+    if include is not None:
+        try:
+            groups = include_groups(include, bundle.token_ids, list(bundle.special.values()))
+        except UnknownWords as exc:
+            raise APIError(422, "unknown_word", str(exc), details=[{"word": w} for w in exc.words]) from None
+        except ValueError as exc:
+            raise APIError(422, "invalid_parameter", str(exc)) from None
     try:
-        return settings.decoding_defaults(engine.bundle.recommended_decoding).with_overrides(
+        return settings.decoding_for(bundle).with_overrides(
             strategy=strategy, beam_size=beam_size, num_captions=num_captions, max_length=max_length,
-            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size, include=groups, guide=guide,
+            guide_threshold=guide_threshold, guide_words=guide_words,
         )
     except (ValueError, TypeError) as exc:
         raise APIError(422, "invalid_parameter", str(exc)) from None

@@ -65,13 +65,15 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         attention=bool(bundle.attention),
         labels=engine.has_labels,
         default_labels=settings.labels_for(engine.has_labels),
+        label_words=engine.has_label_words,
+        label_prior=engine.label_prior,
         confidence_calibration=(bundle.confidence_calibration.model_dump(mode="json", exclude_unset=True)
                                 if bundle.confidence_calibration is not None else None),
         min_confidence=settings.min_confidence,
         evaluation=evaluation.model_dump(mode="json", exclude_unset=True) if evaluation is not None else None,
         provider=engine.provider,
         device="cuda" if engine.device == "cuda" else "cpu",
-        decoding_defaults=DecodingSettings.of(settings.decoding_defaults(bundle.recommended_decoding), bundle.max_length),
+        decoding_defaults=DecodingSettings.of(settings.decoding_for(bundle), bundle.max_length, bundle.vocab),
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,

@@ -1,0 +1,82 @@
+"""Guidance: which words an image's caption must contain, from its own ImageNet labels (`guide="labels"`)
+or from the request (`include`).
+
+A bundle's labels.json may give each ImageNet class its caption words (`words`: per class, groups of
+interchangeable forms, e.g. [["cat", "cats"]]; model_export/label_words.py makes them from WordNet).
+A word group's probability for an image is the sum of the probabilities of the classes that have it:
+scikit-image's cat is Egyptian cat 0.79 + tiger cat 0.09 + tabby 0.07, so "cat" is 0.95. The guide
+takes the most probable groups at or above a threshold, and each becomes one constraint of the
+search (app/inference/decoding.py): the caption holds one word of the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GuideWord:
+    """One constraint the labels gave an image: its words (token ids and text) and probability."""
+
+    words: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    probability: float
+
+
+def group_probabilities(class_probs: np.ndarray, class_words: Sequence[Sequence[Sequence[str]]]) -> dict[tuple[str, ...], float]:
+    """Each word group's probability for one image: the sum over the classes that have it (at most 1)."""
+    totals: dict[tuple[str, ...], float] = {}
+    for c in np.flatnonzero(class_probs >= 1e-4):
+        for group in {tuple(g) for g in class_words[int(c)]}:
+            totals[group] = totals.get(group, 0.0) + float(class_probs[c])
+    return {g: min(1.0, p) for g, p in totals.items()}
+
+
+def guide_words(class_probs: np.ndarray, class_words: Sequence[Sequence[Sequence[str]]], token_of: dict[str, int],
+                threshold: float, limit: int) -> list[GuideWord]:
+    """The image's most probable word groups with probability >= threshold, at most `limit`, best first
+    (ties: the group's first word, alphabetically); words outside the vocabulary are left out."""
+    if limit <= 0:
+        return []
+    ranked = sorted(group_probabilities(class_probs, class_words).items(), key=lambda kv: (-kv[1], kv[0]))
+    out = []
+    for group, p in ranked:
+        if p < threshold or len(out) >= limit:
+            break
+        words = tuple(w for w in group if w in token_of)
+        if words:
+            out.append(GuideWord(words, tuple(token_of[w] for w in words), p))
+    return out
+
+
+class UnknownWords(ValueError):
+    """include= words the model cannot write (outside its vocabulary, or special tokens)."""
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        super().__init__(f"not in the model's vocabulary: {', '.join(words)} (it can only write words it was trained on)")
+
+
+def include_groups(text: str, token_of: dict[str, int], special: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """`include=` as token-id groups: comma-separated constraints, each one word or alternatives joined by
+    `|` ("cat|cats,table": a cat or cats, and a table). Raises UnknownWords naming every word the
+    vocabulary lacks, ValueError for an empty item."""
+    groups, unknown = [], []
+    for item in text.split(","):
+        words = [w.strip().lower() for w in item.split("|")]
+        if not item.strip() or not all(words):
+            raise ValueError(f"include: an empty word in {text!r} (comma-separated words, alternatives joined by |)")
+        ids = []
+        for word in words:
+            token = token_of.get(word)
+            if token is None or token in special:
+                unknown.append(word)
+            elif token not in ids:
+                ids.append(token)
+        groups.append(tuple(ids))
+    if unknown:
+        raise UnknownWords(unknown)
+    return tuple(groups)
