@@ -35,6 +35,7 @@ import torch
 from pydantic import ValidationError
 
 from app.inference.bundle import (
+    WORD_PRIOR,
     FORMAT_VERSION,
     IMAGENET_OUTPUT,
     Architecture,
@@ -78,6 +79,13 @@ class ExportError(Exception):
 ENCODER_GRAPH_OUTPUTS = ("features", "h0", "c0", "att_proj", IMAGENET_OUTPUT)
 
 
+def encoder_graph_outputs(label_prior: bool) -> list[str]:
+    """encoder.onnx's outputs, in the order EncoderGraph returns them (a label-prior model's decoder
+    state has the word prior last)."""
+    state = ["features", "h0", "c0", "att_proj"] + ([WORD_PRIOR] if label_prior else [])
+    return [*state, IMAGENET_OUTPUT]
+
+
 def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tuple[Path, Path]:
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -90,18 +98,20 @@ def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tup
     size = model.config.image_size
     encoder_path, decoder_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
     images = torch.zeros(2, 3, size, size)
+    prior = model.label_prior
+    encoder_outputs = encoder_graph_outputs(prior)
     torch.onnx.export(
         encoder_graph.eval(),
         (images,),
         str(encoder_path),
         input_names=["image"],
-        output_names=[*ENCODER_GRAPH_OUTPUTS],
-        dynamic_axes={name: {0: "n"} for name in ("image", *ENCODER_GRAPH_OUTPUTS)},
+        output_names=encoder_outputs,
+        dynamic_axes={name: {0: "n"} for name in ("image", *encoder_outputs)},
         opset_version=OPSET,
         dynamo=False,
     )
     with torch.no_grad():
-        features, h0, c0, att_proj = model.encode(images)
+        features, h0, c0, att_proj, *word_prior = model.encode(images)
     # rows in image-major blocks: 2 images x 3 rows (B = N * R; R is read from the shapes at run time)
     per_image = torch.tensor([0, 0, 0, 1, 1, 1])
     step_inputs = (
@@ -110,15 +120,17 @@ def export_onnx(model: Captioner, out_dir: Path, precision: str = "fp32") -> tup
         c0[per_image],
         features,
         att_proj,
+        *word_prior,
     )
+    static = ["features", "att_proj"] + ([WORD_PRIOR] if prior else [])
     row_axes = {name: {0: "b"} for name in ("tokens", "h", "c", "log_probs", "h_out", "c_out", "alpha")}
     torch.onnx.export(
         step_graph.eval(),
         step_inputs,
         str(decoder_path),
-        input_names=["tokens", "h", "c", "features", "att_proj"],
+        input_names=["tokens", "h", "c", *static],
         output_names=["log_probs", "h_out", "c_out", "alpha"],
-        dynamic_axes={**row_axes, "features": {0: "n"}, "att_proj": {0: "n"}},
+        dynamic_axes={**row_axes, **{name: {0: "n"} for name in static}},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -176,7 +188,7 @@ def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Pat
     for label, images in (("random", random_images), ("real", real_images)):
         with torch.no_grad():
             ref = [t.numpy() for t in model.encode(torch.from_numpy(images))]
-        *got, got_probs = encoder.run(list(ENCODER_GRAPH_OUTPUTS), {"image": images})
+        *got, got_probs = encoder.run(encoder_graph_outputs(model.label_prior), {"image": images})
         enc_diff = max(_diff(r, g, precision) for r, g in zip(ref, got))
         labels_diff = _diff(reference_probs(model.backbone, images), got_probs, precision)
         report[f"labels_max_abs_{label}"] = labels_diff
@@ -192,10 +204,12 @@ def check_numeric_parity(model: Captioner, encoder_path: Path, decoder_path: Pat
                     t.numpy()
                     for t in model.decoder.step(
                         torch.from_numpy(tokens), torch.from_numpy(h), torch.from_numpy(c),
-                        torch.from_numpy(ref[0]), torch.from_numpy(ref[3]),
+                        torch.from_numpy(ref[0]), torch.from_numpy(ref[3]), *(torch.from_numpy(p) for p in ref[4:]),
                     )
                 ]
             feeds = {"tokens": tokens, "h": h, "c": c, "features": ref[0], "att_proj": ref[3]}
+            if len(ref) > 4:
+                feeds[WORD_PRIOR] = ref[4]
             o_out = decoder.run(["log_probs", "h_out", "c_out", "alpha"], {k: v for k, v in feeds.items() if k in decoder_inputs})
             step_diff = max(step_diff, max(_diff(a, b, precision) for a, b in zip(t_out, o_out)))
             h, c = t_out[1], t_out[2]
@@ -253,9 +267,12 @@ def export_bundle(
     progress: bool = True,
     precision: str = "fp32",
     decoding: dict | None = None,
+    label_words: bool | None = None,
 ) -> Path:
     """`decoding`: the recommended length penalty and n-gram blocking (`captioner tune-decoding`
-    on validation), written to the manifest; the evaluation uses them."""
+    on validation), written to the manifest; the evaluation uses them. `label_words`: write each
+    class's caption words into labels.json (WordNet; model_export/label_words.py); default: for
+    label-prior models, which must find the very table they were trained with."""
     from model_export.evaluate import evaluate_bundle, format_table
 
     started = time.monotonic()
@@ -277,7 +294,8 @@ def export_bundle(
     with staged_bundle(out_dir, "export") as tmp:
         encoder_path, decoder_path = export_onnx(model, tmp, precision)
         vocab.save(tmp / "vocab.json")
-        write_labels(tmp / "labels.json")
+        words = class_word_groups(model, vocab.itos) if (model.label_prior if label_words is None else label_words) else None
+        write_labels(tmp / "labels.json", words)
         numeric = check_numeric_parity(model, encoder_path, decoder_path, images[:8], precision=precision)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -288,7 +306,7 @@ def export_bundle(
             max_length=max_length,
             precision=precision,
             decoding=recommended,
-            labels=labels_spec(),
+            labels=labels_spec(words=words is not None),
             files={},
             training=Training(
                 # the data's terms travel with the model (the export's dataset knows them too)
@@ -331,6 +349,23 @@ def export_bundle(
         write_manifest(**final)
         load_bundle(tmp)  # the final bundle must read back
     return out_dir
+
+
+def class_word_groups(model: Captioner, vocab: list[str]) -> list[list[list[str]]]:
+    """labels.json's words for `model`: the WordNet table over its vocabulary; a label-prior model's
+    must be the table it was trained with (its checkpoint keeps the word ids per class)."""
+    from model_export.label_words import build_table, flat
+
+    table = build_table(vocab)
+    trained = model.config.label_word_ids
+    if trained is not None:
+        index = {w: i for i, w in enumerate(vocab)}
+        differs = [c for c, (groups, ids) in enumerate(zip(table, trained, strict=True))
+                   if {index[w] for w in flat(groups)} != set(ids)]
+        if differs:
+            raise ExportError(f"the class -> word table differs from the one the model was trained with for {len(differs)} "
+                              f"classes (first: class {differs[0]}): WordNet or model_export/label_words.py changed since")
+    return table
 
 
 def _recommended_decoding(decoding: dict | None) -> RecommendedDecoding | None:

@@ -49,6 +49,11 @@ class ModelConfig:
     attention_dim: int = 256
     dropout: float = 0.3
     fine_tune_blocks: int = 0  # 0: frozen encoder
+    # Label prior (show_attend_tell only): the decoder also reads the encoder's ImageNet labels, as
+    # caption-word probabilities (`label_word_ids`: each ImageNet class's caption words as vocabulary
+    # ids, from model_export/label_words.py).
+    label_prior: bool = False
+    label_word_ids: list[list[int]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +114,9 @@ class Backbone(nn.Module):
         return torch.softmax(self.net._fc(grid.mean(dim=1)).float(), dim=1)
 
 
+PRIOR_SCALE_INIT = 4.0  # the label prior's initial trust in every word (AttentionDecoder)
+
+
 class AttentionDecoder(nn.Module):
     """Show, Attend and Tell: LSTM with soft additive attention over the grid.
 
@@ -119,7 +127,7 @@ class AttentionDecoder(nn.Module):
     attention = True
 
     def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int, hidden_dim: int, attention_dim: int,
-                 dropout: float, positions: int = 49):
+                 dropout: float, positions: int = 49, class_words: torch.Tensor | None = None):
         super().__init__()
         self.position = nn.Parameter(torch.randn(1, positions, feature_dim) * 0.3)
         self.embed = nn.Embedding(vocab_size, embed_dim)
@@ -132,24 +140,58 @@ class AttentionDecoder(nn.Module):
         self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
+        self.label_prior = class_words is not None
+        if self.label_prior:
+            # [classes, V]: 1 where a class maps to a caption word. word_prior = min(1, probs @ class_words)
+            self.register_buffer("class_words", class_words.float())
+            self.prior_h = nn.Linear(embed_dim, hidden_dim, bias=False)  # the labels' words -> initial state
+            self.prior_c = nn.Linear(embed_dim, hidden_dim, bias=False)
+            self.prior_gate = nn.Linear(hidden_dim, 1)  # when to say what the labels say (a scalar per step)
+            # how far to trust each word. It starts high: on Flickr8k the grid already tells a dog, so cross-
+            # entropy alone gives the prior little to learn (measured: from a start of 1 with the gate at
+            # softplus(-2), one epoch left both where they were and the cat still a "little boy"). Starting
+            # trusted, training turns it down where captions disagree with the labels and leaves it up for
+            # words it rarely sees (cat, cup, rocket), which is what generalises to photos unlike Flickr8k's.
+            self.prior_scale = nn.Parameter(torch.full((vocab_size,), PRIOR_SCALE_INIT))
+            for layer in (self.prior_h, self.prior_c):
+                nn.init.zeros_(layer.weight)
+            nn.init.zeros_(self.prior_gate.weight)
+            nn.init.zeros_(self.prior_gate.bias)  # softplus(0) = 0.69: on at every step until trained
 
-    def init_state(self, features: torch.Tensor):
+    def word_prior(self, class_probs: torch.Tensor) -> torch.Tensor:
+        """[N, classes] ImageNet probabilities -> [N, V] caption-word probabilities (sum over the classes
+        that map to each word, at most 1)."""
+        return torch.clamp(class_probs.float() @ self.class_words, max=1.0)
+
+    def init_state(self, features: torch.Tensor, class_probs: torch.Tensor | None = None):
+        """(features with positions, h0, c0, att_proj), and with a label prior the word prior [N, V]
+        last (from `class_probs`, the ImageNet head's probabilities; Captioner.init_state gives them)."""
         mean = features.mean(dim=1)
         features = features + self.position
-        h0 = torch.tanh(self.init_h(mean))
-        c0 = torch.tanh(self.init_c(mean))
-        return features, h0, c0, self.feature_att(features)
+        h_in, c_in = self.init_h(mean), self.init_c(mean)
+        if not self.label_prior:
+            return features, torch.tanh(h_in), torch.tanh(c_in), self.feature_att(features)
+        prior = self.word_prior(class_probs)
+        words = (prior @ self.embed.weight) / (1.0 + prior.sum(dim=1, keepdim=True))  # [N, E]
+        h0, c0 = torch.tanh(h_in + self.prior_h(words)), torch.tanh(c_in + self.prior_c(words))
+        return features, h0, c0, self.feature_att(features), prior
 
-    def _core(self, tokens, h, c, features, att_proj):
+    def _prior_bias(self, h: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """The logits' label bias for rows h [B, H] whose images' prior rows are `prior` [B, V]."""
+        return F.softplus(self.prior_gate(h)) * prior * self.prior_scale
+
+    def _core(self, tokens, h, c, features, att_proj, prior=None):
         energy = self.score(torch.tanh(att_proj + self.hidden_att(h).unsqueeze(1))).squeeze(2)
         alpha = torch.softmax(energy, dim=1)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)
         context = torch.sigmoid(self.gate(h)) * context
         h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
         logits = self.out(self.dropout(h))
+        if prior is not None:
+            logits = logits + self._prior_bias(h, prior)
         return logits, h, c, alpha
 
-    def step(self, tokens, h, c, features, att_proj):
+    def step(self, tokens, h, c, features, att_proj, word_prior=None):
         """One step for B = N * R rows in image-major blocks (see the module docstring); the same
         arithmetic as `_core`, with each image's R rows attending over that image's grid."""
         n, positions, dim = features.shape
@@ -160,14 +202,19 @@ class AttentionDecoder(nn.Module):
         context = torch.sigmoid(self.gate(h)) * context
         h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
         logits = self.out(self.dropout(h))
+        if word_prior is not None:  # one prior row per image: each row of its block gets it
+            rows = word_prior.unsqueeze(1).expand(n, h.shape[0] // n, word_prior.shape[1]).reshape(h.shape[0], -1)
+            logits = logits + self._prior_bias(h, rows.to(logits.dtype))
         return F.log_softmax(logits.float(), dim=1), h, c, alpha.reshape(-1, positions)  # float32 even in float16
 
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None,
+                class_probs: torch.Tensor | None = None):
         """Teacher forcing. inputs [N, T] (starting with <start>) -> logits [N, T, V], alphas [N, T, P].
 
         `lengths` (rows sorted longest first): each row's count of real input positions; step t then
         runs only the rows still that long, and the rest of the output is zeros (padding)."""
-        features, h, c, att_proj = self.init_state(features)
+        features, h, c, att_proj, *prior = self.init_state(features, class_probs)
+        prior = prior[0] if prior else None
         n = inputs.shape[0]
         logits, alphas = [], []
         for t in range(inputs.shape[1]):
@@ -175,7 +222,8 @@ class AttentionDecoder(nn.Module):
             if rows == 0:
                 break
             h, c = h[:rows], c[:rows]
-            step_logits, h, c, alpha = self._core(inputs[:rows, t], h, c, features[:rows], att_proj[:rows])
+            step_logits, h, c, alpha = self._core(inputs[:rows, t], h, c, features[:rows], att_proj[:rows],
+                                                  None if prior is None else prior[:rows])
             logits.append(F.pad(step_logits, (0, 0, 0, n - rows)))
             alphas.append(F.pad(alpha, (0, 0, 0, n - rows)))
         steps = len(logits)
@@ -201,7 +249,9 @@ class ShowTellDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
-    def init_state(self, features: torch.Tensor):
+    label_prior = False
+
+    def init_state(self, features: torch.Tensor, class_probs: torch.Tensor | None = None):
         image = self.image_embed(features.mean(dim=1))
         zeros = image.new_zeros(image.shape[0], self.hidden_dim)
         h0, c0 = self.lstm(image, (zeros, zeros))
@@ -213,7 +263,8 @@ class ShowTellDecoder(nn.Module):
         alpha = torch.ones_like(h[:, :1])
         return F.log_softmax(self.out(self.dropout(h)).float(), dim=1), h, c, alpha  # float32 even in float16
 
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None,
+                class_probs: torch.Tensor | None = None):
         _, h, c, _ = self.init_state(features)
         n = inputs.shape[0]
         logits = []
@@ -236,17 +287,42 @@ class Captioner(nn.Module):
             raise ModelConfigError("vocab_size must be set (at least the four special tokens and one word)")
         self.config = config
         self.backbone = Backbone(config.backbone, config.image_size, config.fine_tune_blocks)
+        extra = {}
+        if config.label_prior:
+            if config.decoder != "show_attend_tell":
+                raise ModelConfigError("label_prior needs the show_attend_tell decoder")
+            ids = config.label_word_ids
+            if not ids or len(ids) != self.backbone.net._fc.out_features:
+                raise ModelConfigError("label_prior needs label_word_ids: the caption words of every ImageNet class")
+            table = torch.zeros(len(ids), config.vocab_size)
+            for c, words in enumerate(ids):
+                table[c, list(words)] = 1.0
+            extra["class_words"] = table
         self.decoder = DECODERS[config.decoder](
             config.vocab_size, self.backbone.feature_dim, config.embed_dim, config.hidden_dim, config.attention_dim,
-            config.dropout, positions=self.backbone.grid**2,
+            config.dropout, positions=self.backbone.grid**2, **extra,
         )
 
     @property
     def attention(self) -> bool:
         return self.decoder.attention
 
+    @property
+    def label_prior(self) -> bool:
+        return bool(getattr(self.decoder, "label_prior", False))
+
+    def init_state(self, grid: torch.Tensor):
+        """The decoder's initial state for a feature grid [N, P, D] (with a label prior, from the
+        backbone's own ImageNet head on the same grid): (features, h0, c0, att_proj[, word_prior])."""
+        probs = self.backbone.imagenet_probs(grid) if self.label_prior else None
+        return self.decoder.init_state(grid, probs)
+
+    def teacher_forced(self, grid: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None):
+        probs = self.backbone.imagenet_probs(grid) if self.label_prior else None
+        return self.decoder(grid, inputs, lengths, probs)
+
     def encode(self, images: torch.Tensor):
-        return self.decoder.init_state(self.backbone(images))
+        return self.init_state(self.backbone(images))
 
 
 class EncoderGraph(nn.Module):
@@ -258,7 +334,8 @@ class EncoderGraph(nn.Module):
 
     def forward(self, image):
         grid = self.model.backbone(image)
-        return (*self.model.decoder.init_state(grid), self.model.backbone.imagenet_probs(grid))
+        probs = self.model.backbone.imagenet_probs(grid)
+        return (*self.model.decoder.init_state(grid, probs if self.model.label_prior else None), probs)
 
 
 class StepGraph(nn.Module):
@@ -268,8 +345,8 @@ class StepGraph(nn.Module):
         super().__init__()
         self.decoder = model.decoder
 
-    def forward(self, tokens, h, c, features, att_proj):
-        return self.decoder.step(tokens, h, c, features, att_proj)
+    def forward(self, tokens, h, c, features, att_proj, *word_prior):
+        return self.decoder.step(tokens, h, c, features, att_proj, *word_prior)
 
 
 class HalfEncoderGraph(nn.Module):
@@ -281,8 +358,9 @@ class HalfEncoderGraph(nn.Module):
 
     def forward(self, image):
         grid = self.model.backbone(image.half())
-        state = tuple(t.float() for t in self.model.decoder.init_state(grid))
-        return (*state, self.model.backbone.imagenet_probs(grid))  # the softmax in float32
+        probs = self.model.backbone.imagenet_probs(grid)  # the softmax in float32
+        state = tuple(t.float() for t in self.model.decoder.init_state(grid, probs if self.model.label_prior else None))
+        return (*state, probs)
 
 
 class HalfStepGraph(nn.Module):
@@ -293,6 +371,7 @@ class HalfStepGraph(nn.Module):
         super().__init__()
         self.decoder = model16.decoder
 
-    def forward(self, tokens, h, c, features, att_proj):
-        log_probs, h, c, alpha = self.decoder.step(tokens, h.half(), c.half(), features.half(), att_proj.half())
+    def forward(self, tokens, h, c, features, att_proj, *word_prior):
+        log_probs, h, c, alpha = self.decoder.step(tokens, h.half(), c.half(), features.half(), att_proj.half(),
+                                                   *(p.half() for p in word_prior))
         return log_probs.float(), h.float(), c.float(), alpha.float()

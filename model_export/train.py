@@ -43,6 +43,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay: float = 0.85  # per epoch
     encoder_lr: float = 1e-4  # only used when fine-tuning encoder blocks
+    prior_lr_scale: float = 10.0  # the label prior's learning rate, as a multiple of lr (label-prior models)
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     attention_reg: float = 1.0  # lambda of the doubly stochastic attention regularisation
@@ -150,14 +151,14 @@ def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
     """One caption sampled per image from the model's distribution at `temperature`, with the same
     token rules as decoding (run it in eval mode: no dropout, gradients on). Returns (word ids per
     image, [N, T] log-probabilities of the sampled tokens, zero after each caption's <end>)."""
-    feats, h, c, att = model.decoder.init_state(features)
+    feats, h, c, att, *prior = model.init_state(features)
     n = features.shape[0]
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
     alive = torch.ones(n, dtype=torch.bool, device=features.device)
     out: list[list[int]] = [[] for _ in range(n)]
     chosen_log_probs = []
     for t in range(max_length + 1):
-        log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att)  # one row per image
+        log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att, *prior)  # one row per image
         log_probs = allowed_log_probs(log_probs, special, t)
         if t >= max_length:  # only <end> is left
             keep = torch.full_like(log_probs, -math.inf)
@@ -180,13 +181,13 @@ def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
 def greedy_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int) -> list[list[int]]:
     """Fast batched greedy decoding for validation (same token rules as the reference)."""
     model.eval()
-    feats, h, c, att = model.decoder.init_state(features)
+    feats, h, c, att, *prior = model.init_state(features)
     n = features.shape[0]
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
     out = [[] for _ in range(n)]
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_length + 1):
-        log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att)  # one row per image
+        log_probs, h, c, _ = model.decoder.step(tokens, h, c, feats, att, *prior)  # one row per image
         log_probs = allowed_log_probs(log_probs, special, t)
         if t >= max_length:
             break
@@ -271,6 +272,8 @@ class Trainer:
         _seed_everything(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mcfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(self.vocab)})
+        if mcfg.label_prior and mcfg.label_word_ids is None:
+            mcfg.label_word_ids = label_word_ids(self.vocab.itos)
         model = Captioner(mcfg)
         model.to(self.device)  # before the optimizer, so a resumed optimizer's state lands on the device too
         special = self.vocab.special_ids
@@ -278,11 +281,14 @@ class Trainer:
 
         last_path = self.run_dir / "last.pt"
         start_epoch, best, history, bad_epochs = 0, -1.0, [], 0
-        decoder_params = list(model.decoder.parameters())
-        groups = [{"params": decoder_params, "lr": cfg.lr}]
+        named = list(model.decoder.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.startswith(PRIOR_KEYS)], "lr": cfg.lr, "base_lr": cfg.lr}]
+        if mcfg.label_prior:  # the label prior's parameters learn faster (they start from zero on a trained model)
+            prior_lr = cfg.lr * cfg.prior_lr_scale
+            groups.append({"params": [p for n, p in named if n.startswith(PRIOR_KEYS)], "lr": prior_lr, "base_lr": prior_lr})
         backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
         if backbone_params:
-            groups.append({"params": backbone_params, "lr": cfg.encoder_lr})
+            groups.append({"params": backbone_params, "lr": cfg.encoder_lr, "base_lr": cfg.encoder_lr})
         optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         if resume and not last_path.is_file() and distributed.under_torchrun():
             # torchrun --max-restarts with --resume: the first attempt has no checkpoint yet
@@ -307,16 +313,7 @@ class Trainer:
             start_epoch, best, history, bad_epochs = state["epoch"], state["best_cider"], state["history"], state["bad_epochs"]
             torch.set_rng_state(state["torch_rng"])
         elif cfg.init_checkpoint:
-            init = Path(cfg.init_checkpoint)
-            if not init.is_file():
-                raise TrainError(f"{init}: checkpoint not found")
-            state = torch.load(init, map_location="cpu", weights_only=False)
-            if state["vocab"] != self.vocab.itos or state["model_config"] != mcfg.to_dict():
-                raise TrainError(f"{init}: its vocabulary or model settings differ from this run's; start from a checkpoint "
-                                 "trained on the same data with the same --min-count and sizes")
-            model.decoder.load_state_dict(_plain(state["decoder"]))
-            if state.get("backbone"):
-                model.backbone.load_state_dict(_plain(state["backbone"]))
+            init_weights(model, Path(cfg.init_checkpoint), self.vocab.itos)
         if ctx.enabled:
             starts = ctx.gather(start_epoch)
             if len(set(starts)) != 1:
@@ -382,9 +379,8 @@ class Trainer:
         from tqdm import tqdm
 
         for epoch in range(start_epoch, cfg.epochs):
-            for i, group in enumerate(optimizer.param_groups):
-                base = cfg.lr if i == 0 else cfg.encoder_lr
-                group["lr"] = base * cfg.lr_decay**epoch
+            for i, group in enumerate(optimizer.param_groups):  # (checkpoints before base_lr: decoder, then encoder)
+                group["lr"] = group.get("base_lr", cfg.lr if i == 0 else cfg.encoder_lr) * cfg.lr_decay**epoch
             # the epoch's plan (reference choice, order, mirroring) is drawn from (seed, epoch) alone, the same on
             # every rank; each rank then takes its share of every global batch
             rng = np.random.default_rng([cfg.seed, epoch])
@@ -541,10 +537,56 @@ class _TrainStep(torch.nn.Module):
     def forward(self, inputs: torch.Tensor, caps: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
         feats = self.model.backbone(inputs) if self.encode else inputs
         if caps is not None:
-            return self.model.decoder(feats, caps, lengths)
+            return self.model.teacher_forced(feats, caps, lengths)
         baseline = greedy_batch(self.model, feats, self.special, self.max_length)  # eval mode
         sampled, chosen = sample_batch(self.model, feats, self.special, self.max_length, self.temperature)
         return baseline, sampled, chosen
+
+
+def label_word_ids(vocab: list[str]) -> list[list[int]]:
+    """Each ImageNet class's caption words as ids of `vocab` (model_export/label_words.py; WordNet)."""
+    from model_export.label_words import build_table, flat
+
+    index = {w: i for i, w in enumerate(vocab)}
+    return [[index[w] for w in flat(groups)] for groups in build_table(vocab)]
+
+
+PRIOR_KEYS = ("prior_", "class_words")  # the label prior's parameters and table (model.py)
+
+
+def init_weights(model: Captioner, init: Path, vocab: list[str]) -> None:
+    """Start `model` from a checkpoint or a float32 bundle folder trained on the same vocabulary and
+    sizes. A label-prior model may start from a model without one: its prior starts switched off
+    (model.py's initialisation) and everything else is the given model's."""
+    if init.is_dir():
+        from model_export.bundle_weights import BundleWeightsError, decoder_state
+
+        try:
+            weights, init_vocab = decoder_state(init)
+        except BundleWeightsError as exc:
+            raise TrainError(str(exc)) from None
+        given_config, backbone = None, None
+    elif init.is_file():
+        state = torch.load(init, map_location="cpu", weights_only=False)
+        weights, init_vocab = _plain(state["decoder"]), state["vocab"]
+        given_config, backbone = state["model_config"], state.get("backbone")
+    else:
+        raise TrainError(f"{init}: checkpoint not found")
+    mine = model.config.to_dict()
+    if given_config is not None:
+        ignore = set() if given_config.get("label_prior") else {"label_prior", "label_word_ids"}
+        differs = {k for k in mine if k not in ignore and given_config.get(k, ModelConfig().to_dict()[k]) != mine[k]}
+    else:
+        differs = set()
+    if init_vocab != vocab or differs:
+        raise TrainError(f"{init}: its vocabulary or model settings differ from this run's ({', '.join(sorted(differs)) or 'vocabulary'}); "
+                         "start from a model trained on the same data with the same --min-count and sizes")
+    missing, unexpected = model.decoder.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith(PRIOR_KEYS)]
+    if missing or unexpected:
+        raise TrainError(f"{init}: its decoder does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if backbone:
+        model.backbone.load_state_dict(_plain(backbone))
 
 
 def _rows(feats, rows: np.ndarray) -> torch.Tensor:
