@@ -371,7 +371,7 @@ def add_labels_cmd(
             pixels = [load_pixels(p, spec) for p in images] if images else _sample_photos(spec)
             report = add_labels(bundle, np.stack(pixels) if pixels else None)
         elif not words or loaded.label_words is not None:
-            fail(f"{bundle} has labels{' and words' if loaded.label_words is not None else ''} already")
+            fail(f"{bundle} has labels already" + (", with their caption words" if loaded.label_words is not None else ""))
         if words:
             report["classes_with_words"] = add_words(bundle)
         return report

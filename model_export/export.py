@@ -294,7 +294,8 @@ def export_bundle(
     with staged_bundle(out_dir, "export") as tmp:
         encoder_path, decoder_path = export_onnx(model, tmp, precision)
         vocab.save(tmp / "vocab.json")
-        words = class_word_groups(model, vocab.itos) if (model.label_prior if label_words is None else label_words) else None
+        wanted = model.label_prior if label_words is None else label_words
+        words = class_word_groups(model, vocab.itos, state.get("label_words")) if wanted else None
         write_labels(tmp / "labels.json", words)
         numeric = check_numeric_parity(model, encoder_path, decoder_path, images[:8], precision=precision)
         manifest = Manifest(
@@ -351,12 +352,13 @@ def export_bundle(
     return out_dir
 
 
-def class_word_groups(model: Captioner, vocab: list[str]) -> list[list[list[str]]]:
-    """labels.json's words for `model`: the WordNet table over its vocabulary; a label-prior model's
-    must be the table it was trained with (its checkpoint keeps the word ids per class)."""
+def class_word_groups(model: Captioner, vocab: list[str], trained_table: list | None = None) -> list[list[list[str]]]:
+    """labels.json's words for `model`: the table it was trained with (a label-prior checkpoint keeps
+    it), else the WordNet table over its vocabulary; either must give the word ids per class that a
+    label-prior model's config holds."""
     from model_export.label_words import build_table, flat
 
-    table = build_table(vocab)
+    table = trained_table if trained_table is not None else build_table(vocab)
     trained = model.config.label_word_ids
     if trained is not None:
         index = {w: i for i, w in enumerate(vocab)}

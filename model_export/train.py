@@ -44,6 +44,8 @@ class TrainConfig:
     lr_decay: float = 0.85  # per epoch
     encoder_lr: float = 1e-4  # only used when fine-tuning encoder blocks
     prior_lr_scale: float = 10.0  # the label prior's learning rate, as a multiple of lr (label-prior models)
+    # label-prior models: each ImageNet class's caption word groups (None: WordNet's, model_export/label_words.py)
+    label_words: list | None = None
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     attention_reg: float = 1.0  # lambda of the doubly stochastic attention regularisation
@@ -230,6 +232,7 @@ class Trainer:
             "bad_epochs": bad_epochs,
             "history": history,
             "vocab": self.vocab.itos,
+            "label_words": getattr(self, "label_groups", None),  # label-prior models: the class -> word groups
             "train_config": {k: v for k, v in asdict(self.config).items() if k != "model"},
             "data": self.dataset.summary(),
             "torch_rng": torch.get_rng_state(),
@@ -272,8 +275,10 @@ class Trainer:
         _seed_everything(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mcfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(self.vocab)})
+        self.label_groups = None
         if mcfg.label_prior and mcfg.label_word_ids is None:
-            mcfg.label_word_ids = label_word_ids(self.vocab.itos)
+            self.label_groups = cfg.label_words if cfg.label_words is not None else class_word_table(self.vocab.itos)
+            mcfg.label_word_ids = label_word_ids(self.vocab.itos, self.label_groups)
         model = Captioner(mcfg)
         model.to(self.device)  # before the optimizer, so a resumed optimizer's state lands on the device too
         special = self.vocab.special_ids
@@ -543,12 +548,20 @@ class _TrainStep(torch.nn.Module):
         return baseline, sampled, chosen
 
 
-def label_word_ids(vocab: list[str]) -> list[list[int]]:
-    """Each ImageNet class's caption words as ids of `vocab` (model_export/label_words.py; WordNet)."""
-    from model_export.label_words import build_table, flat
+def class_word_table(vocab: list[str]) -> list[list[list[str]]]:
+    """Each ImageNet class's caption word groups over `vocab` (model_export/label_words.py; WordNet)."""
+    from model_export.label_words import build_table
 
+    return build_table(vocab)
+
+
+def label_word_ids(vocab: list[str], table: list[list[list[str]]]) -> list[list[int]]:
+    """A class -> word group table as vocabulary ids per class (every form of every group)."""
     index = {w: i for i, w in enumerate(vocab)}
-    return [[index[w] for w in flat(groups)] for groups in build_table(vocab)]
+    missing = sorted({w for groups in table for g in groups for w in g} - set(index))
+    if missing:
+        raise TrainError(f"label words outside the vocabulary: {', '.join(missing[:5])}")
+    return [[index[w] for g in groups for w in g] for groups in table]
 
 
 PRIOR_KEYS = ("prior_", "class_words")  # the label prior's parameters and table (model.py)

@@ -570,3 +570,79 @@ def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_
     result = train(scenes, tmp_path / "bad", "--epochs", "1", "--self-critical", "--init-checkpoint", other / "best.pt",
                    cache=feature_cache_dir)
     assert result.exit_code == 1 and "vocabulary or model settings differ" in result.output
+
+
+# ---- the label prior and constrained decoding ---------------------------------------------------
+
+def _scene_table(words: list[str]) -> list[list[list[str]]]:
+    """A stand-in class -> caption word table over the scenes' vocabulary (the real one is WordNet's,
+    tests/test_label_words.py): every class names one of the shapes, a tenth of them none."""
+    shapes = [w for w in ("circle", "square", "triangle", "star", "cross") if w in words]
+    return [[] if c % 10 == 9 else [[shapes[c % len(shapes)]]] for c in range(1000)]
+
+
+@pytest.fixture(scope="module")
+def prior_run(scenes, tmp_path_factory, feature_cache_dir) -> Path:
+    from model_export.cli import DataFormat, load_dataset
+    from model_export.model import ModelConfig
+    from model_export.train import TrainConfig, Trainer
+
+    dataset = load_dataset(scenes / "dataset.json", scenes, DataFormat.karpathy)
+    run = tmp_path_factory.mktemp("prior")
+    trainer = Trainer(dataset, run, TrainConfig(epochs=1, batch_size=32, progress=False, num_threads=2,
+                                               model=ModelConfig(embed_dim=32, hidden_dim=64, attention_dim=32,
+                                                                 label_prior=True)),
+                      cache_dir=feature_cache_dir)
+    trainer.config.label_words = _scene_table(trainer.vocab.itos)
+    trainer.run()
+    return run
+
+
+def test_label_prior_model_exports_with_parity_and_the_engine_feeds_its_prior(prior_run, scenes, tmp_path):
+    from model_export.cli import DataFormat, load_dataset
+    from model_export.export import export_bundle
+
+    model, vocab, state = load_checkpoint(prior_run / "best.pt")
+    assert model.label_prior and state["label_words"] == _scene_table(vocab.itos)
+    dataset = load_dataset(scenes / "dataset.json", scenes, DataFormat.karpathy)
+    out = export_bundle(prior_run / "best.pt", tmp_path / "prior", dataset, parity_images=16, evaluate_split=None,
+                        progress=False)
+    bundle = load_bundle(out)
+    assert bundle.manifest.parity.greedy_identical == 16 and bundle.manifest.parity.beam3_identical == 16
+    assert bundle.label_words == state["label_words"]  # labels.json has the table the model was trained with
+    engine = Engine(bundle, device="cpu")
+    assert engine.label_prior and engine.has_label_words
+    # the prior is really an input: other priors give other log-probabilities
+    images = np.stack([load_pixels(p, bundle.preprocessing) for p in sorted((scenes / "images" / "val").glob("*.jpg"))[:2]])
+    encoded = engine.encode(images)
+    feeds = {"tokens": np.array([1, 1]), "h": encoded["h0"], "c": encoded["c0"], "features": encoded["features"],
+             "att_proj": encoded["att_proj"], "word_prior": encoded["word_prior"]}
+    first = engine.decoder.run(["log_probs"], feeds)[0]
+    second = engine.decoder.run(["log_probs"], {**feeds, "word_prior": np.ones_like(encoded["word_prior"])})[0]
+    assert not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_constrained_captions_equal_the_torch_reference(prior_run, scenes, tmp_path_factory, io_binding):
+    from model_export.cli import DataFormat, load_dataset
+    from model_export.export import export_bundle
+
+    out = tmp_path_factory.getbasetemp() / "prior-constrained"
+    if not (out / "manifest.json").is_file():
+        dataset = load_dataset(scenes / "dataset.json", scenes, DataFormat.karpathy)
+        export_bundle(prior_run / "best.pt", out, dataset, parity_images=16, evaluate_split=None, progress=False)
+    model, vocab, _ = load_checkpoint(prior_run / "best.pt")
+    engine = Engine(load_bundle(out), device="cpu", io_binding=io_binding)
+    spec = preprocessing_for(model.backbone)
+    images = np.stack([load_pixels(p, spec) for p in sorted((scenes / "images" / "val").glob("*.jpg"))[:4]])
+    index = {w: i for i, w in enumerate(vocab.itos)}
+    for beam, groups, ngram in ((1, [{index["star"]}], 0), (3, [{index["circle"], index["square"]}], 2),
+                                (2, [{index["triangle"]}, {index["cross"]}], 0)):
+        config = DecodingConfig(beam_size=beam, strategy="greedy" if beam == 1 else "beam", max_length=12,
+                                include=tuple(tuple(sorted(g)) for g in groups), no_repeat_ngram_size=ngram)
+        got = engine.caption(images, config)
+        for i, image in enumerate(images):
+            ref = reference_decode(model, torch.from_numpy(image), vocab.special_ids, beam=beam, max_length=12,
+                                   no_repeat_ngram_size=ngram, constraints=groups)
+            assert [h.tokens for h in ref] == [c.token_ids for c in got[i]], (beam, groups, i)
+            assert all(g & set(got[i][0].token_ids) for g in groups)

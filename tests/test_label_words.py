@@ -1,0 +1,83 @@
+"""The class -> caption word table (model_export/label_words.py) on the real WordNet 3.0 (Debian's
+wordnet-base, which .ci/run installs) and the default model's vocabulary: the classes people photograph
+get the words they would write, generic words never appear, and `captioner add-labels` gives a bundle
+with labels its words."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.inference.bundle import load_bundle
+from model_export.bundle_files import file_entries
+from model_export.label_words import GENERIC, WORDNET_DIR, WordNet, WordNetError, build_table, flat, imagenet_wnids
+from model_export.labels import add_words
+from tests.support.live_server import REPO
+
+VOCAB = json.loads((REPO / "models" / "default" / "vocab.json").read_text())["tokens"]
+
+
+@pytest.fixture(scope="module")
+def table():
+    if not (WORDNET_DIR / "data.noun").is_file():
+        pytest.fail(f"WordNet 3.0 is not at {WORDNET_DIR}: apt install wordnet-base (.ci/run does)")
+    return build_table(VOCAB)
+
+
+def test_imagenet_ids_are_wordnet_noun_synsets_in_class_order():
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 and wnids[281] == "n02123045" and wnids == sorted(wnids)
+    nouns = WordNet()
+    assert all(int(w[1:]) in nouns.synsets for w in wnids)
+    assert nouns.synsets[2123045].lemmas[:2] == ("tabby", "tabby_cat")
+
+
+@pytest.mark.parametrize("class_id,words", [
+    (281, ["cat", "cats"]),  # tabby
+    (285, ["cat", "cats"]),  # Egyptian cat: WordNet's walk passes "domestic cat" to "cat"
+    (151, ["dog", "dogs"]),  # Chihuahua: an override (WordNet's nearest is "toy")
+    (207, ["dog", "dogs"]),  # golden retriever
+    (967, ["coffee"]),  # espresso
+    (504, ["mug"]),  # coffee mug
+    (657, ["rocket"]),  # missile
+    (670, ["scooter", "scooters"]),  # motor scooter
+    (339, ["horse", "horses"]),  # sorrel
+    (532, ["table", "tables"]),  # dining table: an override (WordNet's lemma is "board")
+    (15, ["bird", "birds"]),  # robin
+])
+def test_everyday_classes_get_the_words_people_write(table, class_id, words):
+    assert words[0] in flat(table[class_id]) and set(words) <= set(flat(table[class_id])), table[class_id]
+
+
+def test_every_word_is_in_the_vocabulary_and_none_is_generic(table):
+    words = {w for groups in table for w in flat(groups)}
+    assert words <= set(VOCAB)
+    assert not {group[0] for groups in table for group in groups} & GENERIC  # (a plural may be: work -> "works")
+    covered = sum(1 for groups in table if groups)
+    assert 650 <= covered <= 1000, covered  # measured: 721 of 1000 with the default vocabulary
+    for groups in table:  # a group is a word and, where the vocabulary has it, its plural
+        for group in groups:
+            assert 1 <= len(group) <= 2
+
+
+def test_a_missing_wordnet_is_a_clear_error(tmp_path):
+    with pytest.raises(WordNetError, match="wordnet-base"):
+        WordNet(tmp_path)
+
+
+def test_add_words_gives_a_labelled_bundle_its_words(tmp_path, table):
+    bundle = Path(shutil.copytree(REPO / "models" / "default", tmp_path / "default"))
+    # the same bundle as it was before words existed: labels.json with the names only
+    names = json.loads((bundle / "labels.json").read_text())["names"]
+    (bundle / "labels.json").write_text(json.dumps({"names": names}))
+    manifest = load_bundle(bundle, verify=False).manifest
+    files = {**manifest.files, **file_entries(labels=bundle / "labels.json")}
+    (bundle / "manifest.json").write_text(manifest.model_copy(update={"files": files}).to_json())
+    assert load_bundle(bundle).label_words is None
+    assert add_words(bundle) == sum(1 for groups in table if groups)
+    after = load_bundle(bundle)  # the sha256s were rewritten
+    assert after.label_words == table and after.manifest.labels.words_source.startswith("WordNet 3.0")
+    assert after.labels == names
