@@ -143,6 +143,9 @@ def train_cmd(
         "--self-critical), or from a float32 bundle folder's; a --label-prior run may start from a model without one"
     ),
     prior_lr_scale: float = typer.Option(10.0, min=0.0, help="--label-prior: the prior's learning rate as a multiple of --lr"),
+    label_swap: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="--label-prior, cross-entropy: the share of captions whose label word is swapped for "
+        "another of its kind, with the prior saying so (teaches the decoder to write what its labels see)"),
     label_prior: bool = typer.Option(
         False, "--label-prior", help="The decoder also reads the encoder's ImageNet labels as caption-word probabilities "
         "(class -> words from WordNet, model_export/label_words.py; show_attend_tell only)"),
@@ -175,7 +178,7 @@ def train_cmd(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
-            flip_augment=flip_augment, self_critical=self_critical, prior_lr_scale=prior_lr_scale, sample_temperature=sample_temperature,
+            flip_augment=flip_augment, self_critical=self_critical, prior_lr_scale=prior_lr_scale, label_swap=label_swap, sample_temperature=sample_temperature,
             init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
             max_minutes=max_minutes, num_threads=threads, progress=progress, dist_timeout=dist_timeout, model=model,
         )

@@ -223,3 +223,35 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Coarse kinds of thing, for the trainer's label swaps (model_export/train.py, LabelSwap): a word is
+# swapped only for another of its kind (a dog for a cat, a bicycle for a bus, coffee for tea).
+KINDS: dict[int, str] = {
+    15388: "animal", 3100490: "vehicle", 7881800: "drink", 21265: "food", 7555863: "food",
+    3405725: "furniture", 3051540: "clothing", 4341686: "structure", 3094503: "container", 3183080: "device",
+}
+
+
+def word_kinds(table: Sequence[Sequence[Sequence[str]]], wnids: Sequence[str] | None = None,
+               wordnet: WordNet | None = None) -> dict[tuple[str, ...], str]:
+    """Each word group of the table -> the kind (KINDS) most of its classes descend from; groups of
+    no kind are left out. Nearest kind first: a drink is a drink before it is a food."""
+    wordnet = wordnet or WordNet()
+    wnids = list(wnids) if wnids is not None else imagenet_wnids()
+    votes: dict[tuple[str, ...], dict[str, int]] = {}
+    for groups, wnid in zip(table, wnids, strict=True):
+        if not groups:
+            continue
+        kind = None
+        for level in wordnet.ancestors(wnid_offset(wnid)):
+            found = [KINDS[o] for o in level if o in KINDS]
+            if found:
+                kind = found[0]
+                break
+        if kind is None:
+            continue
+        for group in groups:
+            tally = votes.setdefault(tuple(group), {})
+            tally[kind] = tally.get(kind, 0) + 1
+    return {group: max(tally, key=lambda k: (tally[k], k)) for group, tally in votes.items()}

@@ -163,15 +163,17 @@ class AttentionDecoder(nn.Module):
         that map to each word, at most 1)."""
         return torch.clamp(class_probs.float() @ self.class_words, max=1.0)
 
-    def init_state(self, features: torch.Tensor, class_probs: torch.Tensor | None = None):
+    def init_state(self, features: torch.Tensor, class_probs: torch.Tensor | None = None,
+                   word_prior: torch.Tensor | None = None):
         """(features with positions, h0, c0, att_proj), and with a label prior the word prior [N, V]
-        last (from `class_probs`, the ImageNet head's probabilities; Captioner.init_state gives them)."""
+        last (from `class_probs`, the ImageNet head's probabilities, which Captioner.init_state gives;
+        or `word_prior` itself, as the trainer's label swaps give it)."""
         mean = features.mean(dim=1)
         features = features + self.position
         h_in, c_in = self.init_h(mean), self.init_c(mean)
         if not self.label_prior:
             return features, torch.tanh(h_in), torch.tanh(c_in), self.feature_att(features)
-        prior = self.word_prior(class_probs)
+        prior = self.word_prior(class_probs) if word_prior is None else word_prior
         words = (prior @ self.embed.weight) / (1.0 + prior.sum(dim=1, keepdim=True))  # [N, E]
         h0, c0 = torch.tanh(h_in + self.prior_h(words)), torch.tanh(c_in + self.prior_c(words))
         return features, h0, c0, self.feature_att(features), prior
@@ -208,12 +210,12 @@ class AttentionDecoder(nn.Module):
         return F.log_softmax(logits.float(), dim=1), h, c, alpha.reshape(-1, positions)  # float32 even in float16
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None,
-                class_probs: torch.Tensor | None = None):
+                class_probs: torch.Tensor | None = None, word_prior: torch.Tensor | None = None):
         """Teacher forcing. inputs [N, T] (starting with <start>) -> logits [N, T, V], alphas [N, T, P].
 
         `lengths` (rows sorted longest first): each row's count of real input positions; step t then
         runs only the rows still that long, and the rest of the output is zeros (padding)."""
-        features, h, c, att_proj, *prior = self.init_state(features, class_probs)
+        features, h, c, att_proj, *prior = self.init_state(features, class_probs, word_prior)
         prior = prior[0] if prior else None
         n = inputs.shape[0]
         logits, alphas = [], []
@@ -317,9 +319,16 @@ class Captioner(nn.Module):
         probs = self.backbone.imagenet_probs(grid) if self.label_prior else None
         return self.decoder.init_state(grid, probs)
 
-    def teacher_forced(self, grid: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None):
-        probs = self.backbone.imagenet_probs(grid) if self.label_prior else None
-        return self.decoder(grid, inputs, lengths, probs)
+    def teacher_forced(self, grid: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None,
+                       word_prior: torch.Tensor | None = None):
+        """Logits and alphas of teacher forcing; a label-prior model reads `word_prior` if given, else
+        the one its labels give."""
+        if not self.label_prior or word_prior is not None:
+            return self.decoder(grid, inputs, lengths, None, word_prior)
+        return self.decoder(grid, inputs, lengths, self.backbone.imagenet_probs(grid))
+
+    def word_prior(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.decoder.word_prior(self.backbone.imagenet_probs(grid))
 
     def encode(self, images: torch.Tensor):
         return self.init_state(self.backbone(images))

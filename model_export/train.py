@@ -44,6 +44,9 @@ class TrainConfig:
     lr_decay: float = 0.85  # per epoch
     encoder_lr: float = 1e-4  # only used when fine-tuning encoder blocks
     prior_lr_scale: float = 10.0  # the label prior's learning rate, as a multiple of lr (label-prior models)
+    # Label swaps (label-prior models, cross-entropy only): the share of captions naming a label word whose
+    # word is replaced by another of the same kind, with the prior saying so (LabelSwap).
+    label_swap: float = 0.0
     # label-prior models: each ImageNet class's caption word groups (None: WordNet's, model_export/label_words.py)
     label_words: list | None = None
     weight_decay: float = 0.0
@@ -373,6 +376,10 @@ class Trainer:
                 train_feats = torch.from_numpy(np.array(arrays[0]))
                 flipped_feats = torch.from_numpy(np.array(arrays[1])) if cfg.flip_augment else None
                 val_feats = torch.from_numpy(np.array(arrays[2]))
+        swapper = None
+        if mcfg.label_prior and cfg.label_swap > 0 and not cfg.self_critical:
+            swapper = LabelSwap(self.vocab.itos, self.label_groups if self.label_groups is not None
+                                else class_word_table(self.vocab.itos), cfg.label_swap)
         spec = preprocessing_for(model.backbone)
         net = _TrainStep(model, encode=not frozen, special=special, max_length=cfg.sample_max_length,
                          temperature=cfg.sample_temperature)
@@ -447,7 +454,12 @@ class Trainer:
                     rewards["sample"] += sum(sample_reward) * weight
                     rewards["greedy"] += sum(greedy_reward) * weight
                 else:
-                    logits, alphas = net(inputs, caps[:, :-1], lengths)
+                    prior = None
+                    if swapper is not None:  # some captions name another thing of the same kind, as their prior says
+                        with torch.no_grad():
+                            prior = model.word_prior(inputs if frozen else model.backbone(inputs))
+                        caps, prior = swapper.apply(caps, prior, rng)
+                    logits, alphas = net(inputs, caps[:, :-1], lengths, prior)
                     totals = (global_tokens, global_rows * positions) if ctx.enabled else None
                     loss = caption_loss(logits, alphas, caps[:, 1:], pad, cfg.attention_reg, cfg.label_smoothing, totals)
                     if ctx.enabled:
@@ -539,10 +551,11 @@ class _TrainStep(torch.nn.Module):
         self.max_length = max_length
         self.temperature = temperature
 
-    def forward(self, inputs: torch.Tensor, caps: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+    def forward(self, inputs: torch.Tensor, caps: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                word_prior: torch.Tensor | None = None):
         feats = self.model.backbone(inputs) if self.encode else inputs
         if caps is not None:
-            return self.model.teacher_forced(feats, caps, lengths)
+            return self.model.teacher_forced(feats, caps, lengths, word_prior)
         baseline = greedy_batch(self.model, feats, self.special, self.max_length)  # eval mode
         sampled, chosen = sample_batch(self.model, feats, self.special, self.max_length, self.temperature)
         return baseline, sampled, chosen
@@ -553,6 +566,55 @@ def class_word_table(vocab: list[str]) -> list[list[list[str]]]:
     from model_export.label_words import build_table
 
     return build_table(vocab)
+
+
+class LabelSwap:
+    """Counterfactual captions for a label-prior decoder. On Flickr8k the grid alone tells a dog, so a
+    decoder trained on it learns to ignore its labels, and a cat stays "a little boy". With
+    probability `share`, a caption that names a label word (a dog) gets another word of the same kind
+    in its place (a cat; label_words.KINDS: animals, vehicles, drinks, food, ...), every form of it,
+    and its prior says so: the replaced word's probability 0, the new one's drawn from U(0.5, 1).
+    The grid still shows the dog, so the only way to get such captions right is to write what the
+    labels say: the behaviour wanted on photos unlike Flickr8k's."""
+
+    def __init__(self, vocab: list[str], table: list[list[list[str]]], share: float):
+        from model_export.label_words import word_kinds
+
+        index = {w: i for i, w in enumerate(vocab)}
+        kinds = word_kinds(table)
+        self.share = share
+        self.groups: dict[str, list[list[int]]] = {}  # kind -> its groups as token ids (singular first)
+        self.group_of: dict[int, tuple[str, int]] = {}  # token id -> (kind, group number)
+        for group, kind in sorted(kinds.items()):
+            ids = [index[w] for w in group if w in index]
+            if not ids:
+                continue
+            members = self.groups.setdefault(kind, [])
+            for token in ids:
+                self.group_of.setdefault(token, (kind, len(members)))
+            members.append(ids)
+        self.groups = {k: v for k, v in self.groups.items() if len(v) > 1}
+
+    def apply(self, caps: torch.Tensor, prior: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        caps, prior = caps.clone(), prior.clone()
+        for row in range(caps.shape[0]):
+            if rng.random() >= self.share:
+                continue
+            tokens = caps[row].tolist()
+            named = [self.group_of[t] for t in tokens if t in self.group_of and self.group_of[t][0] in self.groups]
+            if not named:
+                continue
+            kind, number = named[0]
+            members = self.groups[kind]
+            other = int(rng.integers(len(members) - 1))
+            other += other >= number
+            old, new = members[number], members[other]
+            for position, token in enumerate(tokens):
+                if token in old:  # singular for singular, plural for plural (or the new singular)
+                    caps[row, position] = new[min(old.index(token), len(new) - 1)]
+            prior[row, old] = 0.0
+            prior[row, new] = float(rng.uniform(0.5, 1.0))
+        return caps, prior
 
 
 def label_word_ids(vocab: list[str], table: list[list[list[str]]]) -> list[list[int]]:

@@ -81,3 +81,32 @@ def test_add_words_gives_a_labelled_bundle_its_words(tmp_path, table):
     after = load_bundle(bundle)  # the sha256s were rewritten
     assert after.label_words == table and after.manifest.labels.words_source.startswith("WordNet 3.0")
     assert after.labels == names
+
+
+def test_label_swaps_replace_a_word_by_another_of_its_kind_and_say_so_in_the_prior(table):
+    import numpy as np
+    import torch
+
+    from model_export.label_words import word_kinds
+    from model_export.train import LabelSwap
+
+    kinds = word_kinds(table)
+    assert kinds[("dog", "dogs")] == kinds[("cat", "cats")] == "animal"
+    assert kinds[("coffee",)] == "drink" and kinds[("bus",)] == "vehicle"
+    index = {w: i for i, w in enumerate(VOCAB)}
+    swap = LabelSwap(VOCAB, table, share=1.0)
+    caps = torch.tensor([[1, *(index[w] for w in "a dog runs after two dogs".split()), 2],
+                         [1, *(index[w] for w in "a man is sitting on grass".split()), 2]])
+    prior = torch.zeros(2, len(VOCAB))
+    prior[0, index["dog"]] = prior[0, index["dogs"]] = 0.9
+    for seed in range(5):
+        new_caps, new_prior = swap.apply(caps, prior, np.random.default_rng(seed))
+        words = [VOCAB[t] for t in new_caps[0].tolist()]
+        animal, plural = words[2], words[6]
+        assert animal != "dog" and kinds[next(g for g in kinds if animal in g)] == "animal"
+        assert plural in next(g for g in kinds if animal in g)  # the plural's place gets a form of the same word
+        assert new_prior[0, index["dog"]] == 0 and 0.5 <= float(new_prior[0, index[animal]]) <= 1.0
+        assert torch.equal(new_caps[1], caps[1]) and torch.equal(new_prior[1], prior[1])  # "man" is no label word
+    assert torch.equal(swap.apply(caps, prior, np.random.default_rng(0))[0], swap.apply(caps, prior, np.random.default_rng(0))[0])
+    untouched, _ = LabelSwap(VOCAB, table, share=0.0).apply(caps, prior, np.random.default_rng(0))
+    assert torch.equal(untouched, caps)
