@@ -124,3 +124,33 @@ def test_odd_files_benchmark(tmp_path):
     for result in report["formats"].values():
         assert result["images_once"] == 14 and result["odd_files_ok"] and not result["hung"]
     assert "0 captioned now" in report["formats"]["jsonl"]["resume"]["summary"]
+
+
+def test_real_photos_benchmark_counts_the_subjects_named(tiny_bundles, tmp_path):
+    """bench/real_photos.py: the nine development photos, captioned, each judged by its subject's words."""
+    report_path = tmp_path / "photos.json"
+    bundle = tiny_bundles(labels=True, label_words=True)
+    out = run_script("real_photos.py", "--bundle", str(bundle), "--compare", str(tiny_bundles(labels=True)),
+                     "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert len(report) == 2 and all(len(photos) == 9 for photos in report.values())
+    for photos in report.values():
+        for photo in photos.values():
+            assert photo["caption"] and len(photo["labels"]) == 3 and isinstance(photo["named"], bool)
+    assert f"{bundle}: subject named in" in out.stdout
+
+
+def test_label_words_benchmark_on_a_flickr8k_layout(tiny_bundles, tmp_path):
+    """bench/label_words.py on a tiny folder in Flickr8k's layout: coverage, precision, captions."""
+    from tests.test_data_flickr8k import _make
+
+    data = _make(tmp_path / "flickr8k")
+    report_path = tmp_path / "words.json"
+    run_script("label_words.py", "--data", str(data), "--split", "val", "--bundle",
+               str(tiny_bundles(labels=True, label_words=True)), "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert report["images"] == 1 and report["coverage"] == {"classes_with_words": 9, "classes": 10}
+    for threshold in ("0.5", "0.8"):
+        block = report[f"top_label_p>={threshold}"]
+        assert 0 <= block["captions_naming_it"] <= block["images"] <= 1
+        assert block["references"] == 2 * block["images"]  # the val image has two references
