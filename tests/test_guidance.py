@@ -157,7 +157,8 @@ def test_unknown_include_word_is_a_422_naming_it(server):
         assert response.status_code == 422
         error = response.json()["error"]
         assert error["code"] == "unknown_word" and "zebra" in error["message"]
-        assert error["details"] == [{"word": "zebra"}]
+        assert error["details"] == [{"loc": ["query", "include"], "msg": "'zebra' is not in the model's vocabulary",
+                                     "type": "unknown_word"}]
         too_many = client.post("/v1/captions", params={"include": "hat,tree,dog,cat"},
                                files={"image": ("a.png", _photo(1), "image/png")})
         assert too_many.status_code == 422 and "at most 3" in too_many.json()["error"]["message"]

@@ -56,7 +56,8 @@ class ErrorBody(BaseModel):
         description="Machine-readable error code: validation_error, invalid_parameter, missing_field, "
         "empty_file, too_many_files, unsupported_media_type, corrupt_image, image_too_large, "
         "payload_too_large, not_found, method_not_allowed, unauthorized, rate_limited, not_ready, internal_error, "
-        "model_not_found, bundle_refused, load_in_progress, no_previous_version, admin_disabled, ...",
+        "model_not_found, bundle_refused, load_in_progress, no_previous_version, admin_disabled, unknown_word, "
+        "guide_unavailable, ...",
         examples=["corrupt_image"],
     )
     message: str = Field(description="Human-readable explanation.")

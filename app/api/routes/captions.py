@@ -72,9 +72,11 @@ _SINGLE_ERRORS = {
     413: "The request body is over the size limit (refused without reading it all), or the image has "
     "more pixels than max_image_pixels (refused from its header, before decoding).",
     415: f"The upload is not an image, or not one of {IMAGE_FORMATS}.",
-    422: "Missing `image` field, empty file, truncated or corrupt image, or an invalid decoding parameter.",
+    422: "Missing `image` field, empty file, truncated or corrupt image, an invalid decoding parameter, or an `include` "
+    "word outside the model's vocabulary (code unknown_word).",
     409: "`attention=true` but the model has no attention (a Show-and-Tell bundle): code attention_unavailable; "
-    "or `labels` > 0 but the model has no ImageNet labels: code labels_unavailable.",
+    "or `labels` > 0 but the model has no ImageNet labels: code labels_unavailable; or `guide=labels` but the "
+    "model has no label words: code guide_unavailable.",
 }
 
 
@@ -126,7 +128,8 @@ async def create_caption(
 _BATCH_ERRORS = {
     404: "`model` names no loaded model (or a version that is not the active one): code model_not_found; the "
     "error's details list the loaded models.",
-    409: "`labels` > 0 but the model has no ImageNet labels: code labels_unavailable.",
+    409: "`labels` > 0 but the model has no ImageNet labels: code labels_unavailable; or `guide=labels` but the model "
+    "has no label words: code guide_unavailable.",
     413: "The request body is over the size limit (refused without reading it all).",
     422: "No `images` field, more files than max_batch_files, or an invalid decoding parameter. "
     "(A file that is not a usable image gets its own error entry in a 200 answer.)",

@@ -195,7 +195,9 @@ def decoding_config(
         try:
             groups = include_groups(include, bundle.token_ids, list(bundle.special.values()))
         except UnknownWords as exc:
-            raise APIError(422, "unknown_word", str(exc), details=[{"word": w} for w in exc.words]) from None
+            raise APIError(422, "unknown_word", str(exc), details=[
+                {"loc": ["query", "include"], "msg": f"{w!r} is not in the model's vocabulary", "type": "unknown_word"}
+                for w in exc.words]) from None
         except ValueError as exc:
             raise APIError(422, "invalid_parameter", str(exc)) from None
     try:
