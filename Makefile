@@ -19,8 +19,16 @@ DATA_AND_SIZES = --format flickr8k --data $(FLICKR8K) --min-count 5 --val-count 
 XE_RECIPE = --all-references --label-smoothing 0.1 --lr 5e-4 --lr-decay 0.9 --epochs $(XE_EPOCHS) --patience 3
 SCST_RECIPE = --self-critical --init-checkpoint $(WORK)/xe/best.pt --sample-temperature 0.5 --lr 2e-5 --lr-decay 1.0 \
 	--epochs $(SCST_EPOCHS) --patience 3 --label-smoothing 0.1
+# 3.0.0: the label-prior decoder (docs/model-card.md, "The label prior"), started from the 2.0.0 model above:
+# cross-entropy with label swaps, then self-critical training again.
+PRIOR_INIT ?= $(WORK)/run/best.pt
+PRIOR_XE_RECIPE = --all-references --label-smoothing 0.1 --label-prior --label-swap 0.3 --init-checkpoint $(PRIOR_INIT) \
+	--lr 2e-4 --lr-decay 0.8 --epochs 2 --patience 2
+PRIOR_SCST_RECIPE = --self-critical --label-prior --init-checkpoint $(WORK)/prior-xe/best.pt --sample-temperature 0.5 \
+	--lr 2e-5 --lr-decay 1.0 --epochs $(PRIOR_SCST_EPOCHS) --patience 3 --label-smoothing 0.1
+PRIOR_SCST_EPOCHS ?= 8
 NAME ?= flickr8k-sat-lite0
-VERSION ?= 2.0.0
+VERSION ?= 3.0.0
 
 .PHONY: default-model scenes-model install install-serve serve test test-fast lint node-client policy-tools kserve-client
 
@@ -79,11 +87,13 @@ default-model: install
 	rm -rf $(WORK)
 	$(CAPTIONER) train $(DATA_AND_SIZES) $(XE_RECIPE) --out $(WORK)/xe
 	$(CAPTIONER) train $(DATA_AND_SIZES) $(SCST_RECIPE) --out $(WORK)/run
-	$(CAPTIONER) export --checkpoint $(WORK)/run/best.pt --format flickr8k --data $(FLICKR8K) --out $(WORK)/draft \
+	$(CAPTIONER) train $(DATA_AND_SIZES) $(PRIOR_XE_RECIPE) --out $(WORK)/prior-xe
+	$(CAPTIONER) train $(DATA_AND_SIZES) $(PRIOR_SCST_RECIPE) --out $(WORK)/prior-run
+	$(CAPTIONER) export --checkpoint $(WORK)/prior-run/best.pt --format flickr8k --data $(FLICKR8K) --out $(WORK)/draft \
 		--parity-split val --evaluate-split '' --no-progress
 	$(CAPTIONER) tune-decoding --bundle $(WORK)/draft --format flickr8k --data $(FLICKR8K) --split val \
 		--out $(WORK)/decoding.json --no-progress
-	$(CAPTIONER) export --checkpoint $(WORK)/run/best.pt --format flickr8k --data $(FLICKR8K) --out models/default \
+	$(CAPTIONER) export --checkpoint $(WORK)/prior-run/best.pt --format flickr8k --data $(FLICKR8K) --out models/default \
 		--name $(NAME) --version $(VERSION) --decoding $(WORK)/decoding.json --parity-split val --no-progress
 	$(CAPTIONER) confidence --bundle models/default --format flickr8k --data $(FLICKR8K) --split val --write \
 		--out $(WORK)/confidence.json --no-progress

@@ -41,6 +41,7 @@ from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
 from model_export.bundle_files import rewrite_manifest
 from model_export.data.karpathy import CaptionDataset
+from model_export.evaluate import recommended_decoding
 from model_export.images import iter_batches
 
 DEFAULT_THRESHOLD = 0.5  # per-image CIDEr-D: the calibrated confidence estimates P(CIDEr-D >= this)
@@ -275,8 +276,7 @@ def evaluate_confidence(
     existing = bundle.confidence_calibration
     bundle.confidence_calibration = None  # the engine's confidences raw; the bundle's curve is measured apart
     engine = Engine(bundle, device=device, threads=threads)
-    chosen = bundle.recommended_decoding
-    config = decoding or DecodingConfig(length_penalty=chosen.length_penalty, no_repeat_ngram_size=chosen.no_repeat_ngram_size)
+    config = decoding or recommended_decoding(bundle)  # as the service decodes by default (guide included)
     examples = dataset.split(split)[: limit or None]
     scored = caption_and_score(engine, [e.image_path for e in examples], [e.references for e in examples],
                                config, batch_size, progress)
@@ -286,7 +286,9 @@ def evaluate_confidence(
         "bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle_dir)},
         "dataset": {"name": dataset.name, "source": str(dataset.source), "split": split, "images": len(examples)},
         "decoding": {"strategy": used.strategy, "beam_size": used.beam_size, "length_penalty": used.length_penalty,
-                     "no_repeat_ngram_size": used.no_repeat_ngram_size},
+                     "no_repeat_ngram_size": used.no_repeat_ngram_size,
+                     **({"guide": used.guide, "guide_threshold": used.guide_threshold, "guide_words": used.guide_words}
+                        if used.guide != "none" else {})},
         "provider": engine.provider,
         **analyse(scored, threshold, bins, folds, existing=existing),
     }
