@@ -187,3 +187,18 @@ def test_guide_labels_on_a_model_without_label_words_is_a_409(plain_server):
                                files={"image": ("a.png", _photo(1), "image/png")})
         assert response.status_code == 409 and response.json()["error"]["code"] == "guide_unavailable"
         assert client.post("/v1/captions", files={"image": ("a.png", _photo(1), "image/png")}).status_code == 200
+
+
+def test_the_default_guide_comes_from_the_settings_else_the_bundle_and_never_without_words(worded, tiny_bundles):
+    from app.settings import Settings
+
+    with_words, without = load_bundle(worded), load_bundle(tiny_bundles(labels=True))
+    assert Settings().decoding_for(with_words).guide == "none"  # the tiny bundle recommends nothing
+    assert Settings(default_guide="labels").decoding_for(with_words).guide == "labels"
+    assert Settings(default_guide="labels").decoding_for(without).guide == "none"
+    config = Settings(default_guide="labels", default_guide_threshold=0.3, default_guide_words=2).decoding_for(with_words)
+    assert (config.guide_threshold, config.guide_words) == (0.3, 2)
+    with_words.recommended_decoding = with_words.recommended_decoding.model_copy(
+        update={"guide": "labels", "guide_threshold": 0.7})
+    recommended = Settings().decoding_for(with_words)
+    assert (recommended.guide, recommended.guide_threshold, recommended.guide_words) == ("labels", 0.7, 1)
