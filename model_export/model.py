@@ -179,6 +179,10 @@ class AttentionDecoder(nn.Module):
         h0, c0 = torch.tanh(h_in + self.prior_h(words)), torch.tanh(c_in + self.prior_c(words))
         return features, h0, c0, self.feature_att(features), prior
 
+    def compact_prior(self) -> CompactPrior:
+        """The label prior's arithmetic over only the words some class has (see CompactPrior)."""
+        return CompactPrior(self)
+
     def _prior_bias(self, h: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """The logits' label bias for rows h [B, H] whose images' prior rows are `prior` [B, V]."""
         return F.softplus(self.prior_gate(h)) * prior * self.prior_scale
@@ -235,6 +239,36 @@ class AttentionDecoder(nn.Module):
             out_logits = F.pad(out_logits, (0, 0, 0, inputs.shape[1] - steps))
             out_alphas = F.pad(out_alphas, (0, 0, 0, inputs.shape[1] - steps))
         return out_logits, out_alphas
+
+
+class CompactPrior(nn.Module):
+    """The encoder side of the label prior as encoder.onnx computes it: the same numbers as
+    AttentionDecoder.init_state, over the W words that some class has (about 330 of the 2,575), so the
+    graph holds [1000, W] and [W, E] constants, not the [1000, V] table and a second copy of the
+    [V, E] embedding (which took the bundle past 70 MB). The prior's other V - W words are zero, so
+    `prior @ embed` sums the same products; the full [N, V] prior is scattered from the W columns."""
+
+    def __init__(self, decoder: AttentionDecoder):
+        super().__init__()
+        table = decoder.class_words.float()
+        columns = torch.nonzero(table.sum(dim=0) > 0).flatten()
+        self.decoder = decoder
+        self.vocab = table.shape[1]
+        self.register_buffer("columns", columns)
+        self.register_buffer("table", table[:, columns].clone())
+        self.register_buffer("embed", decoder.embed.weight.detach()[columns].clone())
+
+    def forward(self, features: torch.Tensor, class_probs: torch.Tensor):
+        d = self.decoder
+        mean = features.mean(dim=1)
+        features = features + d.position
+        compact = torch.clamp(class_probs.float() @ self.table, max=1.0)  # [N, W]
+        words = (compact @ self.embed.to(compact.dtype)) / (1.0 + compact.sum(dim=1, keepdim=True))
+        h0 = torch.tanh(d.init_h(mean) + d.prior_h(words.to(mean.dtype)))
+        c0 = torch.tanh(d.init_c(mean) + d.prior_c(words.to(mean.dtype)))
+        prior = compact.new_zeros(compact.shape[0], self.vocab).scatter(
+            1, self.columns.unsqueeze(0).expand(compact.shape[0], -1), compact)
+        return features, h0, c0, d.feature_att(features), prior
 
 
 class ShowTellDecoder(nn.Module):
@@ -341,11 +375,13 @@ class EncoderGraph(nn.Module):
     def __init__(self, model: Captioner):
         super().__init__()
         self.model = model
+        self.prior = model.decoder.compact_prior() if model.label_prior else None
 
     def forward(self, image):
         grid = self.model.backbone(image)
         probs = self.model.backbone.imagenet_probs(grid)
-        return (*self.model.decoder.init_state(grid, probs if self.model.label_prior else None), probs)
+        state = self.prior(grid, probs) if self.prior is not None else self.model.decoder.init_state(grid)
+        return (*state, probs)
 
 
 class StepGraph(nn.Module):
@@ -365,12 +401,13 @@ class HalfEncoderGraph(nn.Module):
     def __init__(self, model16: Captioner):
         super().__init__()
         self.model = model16
+        self.prior = model16.decoder.compact_prior() if model16.label_prior else None
 
     def forward(self, image):
         grid = self.model.backbone(image.half())
         probs = self.model.backbone.imagenet_probs(grid)  # the softmax in float32
-        state = tuple(t.float() for t in self.model.decoder.init_state(grid, probs if self.model.label_prior else None))
-        return (*state, probs)
+        state = self.prior(grid, probs) if self.prior is not None else self.model.decoder.init_state(grid)
+        return (*(t.float() for t in state), probs)
 
 
 class HalfStepGraph(nn.Module):

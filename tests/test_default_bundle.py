@@ -1,5 +1,5 @@
-"""The committed default bundle (models/default, flickr8k-sat-lite0 2.0.0): intact and within its
-size budget, trained as the model card says, its export proved parity, the test scores its manifest
+"""The committed default bundle (models/default, flickr8k-sat-lite0 3.0.0): intact and within its
+size budget (70 MB), trained as the model card says, its export proved parity, the test scores its manifest
 records meet the targets it was built for (above Show, Attend and Tell's Flickr8k row; read, not
 re-evaluated: that needs Flickr8k), and the captions the README shows for scikit-image's photos are the
 ones it gives."""
@@ -23,9 +23,10 @@ from model_export.evaluate import recommended_decoding
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "models" / "default"
 # Show, Attend and Tell (Xu et al., 2015), Table 1, Flickr8k, hard attention: BLEU-4 0.213, METEOR 0.2030.
-# Beam 3 must beat that row on both. (The goal set for this model was BLEU-4 >= 0.215, which it meets
-# (0.230), and METEOR >= 0.205, which it misses by 0.0004 (0.2046): docs/model-card.md.)
-TARGETS = {"BLEU-4": 0.215, "METEOR": 0.2031}
+# Beam 3 must beat that row on both, and 2.0.0's test scores (BLEU-4 0.230, METEOR 0.2046, CIDEr 0.559)
+# must not drop. (The goals set for 3.0.0, BLEU-4 >= 0.24, METEOR >= 0.21 and CIDEr >= 0.60, were missed:
+# 0.2304, 0.2091, 0.5823; docs/model-card.md.)
+TARGETS = {"BLEU-4": 0.230, "METEOR": 0.2046, "CIDEr": 0.559}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
@@ -36,14 +37,16 @@ def bundle():
 
 def test_bundle_is_complete_and_small(bundle):
     size = sum(p.stat().st_size for p in DEFAULT.iterdir())
-    assert size <= 60 * 1000 * 1000
+    assert size <= 70 * 1000 * 1000
     manifest = bundle.manifest
-    assert (bundle.name, bundle.version) == ("flickr8k-sat-lite0", "2.0.0")
+    assert (bundle.name, bundle.version) == ("flickr8k-sat-lite0", "3.0.0")
     assert manifest.format_version == 2
     assert manifest.architecture.encoder == "efficientnet-lite0"
     assert manifest.architecture.decoder == "show_attend_tell" and bundle.attention
     engine = Engine(bundle, device="cpu")
     assert "row_image" not in [i.name for i in engine.decoder.get_inputs()]  # rows attend in blocks
+    assert engine.label_prior and engine.has_label_words  # the label-conditioned decoder, and guide=labels
+    assert manifest.decoding.guide == "labels" and manifest.labels.words_source.startswith("WordNet 3.0")
 
 
 def test_trained_on_flickr8k_train_and_restval_with_its_terms(bundle):

@@ -443,16 +443,14 @@ def _constrained(
     end = special["end"]
     tokens = np.fromiter(masks, dtype=np.int64, count=len(masks))
     columns = np.stack([np.asarray(out.column(int(tok)), dtype=np.float64)[start:stop] for tok in tokens], axis=1)
-    cand_rows, cand_tokens, cand_lp = [], [], []
+    block, block_ids = cand[start:stop], ids[start:stop]
+    finite = np.isfinite(block)
+    top_rows = np.nonzero(finite)[0]
+    cand_rows, cand_tokens, cand_lp = top_rows.tolist(), block_ids[finite].tolist(), block[finite].tolist()
+    end_column = np.asarray(out.column(end), dtype=np.float64)[start:stop] if t > 0 else None
     for local in range(stop - start):
         row = rows[start + local]
-        seen = set()
-        for value, token in zip(cand[start + local], ids[start + local], strict=True):
-            if np.isfinite(value):
-                seen.add(int(token))
-                cand_rows.append(local)
-                cand_tokens.append(int(token))
-                cand_lp.append(float(value))
+        seen = set(block_ids[local][finite[local]].tolist())
         if t >= max_length:
             continue  # only <end>, which the row's candidates hold
         banned = banned_ngram_tokens(row.words, ngram) if ngram else set()
@@ -463,8 +461,8 @@ def _constrained(
             cand_rows.append(local)
             cand_tokens.append(token)
             cand_lp.append(float(value))
-        if row.bank != full and t > 0 and end not in seen:  # every row's <end> is a possible fallback
-            value = float(np.asarray(out.column(end))[start + local])
+        if row.bank != full and end_column is not None and end not in seen:  # every row's <end>: a possible fallback
+            value = float(end_column[local])
             if np.isfinite(value):
                 cand_rows.append(local)
                 cand_tokens.append(end)

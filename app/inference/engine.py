@@ -38,7 +38,7 @@ from app.inference.bundle import IMAGENET_OUTPUT, WORD_PRIOR, Bundle
 from app.inference.confidence import confidence
 from app.inference.decoding import MAX_CONSTRAINTS, DecodingConfig, Hypothesis, SearchStats, beam_search
 from app.inference.graphs import REORDER_GRAPH, SELECT_GRAPH
-from app.inference.guidance import GuideWord, guide_words
+from app.inference.guidance import GroupTable, GuideWord, guide_words
 
 log = logging.getLogger("captioner.engine")
 
@@ -163,6 +163,7 @@ class Engine:
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self._check_graphs()
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        self._groups: GroupTable | None = None  # the label words as a matrix, built on first use (guide=labels)
         self._encoder_outputs = list(ENCODER_OUTPUTS) + ([WORD_PRIOR] if WORD_PRIOR in self._decoder_inputs else [])
         self._has_alpha = bundle.attention and "alpha" in [o.name for o in self.decoder.get_outputs()]
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
@@ -214,9 +215,11 @@ class Engine:
         names = [*self._encoder_outputs, IMAGENET_OUTPUT] if labels else list(self._encoder_outputs)
         return dict(zip(names, self.encoder.run(names, {"image": images}), strict=True))
 
-    def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool):
+    def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool, block_limit: int):
         """The step on host arrays: each call lays the live rows out in blocks of R rows per image
-        (R = the most live rows of any image at this step), padding rows zero."""
+        (R = the most live rows of any image at this step), padding rows zero. An image with more
+        than `block_limit` rows (the widest beam of the batch; only constrained images have more)
+        gets as many blocks of `block_limit` rows as it needs, each over its own grid."""
         n = encoded["h0"].shape[0]
         static = {name: encoded[name] for name in STATIC_INPUTS if name in self._decoder_inputs}
         outputs = ["log_probs", "h_out", "c_out"] + (["alpha"] if self._has_alpha else [])
@@ -228,18 +231,35 @@ class Engine:
 
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
             nonlocal live_key, live_static
-            live = np.unique(row_image)  # the images still decoding (sorted; the search keeps their order)
-            blocks = n
-            if live.size < n:  # only their blocks, with their features: fewer decoder rows
-                blocks = int(live.size)
-                row_image = np.searchsorted(live, row_image)
-                if live.tobytes() != live_key:
-                    live_key = live.tobytes()
-                    live_static = {name: value[live] for name, value in static.items()}
-            slots, per_block = block_slots(row_image, blocks)
+            counts = np.bincount(row_image, minlength=n)
+            if counts.max() > block_limit:
+                # a constrained image (a bank of beams per set of met constraints) has more rows than any
+                # plain one: it gets several blocks over its own grid, so every other image's block stays
+                # `block_limit` rows wide instead of being padded to the constrained image's count
+                per_block = block_limit
+                owners = np.repeat(np.arange(n), -(-counts // per_block))  # the image of each block
+                first_block = np.cumsum(-(-counts // per_block)) - (-(-counts // per_block))
+                within = np.arange(row_image.size) - (np.cumsum(counts) - counts)[row_image]
+                slots = (first_block[row_image] + within // per_block) * per_block + within % per_block
+                blocks = int(owners.size)
+                if owners.tobytes() != live_key:
+                    live_key = owners.tobytes()
+                    live_static = {name: value[owners] for name, value in static.items()}
+                blocked = True
+            else:
+                live = np.unique(row_image)  # the images still decoding (sorted; the search keeps their order)
+                blocks = n
+                blocked = live.size < n
+                if blocked:  # only their blocks, with their features: fewer decoder rows
+                    blocks = int(live.size)
+                    row_image = np.searchsorted(live, row_image)
+                    if live.tobytes() != live_key:
+                        live_key = live.tobytes()
+                        live_static = {name: value[live] for name, value in static.items()}
+                slots, per_block = block_slots(row_image, blocks)
             rows = blocks * per_block
             source = state["slots"][parents]
-            feeds = {"tokens": np.zeros(rows, dtype=np.int64), **(live_static if blocks < n else static)}
+            feeds = {"tokens": np.zeros(rows, dtype=np.int64), **(live_static if blocked else static)}
             feeds["tokens"][slots] = tokens
             for name in ("h", "c"):
                 padded = np.zeros((rows, state[name].shape[1]), dtype=np.float32)
@@ -390,7 +410,7 @@ class Engine:
         else:
             encoded = self.encode(batch, want_labels)
             probs = encoded.get(IMAGENET_OUTPUT)
-            step = self._make_step(encoded, keep_attention)
+            step = self._make_step(encoded, keep_attention, max(c.beams for c in resolved))
         stats.encode_end_ns = stats.decode_start_ns = time.time_ns()  # (with IO binding: the encoder and buffers)
         guides = [self._guide(probs[i], c) if g else [] for i, (c, g) in enumerate(zip(resolved, guided, strict=True))]
         constraints = [[set(group) for group in c.include] + [set(w.token_ids) for w in guide]
@@ -426,7 +446,9 @@ class Engine:
         """The constraints an image's labels give under `config` (guide="labels"), leaving out words the
         request's include already asks for."""
         included = {t for group in config.include for t in group}
-        found = guide_words(class_probs, self.bundle.label_words, self.bundle.token_ids, config.guide_threshold,
+        if self._groups is None:
+            self._groups = GroupTable(self.bundle.label_words)
+        found = guide_words(class_probs, self._groups, self.bundle.token_ids, config.guide_threshold,
                             config.guide_words + len(config.include))
         found = [w for w in found if not included & set(w.token_ids)]
         return found[: max(0, min(config.guide_words, MAX_CONSTRAINTS - len(config.include)))]

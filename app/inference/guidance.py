@@ -35,16 +35,36 @@ def group_probabilities(class_probs: np.ndarray, class_words: Sequence[Sequence[
     return {g: min(1.0, p) for g, p in totals.items()}
 
 
-def guide_words(class_probs: np.ndarray, class_words: Sequence[Sequence[Sequence[str]]], token_of: dict[str, int],
-                threshold: float, limit: int) -> list[GuideWord]:
+class GroupTable:
+    """A bundle's word groups as a matrix, built once: [classes, groups] with a 1 where a class has a
+    group, so every image's group probabilities are one product (what the engine uses per batch)."""
+
+    def __init__(self, class_words: Sequence[Sequence[Sequence[str]]]):
+        self.groups = sorted({tuple(g) for groups in class_words for g in groups})
+        index = {g: i for i, g in enumerate(self.groups)}
+        self.matrix = np.zeros((len(class_words), len(self.groups)), dtype=np.float64)
+        for c, groups in enumerate(class_words):
+            for g in groups:
+                self.matrix[c, index[tuple(g)]] = 1.0
+
+    def probabilities(self, class_probs: np.ndarray) -> np.ndarray:
+        """[groups] for one image ([classes]), or [N, groups] for [N, classes]; at most 1."""
+        return np.minimum(1.0, np.asarray(class_probs, dtype=np.float64) @ self.matrix)
+
+
+def guide_words(class_probs: np.ndarray, class_words: Sequence[Sequence[Sequence[str]]] | GroupTable,
+                token_of: dict[str, int], threshold: float, limit: int) -> list[GuideWord]:
     """The image's most probable word groups with probability >= threshold, at most `limit`, best first
     (ties: the group's first word, alphabetically); words outside the vocabulary are left out."""
     if limit <= 0:
         return []
-    ranked = sorted(group_probabilities(class_probs, class_words).items(), key=lambda kv: (-kv[1], kv[0]))
+    table = class_words if isinstance(class_words, GroupTable) else GroupTable(class_words)
+    probs = table.probabilities(class_probs)
+    chosen = np.flatnonzero(probs >= threshold)
+    ranked = sorted(((table.groups[i], float(probs[i])) for i in chosen), key=lambda kv: (-kv[1], kv[0]))
     out = []
     for group, p in ranked:
-        if p < threshold or len(out) >= limit:
+        if len(out) >= limit:
             break
         words = tuple(w for w in group if w in token_of)
         if words:
