@@ -154,3 +154,14 @@ def test_label_words_benchmark_on_a_flickr8k_layout(tiny_bundles, tmp_path):
         block = report[f"top_label_p>={threshold}"]
         assert 0 <= block["captions_naming_it"] <= block["images"] <= 1
         assert block["references"] == 2 * block["images"]  # the val image has two references
+
+
+def test_frontend_benchmark_measures_cpu_per_request(tmp_path):
+    """bench/frontend.py: the service over a stub bundle under load, its CPU per request measured."""
+    report_path = tmp_path / "frontend.json"
+    run_script("frontend.py", "--duration", "1", "--concurrency", "2", "--loadgen", "python", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert report["stub_engine_cpu_ms_per_image"] > 0
+    (point,) = report["points"]
+    assert point["requests"] > 0 and point["concurrency"] == 2
+    assert point["service_cpu_ms_per_request"] > 0 and point["service_cpu_s"] > 0
