@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, environment, rss_kib, write_report
+from common import environment, rss_kib, write_report
 from http_load import Service, load, photo_jpeg
 
 

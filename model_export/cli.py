@@ -178,7 +178,8 @@ def train_cmd(
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, attention_reg=attention_reg, min_count=min_count,
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
-            flip_augment=flip_augment, self_critical=self_critical, prior_lr_scale=prior_lr_scale, label_swap=label_swap, sample_temperature=sample_temperature,
+            flip_augment=flip_augment, self_critical=self_critical, prior_lr_scale=prior_lr_scale, label_swap=label_swap,
+            sample_temperature=sample_temperature,
             init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
             max_minutes=max_minutes, num_threads=threads, progress=progress, dist_timeout=dist_timeout, model=model,
         )

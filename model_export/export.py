@@ -35,9 +35,9 @@ import torch
 from pydantic import ValidationError
 
 from app.inference.bundle import (
-    WORD_PRIOR,
     FORMAT_VERSION,
     IMAGENET_OUTPUT,
+    WORD_PRIOR,
     Architecture,
     Evaluation,
     Manifest,

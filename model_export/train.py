@@ -654,7 +654,8 @@ def init_weights(model: Captioner, init: Path, vocab: list[str]) -> None:
     else:
         differs = set()
     if init_vocab != vocab or differs:
-        raise TrainError(f"{init}: its vocabulary or model settings differ from this run's ({', '.join(sorted(differs)) or 'vocabulary'}); "
+        what = ", ".join(sorted(differs)) or "vocabulary"
+        raise TrainError(f"{init}: its vocabulary or model settings differ from this run's ({what}); "
                          "start from a model trained on the same data with the same --min-count and sizes")
     missing, unexpected = model.decoder.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith(PRIOR_KEYS)]

@@ -447,6 +447,7 @@ class Engine:
         request's include already asks for."""
         included = {t for group in config.include for t in group}
         if self._groups is None:
+            assert self.bundle.label_words is not None  # run() refuses guide=labels without them
             self._groups = GroupTable(self.bundle.label_words)
         found = guide_words(class_probs, self._groups, self.bundle.token_ids, config.guide_threshold,
                             config.guide_words + len(config.include))

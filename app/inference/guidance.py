@@ -62,7 +62,7 @@ def guide_words(class_probs: np.ndarray, class_words: Sequence[Sequence[Sequence
     probs = table.probabilities(class_probs)
     chosen = np.flatnonzero(probs >= threshold)
     ranked = sorted(((table.groups[i], float(probs[i])) for i in chosen), key=lambda kv: (-kv[1], kv[0]))
-    out = []
+    out: list[GuideWord] = []
     for group, p in ranked:
         if len(out) >= limit:
             break
