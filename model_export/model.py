@@ -301,7 +301,7 @@ class ShowTellDecoder(nn.Module):
         return F.log_softmax(self.out(self.dropout(h)).float(), dim=1), h, c, alpha  # float32 even in float16
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor | None = None,
-                class_probs: torch.Tensor | None = None):
+                class_probs: torch.Tensor | None = None, word_prior: torch.Tensor | None = None):
         _, h, c, _ = self.init_state(features)
         n = inputs.shape[0]
         logits = []

@@ -202,3 +202,13 @@ def test_the_default_guide_comes_from_the_settings_else_the_bundle_and_never_wit
         update={"guide": "labels", "guide_threshold": 0.7})
     recommended = Settings().decoding_for(with_words)
     assert (recommended.guide, recommended.guide_threshold, recommended.guide_words) == ("labels", 0.7, 1)
+
+
+def test_a_decoding_setting_given_twice_is_a_422(server):
+    with server.client() as client:
+        response = client.post("/v1/captions?guide_words=1&guide_words=2",
+                               files={"image": ("a.png", _photo(1), "image/png")})
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["code"] == "validation_error" and "'guide_words' given more than once" in error["message"]
+        assert client.post("/v1/captions?beam_size=2", files={"image": ("a.png", _photo(1), "image/png")}).status_code == 200

@@ -120,7 +120,8 @@ def test_caption_jpeg(client, cat_jpeg):
     assert len(cap["token_probs"]) == len(cap["tokens"]) and 0.0 <= cap["confidence"] <= 1.0
     assert cap["low_confidence"] is False
     assert body["settings"] == {"strategy": "beam", "beam_size": 3, "num_captions": 1, "max_length": 16,
-                                "length_penalty": 0.0, "no_repeat_ngram_size": 0}
+                                "length_penalty": 0.0, "no_repeat_ngram_size": 0, "include": [], "guide": "none",
+                                "guide_threshold": 0.5, "guide_words": 1}
     assert body["model"] == {"name": "tiny-sat", "version": "0.0.1"}
     t = body["timings_ms"]
     assert set(t) == {"decode_image", "preprocess", "inference", "total"}
@@ -134,7 +135,8 @@ def test_caption_png_nbest_and_settings(client, astronaut_png):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["settings"] == {"strategy": "beam", "beam_size": 4, "num_captions": 3, "max_length": 10,
-                                "length_penalty": 0.5, "no_repeat_ngram_size": 2}
+                                "length_penalty": 0.5, "no_repeat_ngram_size": 2, "include": [], "guide": "none",
+                                "guide_threshold": 0.5, "guide_words": 1}
     caps = body["captions"]
     assert len(caps) == 3
     ranks = [c["normalized_score"] for c in caps]

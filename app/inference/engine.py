@@ -215,7 +215,7 @@ class Engine:
         names = [*self._encoder_outputs, IMAGENET_OUTPUT] if labels else list(self._encoder_outputs)
         return dict(zip(names, self.encoder.run(names, {"image": images}), strict=True))
 
-    def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool, block_limit: int):
+    def _make_step(self, encoded: dict[str, np.ndarray], keep_attention: bool, block_limit: int | None = None):
         """The step on host arrays: each call lays the live rows out in blocks of R rows per image
         (R = the most live rows of any image at this step), padding rows zero. An image with more
         than `block_limit` rows (the widest beam of the batch; only constrained images have more)
@@ -232,7 +232,7 @@ class Engine:
         def step(tokens: np.ndarray, parents: np.ndarray, row_image: np.ndarray):
             nonlocal live_key, live_static
             counts = np.bincount(row_image, minlength=n)
-            if counts.max() > block_limit:
+            if block_limit is not None and counts.max() > block_limit:
                 # a constrained image (a bank of beams per set of met constraints) has more rows than any
                 # plain one: it gets several blocks over its own grid, so every other image's block stays
                 # `block_limit` rows wide instead of being padded to the constrained image's count

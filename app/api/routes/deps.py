@@ -11,6 +11,7 @@ is that of the model the request picked (`?model=`, `get_served`: app/serving/re
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -183,9 +184,17 @@ def decoding_config(
         Query(ge=0, le=MAX_CONSTRAINTS, description="guide=labels: at most this many label words guide the caption. "
               "Default: the service's, else the model's recommendation (else 1)."),
     ] = None,  # type: ignore[assignment]
+    request: Request = None,  # type: ignore[assignment]  # (None: called with the /v2 protocol's parameters)
 ) -> DecodingConfig:
     """The request's decoding settings on top of the service's and the model's defaults, validated
-    once here (app/inference/decoding.py's rules): a bad combination is a 422 invalid_parameter."""
+    once here (app/inference/decoding.py's rules): a bad combination is a 422 invalid_parameter, and a
+    setting given twice (`?beam_size=2&beam_size=5`) a 422 validation_error rather than the last one."""
+    if request is not None:
+        repeated = [name for name in DECODING_PARAMETERS if len(request.query_params.getlist(name)) > 1]
+        if repeated:
+            raise APIError(422, "validation_error", f"query parameter {repeated[0]!r} given more than once",
+                           details=[{"loc": ["query", name], "msg": "given more than once; give it once",
+                                     "type": "repeated"} for name in repeated])
     bundle = engine.bundle
     if guide == "labels" and not engine.has_label_words:
         raise APIError(409, "guide_unavailable", f"the model {bundle.name} has no label words to guide its captions "
@@ -210,6 +219,9 @@ def decoding_config(
         raise APIError(422, "invalid_parameter", str(exc)) from None
 
 
+# the query parameters of decoding_config (each may be given once)
+DECODING_PARAMETERS = tuple(name for name in inspect.signature(decoding_config).parameters
+                            if name not in ("settings", "engine", "request"))
 DecodingDep = Annotated[DecodingConfig, Depends(decoding_config)]
 
 
