@@ -568,6 +568,13 @@ def test_requests_are_spread_and_every_replicas_metrics_are_reachable(cluster):
     assert len(lines) == 24 and all(line["status"] == 200 and line["server"].startswith("replica") for line in lines)
 
 
+# How long after the monitor sees the slot DOWN on the stats page a request may still have been sent to it:
+# one CI run logged such a 502 accepted 63 ms after that on a stop, another 21 ms after on a kill (the stats
+# page and the routing are not read at one instant; the cause was not pinned down). Only the stopped or
+# killed replica's own failures get this slack.
+DOWN_SLACK_S = 0.25
+
+
 def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster):
     episode = run_episode(cluster, "kill")
     figures = record(episode)
@@ -584,11 +591,11 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
         # process's death counts: the replica had accepted it).
         if line is None:
             # Its line was dropped (counted above): the client's own times bound when the balancer had it.
-            assert episode.t_down is not None and o.start <= episode.t_down + 0.01 and o.end >= episode.t_action, \
+            assert episode.t_down is not None and o.start <= episode.t_down + DOWN_SLACK_S and o.end >= episode.t_action, \
                 f"{o} failed (its log line dropped) but was not in flight at the kill"
             continue
         assert line["server"] == episode.slot, f"{o} failed on {line}, not on the killed {episode.slot}"
-        assert episode.t_down is not None and line["ts"] <= episode.t_down + 0.01 and o.end >= episode.t_action, \
+        assert episode.t_down is not None and line["ts"] <= episode.t_down + DOWN_SLACK_S and o.end >= episode.t_action, \
             (f"{o} failed but was not in flight on the killed replica: {line}; signal at {episode.t_action:.3f}, "
              f"the slot seen: {slot_history(episode, line['ts'])}")
     # The balancer took it out, sent nothing to it until it was ready again, and then readmitted it.
@@ -596,19 +603,13 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(cluster)
     assert episode.t_up is not None and episode.t_up > episode.t_down, "the replica was never readmitted"
     assert figures["served_by_victim_after_readmit"] > 0, "the readmitted replica took no traffic"
     sent_while_down = [line for line in episode.log if line["server"] == episode.slot
-                       and episode.t_down < line["ts"] < episode.t_ready - 0.5]
+                       and episode.t_down + DOWN_SLACK_S < line["ts"] < episode.t_ready - 0.5]
     assert sent_while_down == [], f"requests sent to the replica while it was down: {sent_while_down[:3]}"
     # Nothing else went wrong: the balancer's lines for the load are the 200s, the errors and the
     # closed connections above, one each.
     load_lines = [line for line in episode.log if line["request_id"].startswith(episode.prefix + "-")]
     assert sorted(line["request_id"] for line in load_lines if line["status"] != 200 or line["termination"][:2] != "--") \
         == sorted(o.request_id for o, line in accounting.errors + accounting.closed if line is not None)
-
-
-# How long after the monitor sees the slot DOWN on the stats page a request may still have been sent to it:
-# one CI run logged such a 502 accepted 63 ms after that (the stats page and the routing are not read at one
-# instant; the cause was not pinned down). Only the stopping replica's 502s get this slack.
-DOWN_SLACK_S = 0.25
 
 
 def test_stopping_a_replica_under_load_fails_almost_nothing(cluster):
