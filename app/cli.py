@@ -189,22 +189,20 @@ def caption(
         results = engine.run(arrays, config, labels=top_k)
         # --json: each image's captions, settings, model and labels as the API answers them (app/api/schemas.py)
         used = DecodingSettings.of(config, loaded.max_length, loaded.vocab).model_dump()
-        constrained = bool(config.include) or (config.guide == "labels" and config.guide_words > 0)
-        guided = config.guide == "labels" and config.guide_words > 0
         model = ModelRef(name=loaded.name, version=loaded.version).model_dump()
         for path, result in zip(good, results, strict=True):
             captions = result.captions
             if as_json:
                 record: dict[str, object] = {
                     "image": str(path),
-                    "captions": [CaptionItem.of(c, settings.min_confidence, constrained).model_dump(exclude_none=True)
+                    "captions": [CaptionItem.of(c, settings.min_confidence, config.constrained).model_dump(exclude_none=True)
                                  for c in captions],
                     "settings": used,
                     "model": model,
                 }
                 if result.labels:  # as the API: absent with --labels 0 or a bundle without labels
                     record["labels"] = [Label.of(x).model_dump() for x in result.labels]
-                if guided:
+                if config.guided:
                     record["guide"] = [GuideItem.of(w).model_dump() for w in result.guide]
                 typer.echo(json.dumps(record))
                 continue

@@ -1,6 +1,7 @@
 """Writing a bundle's files (docs/bundle-format.md), shared by the commands that write bundles.
 
 * `file_entries`: the manifest's `files` block (each file's name, sha256 and size);
+* `copy_bundle_files`: an existing bundle's files into such a staging folder (add-labels starts from them);
 * `staged_bundle`: a staging folder beside the target that replaces the target only once the block
   that fills it has finished (`replace_dir`), and is removed, target untouched, when the block raises.
   `captioner export` (model_export/export.py) and `captioner add-labels` (model_export/labels.py)
@@ -28,6 +29,15 @@ def file_entries(**paths: Path) -> dict[str, FileEntry]:
     """The manifest's `files` block: each bundle file's name, sha256 and size."""
     return {key: FileEntry(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
             for key, path in paths.items()}
+
+
+def copy_bundle_files(source: Path, manifest: Manifest, target: Path) -> None:
+    """Copy a bundle's files (those its manifest lists, and eval.json if there is one) into `target`, the
+    staging folder of a command that then changes some of them."""
+    for entry in manifest.files.values():
+        shutil.copy2(source / entry.path, target / entry.path)
+    if (source / "eval.json").is_file():
+        shutil.copy2(source / "eval.json", target / "eval.json")
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -41,7 +41,7 @@ from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
 from model_export.bundle_files import rewrite_manifest
 from model_export.data.karpathy import CaptionDataset
-from model_export.evaluate import recommended_decoding
+from model_export.evaluate import decoding_record, recommended_decoding
 from model_export.images import iter_batches
 
 DEFAULT_THRESHOLD = 0.5  # per-image CIDEr-D: the calibrated confidence estimates P(CIDEr-D >= this)
@@ -285,10 +285,7 @@ def evaluate_confidence(
     result = {
         "bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle_dir)},
         "dataset": {"name": dataset.name, "source": str(dataset.source), "split": split, "images": len(examples)},
-        "decoding": {"strategy": used.strategy, "beam_size": used.beam_size, "length_penalty": used.length_penalty,
-                     "no_repeat_ngram_size": used.no_repeat_ngram_size,
-                     **({"guide": used.guide, "guide_threshold": used.guide_threshold, "guide_words": used.guide_words}
-                        if used.guide != "none" else {})},
+        "decoding": {"strategy": used.strategy, "beam_size": used.beam_size, **decoding_record(used)},
         "provider": engine.provider,
         **analyse(scored, threshold, bins, folds, existing=existing),
     }

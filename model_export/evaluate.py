@@ -156,10 +156,7 @@ def tune_decoding(
             scores = all_scores[name]
             rows.append({
                 "beam_size": config.beam_size if config.strategy == "beam" else 1,
-                "length_penalty": config.length_penalty,
-                "no_repeat_ngram_size": config.no_repeat_ngram_size,
-                **({"guide": config.guide, "guide_threshold": config.guide_threshold, "guide_words": config.guide_words}
-                   if config.guide != "none" else {}),
+                **decoding_record(config),
                 **scores,
                 "repeated_bigram_share": sum(map(repeats_a_bigram, predictions[name].values())) / max(len(examples), 1),
                 "mean_words": sum(map(len, predictions[name].values())) / max(len(examples), 1),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from app.inference.bundle import IMAGENET_OUTPUT, BundleError, Labels, Parity, load_bundle, sha256_file
-from model_export.bundle_files import file_entries, staged_bundle
+from model_export.bundle_files import copy_bundle_files, file_entries, staged_bundle
 
 IMAGENET_CLASSES = 1000
 TOLERANCE = 1e-4  # torch vs onnxruntime, max abs difference on the probabilities
@@ -63,8 +63,6 @@ def write_labels(path: Path, words: list[list[list[str]]] | None = None) -> Path
 def add_words(bundle_dir: Path) -> int:
     """Give a bundle with labels its caption words per class (labels.json `words`, from WordNet and its
     vocabulary), in place; only labels.json and the manifest change. Returns how many classes have words."""
-    import shutil
-
     from model_export.label_words import build_table
 
     bundle_dir = Path(bundle_dir)
@@ -73,15 +71,11 @@ def add_words(bundle_dir: Path) -> int:
     except BundleError as exc:
         raise LabelsError(str(exc)) from None
     if not bundle.has_labels:
-        raise LabelsError(f"{bundle_dir} has no labels: run `captioner add-labels` without --words-only first")
+        raise LabelsError(f"{bundle_dir} has no labels: `captioner add-labels` adds them, with their words")
     table = build_table(bundle.vocab)
     manifest = bundle.manifest
     with staged_bundle(bundle_dir, "words") as tmp:
-        for entry in manifest.files.values():
-            shutil.copy2(bundle_dir / entry.path, tmp / entry.path)
-        for extra in ("eval.json",):
-            if (bundle_dir / extra).is_file():
-                shutil.copy2(bundle_dir / extra, tmp / extra)
+        copy_bundle_files(bundle_dir, manifest, tmp)
         labels_path = write_labels(tmp / manifest.files["labels"].path, table)
         files = {**manifest.files, **file_entries(labels=labels_path)}
         updated = manifest.model_copy(update={"labels": labels_spec(words=True), "files": files})
@@ -157,8 +151,6 @@ def check_head(old_encoder: Path, new_encoder: Path, backbone, images: dict[str,
 def add_labels(bundle_dir: Path, real_images: np.ndarray | None = None, seed: int = 0) -> dict[str, float]:
     """Give a bundle without labels the ImageNet head and labels.json, in place (the new bundle is
     assembled and checked beside it, then swapped in). Returns the parity figures."""
-    import shutil
-
     import torch
 
     from model_export.model import Backbone
@@ -184,11 +176,7 @@ def add_labels(bundle_dir: Path, real_images: np.ndarray | None = None, seed: in
         images["real"] = np.ascontiguousarray(real_images, dtype=np.float32)
 
     with staged_bundle(bundle_dir, "labels") as tmp:  # replaces bundle_dir once the block has finished
-        for entry in manifest.files.values():
-            shutil.copy2(bundle_dir / entry.path, tmp / entry.path)
-        for extra in ("eval.json",):
-            if (bundle_dir / extra).is_file():
-                shutil.copy2(bundle_dir / extra, tmp / extra)
+        copy_bundle_files(bundle_dir, manifest, tmp)
         encoder = tmp / manifest.files["encoder"].path
         add_head_to_encoder(bundle.encoder_path, encoder, backbone)
         report = check_head(bundle.encoder_path, encoder, backbone, images)

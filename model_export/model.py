@@ -169,15 +169,22 @@ class AttentionDecoder(nn.Module):
         """(features with positions, h0, c0, att_proj), and with a label prior the word prior [N, V]
         last (from `class_probs`, the ImageNet head's probabilities, which Captioner.init_state gives;
         or `word_prior` itself, as the trainer's label swaps give it)."""
+        if not self.label_prior:
+            return self._state(features)
+        prior = self.word_prior(class_probs) if word_prior is None else word_prior
+        words = (prior @ self.embed.weight) / (1.0 + prior.sum(dim=1, keepdim=True))  # [N, E]
+        return (*self._state(features, words), prior)
+
+    def _state(self, features: torch.Tensor, words: torch.Tensor | None = None):
+        """(features with positions, h0, c0, att_proj) from the grid and, with a label prior, the
+        prior-weighted mean embedding of the labels' words `words` [N, E]."""
         mean = features.mean(dim=1)
         features = features + self.position
         h_in, c_in = self.init_h(mean), self.init_c(mean)
-        if not self.label_prior:
-            return features, torch.tanh(h_in), torch.tanh(c_in), self.feature_att(features)
-        prior = self.word_prior(class_probs) if word_prior is None else word_prior
-        words = (prior @ self.embed.weight) / (1.0 + prior.sum(dim=1, keepdim=True))  # [N, E]
-        h0, c0 = torch.tanh(h_in + self.prior_h(words)), torch.tanh(c_in + self.prior_c(words))
-        return features, h0, c0, self.feature_att(features), prior
+        if words is not None:
+            words = words.to(mean.dtype)
+            h_in, c_in = h_in + self.prior_h(words), c_in + self.prior_c(words)
+        return features, torch.tanh(h_in), torch.tanh(c_in), self.feature_att(features)
 
     def compact_prior(self) -> CompactPrior:
         """The label prior's arithmetic over only the words some class has (see CompactPrior)."""
@@ -259,16 +266,11 @@ class CompactPrior(nn.Module):
         self.register_buffer("embed", decoder.embed.weight.detach()[columns].clone())
 
     def forward(self, features: torch.Tensor, class_probs: torch.Tensor):
-        d = self.decoder
-        mean = features.mean(dim=1)
-        features = features + d.position
         compact = torch.clamp(class_probs.float() @ self.table, max=1.0)  # [N, W]
         words = (compact @ self.embed.to(compact.dtype)) / (1.0 + compact.sum(dim=1, keepdim=True))
-        h0 = torch.tanh(d.init_h(mean) + d.prior_h(words.to(mean.dtype)))
-        c0 = torch.tanh(d.init_c(mean) + d.prior_c(words.to(mean.dtype)))
         prior = compact.new_zeros(compact.shape[0], self.vocab).scatter(
             1, self.columns.unsqueeze(0).expand(compact.shape[0], -1), compact)
-        return features, h0, c0, d.feature_att(features), prior
+        return (*self.decoder._state(features, words), prior)
 
 
 class ShowTellDecoder(nn.Module):
@@ -346,7 +348,7 @@ class Captioner(nn.Module):
 
     @property
     def label_prior(self) -> bool:
-        return bool(getattr(self.decoder, "label_prior", False))
+        return self.decoder.label_prior
 
     def init_state(self, grid: torch.Tensor):
         """The decoder's initial state for a feature grid [N, P, D] (with a label prior, from the

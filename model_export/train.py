@@ -214,6 +214,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.config = config
         self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / "cache"
+        self.label_groups: list | None = None  # a label-prior run's class -> word groups (set by _run)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.train_examples = dataset.split("train")
         val = dataset.split("val")
@@ -235,7 +236,7 @@ class Trainer:
             "bad_epochs": bad_epochs,
             "history": history,
             "vocab": self.vocab.itos,
-            "label_words": getattr(self, "label_groups", None),  # label-prior models: the class -> word groups
+            "label_words": self.label_groups,  # label-prior models: the class -> word groups
             "train_config": {k: v for k, v in asdict(self.config).items() if k != "model"},
             "data": self.dataset.summary(),
             "torch_rng": torch.get_rng_state(),
@@ -278,7 +279,6 @@ class Trainer:
         _seed_everything(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mcfg = ModelConfig(**{**asdict(cfg.model), "vocab_size": len(self.vocab)})
-        self.label_groups = None
         if mcfg.label_prior and mcfg.label_word_ids is None:
             self.label_groups = cfg.label_words if cfg.label_words is not None else class_word_table(self.vocab.itos)
             mcfg.label_word_ids = label_word_ids(self.vocab.itos, self.label_groups)
@@ -650,7 +650,8 @@ def init_weights(model: Captioner, init: Path, vocab: list[str]) -> None:
     mine = model.config.to_dict()
     if given_config is not None:
         ignore = set() if given_config.get("label_prior") else {"label_prior", "label_word_ids"}
-        differs = {k for k in mine if k not in ignore and given_config.get(k, ModelConfig().to_dict()[k]) != mine[k]}
+        defaults = ModelConfig().to_dict()  # for keys an older checkpoint's config lacks
+        differs = {k for k in mine if k not in ignore and given_config.get(k, defaults[k]) != mine[k]}
     else:
         differs = set()
     if init_vocab != vocab or differs:

@@ -14,7 +14,7 @@ import pytest
 from app.inference.bundle import BundleError, load_bundle
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine
-from app.inference.guidance import UnknownWords, group_probabilities, guide_words, include_groups
+from app.inference.guidance import GroupTable, UnknownWords, guide_words, include_groups
 from model_export.tiny_bundle import LABEL_NAMES, LABEL_WORDS
 from tests.support.live_server import image_bytes
 
@@ -38,7 +38,8 @@ def worded(tiny_bundles):
 def test_a_word_groups_probability_is_the_sum_over_its_classes():
     probs = np.zeros(len(LABEL_WORDS))
     probs[0], probs[9], probs[1], probs[8] = 0.5, 0.3, 0.15, 0.05  # classes 0 and 9 are both "cat"
-    groups = group_probabilities(probs, LABEL_WORDS)
+    table = GroupTable(LABEL_WORDS)
+    groups = dict(zip(table.groups, table.probabilities(probs), strict=True))
     assert groups[("cat",)] == pytest.approx(0.8) and groups[("dog",)] == pytest.approx(0.15)
     token_of = {"cat": 5, "dog": 6}
     chosen = guide_words(probs, LABEL_WORDS, token_of, threshold=0.1, limit=3)

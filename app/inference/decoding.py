@@ -127,6 +127,16 @@ class DecodingConfig:
             raise ValueError(f"each include group holds 1 to {MAX_CONSTRAINT_TOKENS} token ids")
 
     @property
+    def guided(self) -> bool:
+        """Whether the image's own label words constrain its captions (guide="labels", at least one word)."""
+        return self.guide == "labels" and self.guide_words > 0
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the captions may have to contain words (include, or guided)."""
+        return bool(self.include) or self.guided
+
+    @property
     def beams(self) -> int:
         """The beams this config decodes with: greedy is beam search with one beam (its beam_size is
         ignored)."""
@@ -379,7 +389,7 @@ def beam_search(
             if masks[image]:
                 if open_slots[image] > 0:
                     _constrained(
-                        out, rows, start, stop, t, totals, cand, ids, attention if keep_attention else None,
+                        out, rows, start, stop, t, cand, ids, attention if keep_attention else None,
                         masks[image], int(full_bank[image]), configs[image], special, int(max_length[image]),
                         int(ngram_size[image]), open_slots, finished[image], fallback[image],
                         new_rows, new_parents, new_tokens,
@@ -392,26 +402,17 @@ def beam_search(
             finite = np.flatnonzero(np.isfinite(block))
             # best total first; ties: lower row, then lower token id
             order = finite[np.lexsort((block_ids[finite], block_rows[finite], -block[finite]))]
+            kept = attention if keep_attention else None
             for flat in order[: open_slots[image]]:
                 local, token = int(block_rows[flat]), int(block_ids[flat])
                 parent = rows[start + local]
                 score = float(block[flat])
-                log_probs = parent.log_probs + [float(cand[start + local, flat % width])]  # the model's own value
-                att = parent.attention + [attention[start + local]] if keep_attention and attention is not None else []
+                log_prob = float(cand[start + local, flat % width])  # the model's own value
                 if token == special["end"]:
                     open_slots[image] -= 1
-                    finished[image].append(
-                        Hypothesis(
-                            tokens=list(parent.words),
-                            score=score,
-                            normalized_score=length_normalized(score, len(parent.words) + 1, configs[image].length_penalty),
-                            attention=np.stack(att) if att else None,
-                            token_log_probs=log_probs,
-                        )
-                    )
+                    finished[image].append(_finish(parent, score, log_prob, kept, start + local, configs[image]))
                 else:
-                    new_rows.append(_Row(image=image, words=parent.words + [token], score=score, attention=att,
-                                         log_probs=log_probs))
+                    new_rows.append(_grow(parent, token, score, log_prob, kept, start + local))
                     new_parents.append(start + local)
                     new_tokens.append(token)
             start = stop
@@ -431,7 +432,7 @@ def beam_search(
 
 
 def _constrained(
-    out: StepOutput, rows: list[_Row], start: int, stop: int, t: int, totals: np.ndarray, cand: np.ndarray,
+    out: StepOutput, rows: list[_Row], start: int, stop: int, t: int, cand: np.ndarray,
     ids: np.ndarray, attention: np.ndarray | None, masks: dict[int, int], full: int, config: DecodingConfig,
     special: dict[str, int], max_length: int, ngram: int, open_slots: np.ndarray, finished: list[Hypothesis],
     fallback: list[Hypothesis], new_rows: list[_Row], new_parents: list[int], new_tokens: list[int],
@@ -493,9 +494,7 @@ def _constrained(
                 open_slots[image] -= 1
                 finished.append(_finish(parent, float(scores[k]), float(lps[k]), attention, start + local, config))
                 continue
-            att = parent.attention + [attention[start + local]] if attention is not None else []
-            new_rows.append(_Row(image=image, words=parent.words + [token], score=float(scores[k]), attention=att,
-                                 log_probs=parent.log_probs + [float(lps[k])], bank=bank))
+            new_rows.append(_grow(parent, token, float(scores[k]), float(lps[k]), attention, start + local, bank))
             new_parents.append(start + local)
             new_tokens.append(token)
     if open_slots[image] <= 0:  # every caption of the full bank has ended: the image is done
@@ -505,8 +504,17 @@ def _constrained(
         del new_rows[keep:], new_parents[keep:], new_tokens[keep:]
 
 
+def _grow(parent: _Row, token: int, score: float, log_prob: float, attention: np.ndarray | None, row: int,
+          bank: int = 0) -> _Row:
+    """`parent` (the step's row `row`) extended by `token`; `attention`: the step's weights, None to keep none."""
+    att = parent.attention + [attention[row]] if attention is not None else []
+    return _Row(image=parent.image, words=parent.words + [token], score=score, attention=att,
+                log_probs=parent.log_probs + [log_prob], bank=bank)
+
+
 def _finish(parent: _Row, score: float, end_log_prob: float, attention: np.ndarray | None, row: int,
             config: DecodingConfig, met: bool = True) -> Hypothesis:
+    """`parent` (the step's row `row`) ended by <end>: a finished hypothesis; `attention` as in `_grow`."""
     att = parent.attention + [attention[row]] if attention is not None else []
     return Hypothesis(
         tokens=list(parent.words), score=score,

@@ -237,26 +237,20 @@ class Engine:
                 # plain one: it gets several blocks over its own grid, so every other image's block stays
                 # `block_limit` rows wide instead of being padded to the constrained image's count
                 per_block = block_limit
-                owners = np.repeat(np.arange(n), -(-counts // per_block))  # the image of each block
-                first_block = np.cumsum(-(-counts // per_block)) - (-(-counts // per_block))
+                per_image = -(-counts // per_block)
+                owners = np.repeat(np.arange(n), per_image)  # the image of each block
                 within = np.arange(row_image.size) - (np.cumsum(counts) - counts)[row_image]
-                slots = (first_block[row_image] + within // per_block) * per_block + within % per_block
-                blocks = int(owners.size)
-                if owners.tobytes() != live_key:
-                    live_key = owners.tobytes()
-                    live_static = {name: value[owners] for name, value in static.items()}
-                blocked = True
+                slots = ((np.cumsum(per_image) - per_image)[row_image] + within // per_block) * per_block \
+                    + within % per_block
             else:
-                live = np.unique(row_image)  # the images still decoding (sorted; the search keeps their order)
-                blocks = n
-                blocked = live.size < n
-                if blocked:  # only their blocks, with their features: fewer decoder rows
-                    blocks = int(live.size)
-                    row_image = np.searchsorted(live, row_image)
-                    if live.tobytes() != live_key:
-                        live_key = live.tobytes()
-                        live_static = {name: value[live] for name, value in static.items()}
-                slots, per_block = block_slots(row_image, blocks)
+                owners = np.unique(row_image)  # the images still decoding (sorted; the search keeps their order)
+                slots, per_block = block_slots(np.searchsorted(owners, row_image), int(owners.size))
+            blocks = int(owners.size)
+            # only the live images' blocks, with their features (fewer decoder rows), or several per image
+            blocked = not np.array_equal(owners, np.arange(n))
+            if blocked and owners.tobytes() != live_key:
+                live_key = owners.tobytes()
+                live_static = {name: value[owners] for name, value in static.items()}
             rows = blocks * per_block
             source = state["slots"][parents]
             feeds = {"tokens": np.zeros(rows, dtype=np.int64), **(live_static if blocked else static)}
@@ -393,7 +387,7 @@ class Engine:
             raise ValueError(f"{n} images but {len(configs)} configs, {len(wants)} attention flags and "
                              f"{len(top_k)} label counts")
         resolved = [c.resolved(self.bundle.max_length) for c in configs]
-        guided = [c.guide == "labels" and c.guide_words > 0 for c in resolved]
+        guided = [c.guided for c in resolved]
         if any(guided) and not self.has_label_words:
             raise ValueError(f"the model {self.bundle.name} has no label words to guide its captions with (guide=labels "
                              "needs a bundle whose labels.json has words: captioner add-labels)")

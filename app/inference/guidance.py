@@ -26,15 +26,6 @@ class GuideWord:
     probability: float
 
 
-def group_probabilities(class_probs: np.ndarray, class_words: Sequence[Sequence[Sequence[str]]]) -> dict[tuple[str, ...], float]:
-    """Each word group's probability for one image: the sum over the classes that have it (at most 1)."""
-    totals: dict[tuple[str, ...], float] = {}
-    for c in np.flatnonzero(class_probs >= 1e-4):
-        for group in {tuple(g) for g in class_words[int(c)]}:
-            totals[group] = totals.get(group, 0.0) + float(class_probs[c])
-    return {g: min(1.0, p) for g, p in totals.items()}
-
-
 class GroupTable:
     """A bundle's word groups as a matrix, built once: [classes, groups] with a 1 where a class has a
     group, so every image's group probabilities are one product (what the engine uses per batch)."""

@@ -47,15 +47,10 @@ def _labels(labels: Sequence[EngineLabel]) -> list[Label] | None:
     return [Label.of(x) for x in labels] or None
 
 
-def _constrained(config: DecodingConfig) -> bool:
-    """Whether the request's captions may have had to contain words (include, guide=labels)."""
-    return bool(config.include) or (config.guide == "labels" and config.guide_words > 0)
-
-
 def _guide(config: DecodingConfig, result: ImageResult) -> list[GuideItem] | None:
     """The label words that guided an image's captions (an empty list: none was confident enough), or None
     when the request was not guided."""
-    if config.guide != "labels" or config.guide_words <= 0:
+    if not config.guided:
         return None
     return [GuideItem.of(w) for w in result.guide]
 
@@ -113,7 +108,7 @@ async def create_caption(
     results, t_infer = await pipeline.caption(request, [prepared.array], config, attention=attention, labels=labels)
     captions = results[0].captions
     return CaptionResponse(
-        captions=_items(captions, min_confidence, metrics, _constrained(config)),
+        captions=_items(captions, min_confidence, metrics, config.constrained),
         settings=DecodingSettings.of(config, bundle.max_length, bundle.vocab),
         model=ModelRef(name=bundle.name, version=bundle.version),
         timings_ms=Timings(decode_image=_ms(prepared.decode_s), preprocess=_ms(prepared.preprocess_s),
@@ -192,7 +187,7 @@ async def create_captions_batch(
         else:
             done = captions[slot]
             results.append(BatchItem(index=index, filename=upload.filename,
-                                     captions=_items(done.captions, min_confidence, metrics, _constrained(config)),
+                                     captions=_items(done.captions, min_confidence, metrics, config.constrained),
                                      labels=_labels(done.labels), guide=_guide(config, done)))
     return BatchResponse(
         results=results,
