@@ -196,7 +196,8 @@ class DynamicBatcher:
         """Queue one job and wait for its captions. Raises TooLarge (more images than the queue
         holds), Overloaded (queue full, or shutting down), DeadlineExceeded (`deadline`: a
         time.perf_counter() value), or ClientGone (the `disconnected` probe said so while the job
-        waited)."""
+        waited: it is awaited again every 50 ms until it answers True, and may itself wait until the client
+        hangs up, as app/api/pipeline.py's does)."""
         if self._closing:
             raise Overloaded("the service is shutting down", 1)
         images = len(arrays)

@@ -11,7 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from app.api import pipeline
 from app.api.errors import APIError, error_responses
 from app.api.pipeline import IMAGE_FORMATS
-from app.api.routes.deps import MODEL_VERSION_HEADER, DecodingDep, EngineDep, LabelsDep, MetricsDep, ServedDep
+from app.api.routes.deps import MODEL_VERSION_HEADER, AttentionOptionsDep
+from app.api.state import service_state
 from app.inference.attention_map import attention_map, render_attention_png
 
 router = APIRouter(prefix="/v1", tags=["captions"])
@@ -67,14 +68,12 @@ def _json_errors(*statuses: int, descriptions: dict[int, str]) -> dict[int | str
 async def create_attention_png(
     request: Request,
     image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
-    config: DecodingDep,
-    labels: LabelsDep,
-    engine: EngineDep,
-    served: ServedDep,
-    metrics: MetricsDep,
+    options: AttentionOptionsDep,
     panel: Annotated[int, Query(ge=64, le=512, description="Longer side of each panel, in pixels.")] = 224,
     columns: Annotated[int, Query(ge=1, le=12, description="Panels per row.")] = 4,
 ) -> PNGResponse:
+    served, engine, config, labels = options.served, options.engine, options.config, options.labels
+    metrics = service_state(request.app).metrics
     pipeline.require_attention(engine)
     prepared = await pipeline.load_one(request, image, engine.bundle.preprocessing, metrics, keep_image=True)
     results, _ = await pipeline.caption(request, [prepared.array], config, attention=True, labels=labels)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from app.api import pipeline
 from app.api.errors import APIError, error_responses, request_id_of
 from app.api.pipeline import IMAGE_FORMATS, Prepared
-from app.api.routes.deps import DecodingDep, EngineDep, LabelsDep, MetricsDep, MinConfidenceDep, SettingsDep
+from app.api.routes.deps import CaptionOptionsDep
 from app.api.schemas import (
     BatchItem,
     BatchItemError,
@@ -25,6 +25,7 @@ from app.api.schemas import (
     ModelRef,
     Timings,
 )
+from app.api.state import service_state
 from app.inference.attention_map import attention_map
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Caption, ImageResult
@@ -90,17 +91,15 @@ _SINGLE_ERRORS = {
 async def create_caption(
     request: Request,
     image: Annotated[UploadFile, File(description=f"The image file ({IMAGE_FORMATS}).")],
-    config: DecodingDep,
-    labels: LabelsDep,
-    min_confidence: MinConfidenceDep,
-    engine: EngineDep,
-    metrics: MetricsDep,
+    options: CaptionOptionsDep,
     attention: Annotated[
         bool,
         Query(description="Also answer `attention`: the best caption's attention weights per token over the "
               "encoder grid. Needs an attention model (else 409 attention_unavailable)."),
     ] = False,
 ) -> CaptionResponse:
+    engine, config, labels, min_confidence = options.engine, options.config, options.labels, options.min_confidence
+    metrics = service_state(request.app).metrics
     if attention:
         pipeline.require_attention(engine)
     bundle = engine.bundle
@@ -145,13 +144,10 @@ _BATCH_ERRORS = {
 async def create_captions_batch(
     request: Request,
     images: Annotated[list[UploadFile], File(description=f"The image files ({IMAGE_FORMATS}), one part each.")],
-    config: DecodingDep,
-    labels: LabelsDep,
-    min_confidence: MinConfidenceDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    options: CaptionOptionsDep,
 ) -> BatchResponse:
+    engine, config, labels, min_confidence = options.engine, options.config, options.labels, options.min_confidence
+    settings, metrics = service_state(request.app).settings, service_state(request.app).metrics
     if len(images) > settings.max_batch_files:
         raise APIError(422, "too_many_files",
                        f"{len(images)} files sent; the limit is {settings.max_batch_files} per request")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Response
 
@@ -38,16 +39,20 @@ from app.observability.metrics import Metrics
 from app.serving.registry import MODEL_SPEC_PATTERN, ModelNotFound, ModelRegistry, ServedModel
 from app.settings import Settings
 
+# Every dependency is `async def`, even where it never awaits: FastAPI runs a plain `def` dependency in
+# a worker thread (a thread hop per dependency per request, most of the front end's cost under load:
+# docs/performance.md, "The front end").
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return service_state(request.app).settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return service_state(request.app).metrics
 
 
-def get_registry(request: Request) -> ModelRegistry:
+def registry_of(request: Request) -> ModelRegistry:
     """The model registry once start-up has finished (the default model loaded and warmed up);
     503 `not_ready` before that."""
     service = service_state(request.app)
@@ -56,9 +61,14 @@ def get_registry(request: Request) -> ModelRegistry:
     return service.models
 
 
-def get_default_engine(request: Request) -> Engine:
+async def get_registry(request: Request) -> ModelRegistry:
+    """`registry_of` as a dependency."""
+    return registry_of(request)
+
+
+async def get_default_engine(request: Request) -> Engine:
     """The default model's loaded, warmed-up engine; 503 `not_ready` before that."""
-    return get_registry(request).resolve(None).engine
+    return registry_of(request).resolve(None).engine
 
 
 MODEL_VERSION_HEADER = "X-Model-Version"
@@ -85,7 +95,7 @@ async def get_served(
     """The model that answers this request (app/serving/registry.py), held until the request has answered, so a
     swap lets it finish on this version. Counts the request by model and version in /metrics and
     names the version in the X-Model-Version header."""
-    registry = get_registry(request)  # 503 not_ready before start-up has finished
+    registry = registry_of(request)  # 503 not_ready before start-up has finished
     try:
         served = registry.resolve(model)
     except ModelNotFound as exc:
@@ -113,7 +123,7 @@ async def get_served(
             served.name, served.version, route, status, time.perf_counter() - start if start else 0.0)
 
 
-def get_engine(served: Annotated[ServedModel, Depends(get_served)]) -> Engine:
+async def get_engine(served: Annotated[ServedModel, Depends(get_served)]) -> Engine:
     """The engine of the model that answers this request (`?model=`)."""
     return served.engine
 
@@ -130,8 +140,8 @@ DefaultEngineDep = Annotated[Engine, Depends(get_default_engine)]
 # (`integer`, not `anyOf: [integer, null]`), and the default None means "not given" (so mypy is
 # told to accept each None default).
 def decoding_config(
-    settings: SettingsDep,
-    engine: EngineDep,
+    settings: Settings,
+    engine: Engine,
     strategy: Annotated[
         Strategy,
         Query(description="Decoding strategy; greedy is beam search with one beam. Default: the service's "
@@ -222,12 +232,11 @@ def decoding_config(
 # the query parameters of decoding_config (each may be given once)
 DECODING_PARAMETERS = tuple(name for name in inspect.signature(decoding_config).parameters
                             if name not in ("settings", "engine", "request"))
-DecodingDep = Annotated[DecodingConfig, Depends(decoding_config)]
 
 
 def labels_count(
-    settings: SettingsDep,
-    engine: EngineDep,
+    settings: Settings,
+    engine: Engine,
     labels: Annotated[
         int,
         Query(ge=0, le=MAX_LABELS, description="How many ImageNet-1k labels to answer per image, best first (0 = "
@@ -243,11 +252,10 @@ def labels_count(
     return labels
 
 
-LabelsDep = Annotated[int, Depends(labels_count)]
 
 
 def min_confidence(
-    settings: SettingsDep,
+    settings: Settings,
     min_confidence: Annotated[
         float,
         Query(ge=0.0, le=1.0, allow_inf_nan=False,
@@ -260,4 +268,52 @@ def min_confidence(
     return settings.min_confidence if min_confidence is None else float(min_confidence)
 
 
-MinConfidenceDep = Annotated[float, Depends(min_confidence)]
+@dataclass(frozen=True)
+class CaptionOptions:
+    """A captioning request's query, validated: the model that answers it (held until it has answered, as
+    `get_served`), its decoding settings, how many labels, and (for the routes that flag captions) the
+    confidence threshold."""
+
+    served: ServedModel
+    config: DecodingConfig
+    labels: int
+    min_confidence: float = 0.0
+
+    @property
+    def engine(self) -> Engine:
+        return self.served.engine
+
+
+def _query_of(*functions: Callable[..., Any]) -> list[inspect.Parameter]:
+    """The query parameters (name, Annotated type with its Query, default None) of these functions."""
+    return [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for function in functions for name, parameter in inspect.signature(function).parameters.items()
+            if name not in ("settings", "engine", "request")]
+
+
+def _caption_options(flags: bool) -> Callable[..., Awaitable[CaptionOptions]]:
+    """The one dependency of a captioning route: every query parameter of `decoding_config` and `labels_count`
+    (and of `min_confidence` when `flags`), declared once, in those functions, and validated by them. One
+    dependency instead of one per function (and per setting, engine, metrics): FastAPI's dependency solving
+    costs per dependency per request, and it was a third of the event loop's time per caption
+    (docs/performance.md, "The front end")."""
+
+    async def options(request: Request, served: ServedModel, **query: Any) -> CaptionOptions:
+        settings = service_state(request.app).settings
+        engine = served.engine
+        config = decoding_config(settings, engine, **{name: query[name] for name in DECODING_PARAMETERS},
+                                 request=request)
+        labels = labels_count(settings, engine, query["labels"])
+        threshold = min_confidence(settings, query["min_confidence"]) if flags else 0.0
+        return CaptionOptions(served, config, labels, threshold)
+
+    parameters = [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+                  inspect.Parameter("served", inspect.Parameter.KEYWORD_ONLY, annotation=ServedDep),
+                  *_query_of(decoding_config, labels_count, *([min_confidence] if flags else []))]
+    options.__signature__ = inspect.Signature(parameters, return_annotation=CaptionOptions)  # type: ignore[attr-defined]
+    return options
+
+
+# /v1/captions and /v1/captions/batch; /v1/captions/attention.png (no min_confidence: it flags nothing)
+CaptionOptionsDep = Annotated[CaptionOptions, Depends(_caption_options(flags=True))]
+AttentionOptionsDep = Annotated[CaptionOptions, Depends(_caption_options(flags=False))]

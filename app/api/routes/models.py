@@ -85,7 +85,7 @@ async def get_model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
 ADMIN_MESSAGE = "this admin route needs an admin key: send the header 'Authorization: Bearer <admin key>'"
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """403 `admin_disabled` without CAPTIONER_ADMIN_API_KEYS; 401 `unauthorized` without one of them
     (compared in constant time, as the API keys: app/api/auth.py)."""
     keys = service_state(request.app).admin_keys

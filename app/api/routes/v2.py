@@ -119,7 +119,7 @@ async def served_model(request: Request, response: Response) -> AsyncIterator[Se
     version = request.path_params.get("model_version")
     spec = f"{name}:{version}" if version else name
     if not _NAME.fullmatch(name) or (version is not None and not _NAME.fullmatch(version)):
-        loaded = deps.get_registry(request).loaded()
+        loaded = deps.registry_of(request).loaded()
         raise APIError(404, "model_not_found", f"model {spec!r} is not loaded; available: {', '.join(loaded) or 'none'}")
     async with asynccontextmanager(deps.get_served)(request, response, spec) as served:
         yield served
@@ -143,7 +143,7 @@ async def server_live() -> V2Live:
             description="200 once the models are loaded and warmed up (as /readyz), 503 before.",
             response_model=V2Ready, responses=error_responses(503))
 async def server_ready(request: Request) -> V2Ready:
-    deps.get_registry(request)  # 503 not_ready before start-up has finished
+    deps.registry_of(request)  # 503 not_ready before start-up has finished
     return V2Ready(ready=True)
 
 
@@ -155,7 +155,7 @@ async def server_metadata() -> V2ServerMetadata:
 
 def _metadata(request: Request, served: ServedModel) -> V2ModelMetadata:
     inputs, outputs = v2_protocol.tensor_metadata()
-    versions = deps.get_registry(request).available().get(served.name) or [served.version]
+    versions = deps.registry_of(request).available().get(served.name) or [served.version]
     return V2ModelMetadata(name=served.name, versions=versions, platform=PLATFORM, inputs=inputs, outputs=outputs)
 
 
