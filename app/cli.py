@@ -32,7 +32,7 @@ from app.cli_options import (
     ThreadsOption,
     resolve_labels,
 )
-from app.settings import Settings, SettingsError, load_settings
+from app.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     import uvicorn
@@ -59,14 +59,23 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="critical|error|warning|info|debug (env CAPTIONER_LOG_LEVEL)")
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="HTTP worker processes on the port, each with its own engine (env "
+                                 "CAPTIONER_WORKERS; default 1; docs/scale.md)")
+    ] = None,
 ) -> None:
     """Run the HTTP service (uvicorn) on the model bundle. Options override CAPTIONER_* variables."""
+    overrides: dict[str, object] = {"bundle": bundle, "host": host, "port": port, "device": device,
+                                    "threads": threads, "log_level": log_level, "workers": workers}
+    settings = _settings_or_exit(**overrides)
+    if settings.workers > 1:
+        _serve_workers(settings, overrides)
+        return
+
     import uvicorn
 
     from app.main import create_app
 
-    settings = _settings_or_exit(bundle=bundle, host=host, port=port, device=device, threads=threads,
-                                 log_level=log_level)
     app = create_app(settings)
     # The service writes its own JSON access log (with the request id); uvicorn's would duplicate it.
     # On SIGTERM or SIGINT uvicorn stops accepting connections, lets the requests in flight finish
@@ -81,16 +90,33 @@ def serve(
         raise typer.Exit(3)  # start-up failed (the lifespan logged why), as uvicorn.run exits
 
 
+def _serve_workers(settings: Settings, overrides: dict[str, object]) -> None:
+    """`settings.workers` worker processes under a supervisor (app/serving/supervisor.py). Each worker builds
+    the app itself from the CAPTIONER_* environment (`app.main:create_app`), so the command line's
+    overrides travel to them as CAPTIONER_* variables."""
+    from app.observability.logs import configure_logging
+    from app.serving.supervisor import run_workers
+
+    configure_logging(settings.log_level, pid=True)
+    environment = {f"{ENV_PREFIX}{name.upper()}": str(value) for name, value in overrides.items() if value is not None}
+    code = run_workers(uvicorn_config("app.main:create_app", settings), environment)
+    if code:
+        raise typer.Exit(code)
+
+
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     """uvicorn's configuration for `serve`: no access log of its own, no Server header, at most
-    max_connections connections and requests at once (limit_concurrency), idle keep-alive connections
-    closed after keep_alive_s, the drain on SIGTERM bounded by request_timeout_s, and X-Forwarded-* believed
-    only from forwarded_allow_ips (none by default: uvicorn on its own trusts 127.0.0.1)."""
+    max_connections connections and requests at once (limit_concurrency; per worker), idle keep-alive
+    connections closed after keep_alive_s, the drain on SIGTERM bounded by request_timeout_s, and
+    X-Forwarded-* believed only from forwarded_allow_ips (none by default: uvicorn on its own trusts
+    127.0.0.1). `app` an import string: the factory each of `settings.workers` workers calls."""
     import uvicorn
 
     proxies = ",".join(settings.forwarded_allow_ips)
+    several = isinstance(app, str)
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,  # type: ignore[arg-type]
+                          factory=several, workers=settings.workers if several else None,
                           log_config=None,  # uvicorn's loggers write JSON lines (app/observability/logs.py)
                           access_log=False, server_header=False,
                           limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s,

@@ -14,16 +14,23 @@ app/inference/decoding.py (the search). What the service holds while it runs (se
 model registry, readiness) is one typed `ServiceState` (app/api/state.py), stored once as
 `app.state.service`. The other parts have their own modules: app/observability/ (logs, metrics, tracing),
 app/api/openapi.py.
+
+With `captioner serve --workers N` each of the N worker processes builds its own app here, from the
+environment; the supervisor's control folder (CAPTIONER_CONTROL_DIR, app/serving/control.py) is how
+their model registries agree on the versions served: start-up loads the versions it names, and a task
+of the lifespan follows the swaps other workers make (docs/scale.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -38,7 +45,7 @@ from app.api.v2_protocol import V2ErrorMiddleware
 from app.observability import tracing
 from app.observability.logs import configure_logging, service_log
 from app.observability.metrics import Metrics
-from app.settings import Settings, SettingsError, load_settings
+from app.settings import CONTROL_DIR_ENV, Settings, SettingsError, load_settings
 
 
 def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -52,12 +59,19 @@ def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContext
         service.inference_executor = inference
 
         def default_changed(served: ServedModel) -> None:  # the default model's info in /metrics
-            metrics.model.info({"name": served.name, "version": served.version, "provider": served.engine.provider,
-                                "device": served.engine.device})
+            metrics.set_model(served.name, served.version, served.engine.provider, served.engine.device)
 
         registry = ModelRegistry(settings, metrics, inference, on_default=default_changed)
+        control = None
+        desired = None
+        if service.control_dir is not None:  # one of several workers (app/serving/control.py)
+            from app.serving.control import WorkerControl
+
+            control = WorkerControl(service.control_dir, registry)
+            desired = control.snapshot()  # the versions the other workers serve
         try:
-            await registry.start()  # CAPTIONER_BUNDLE, or each repository name's newest version (app/serving/registry.py)
+            # CAPTIONER_BUNDLE, or each repository name's newest version (app/serving/registry.py)
+            await registry.start(desired)
         except BundleRefused as exc:
             kind = "inference engine" if exc.check in ("engine", "warmup") else "model bundle"
             message = f"cannot start: {kind} error: {exc.message}"
@@ -75,6 +89,9 @@ def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContext
         keys = service.api_keys
         if keys is not None:  # re-read the API keys file when it changes (app/api/auth.py)
             keys.start()
+        if control is not None:  # follow the swaps the other workers make
+            await control.start()
+            service.control = control
         service.ready = True
         metrics.ready.set(1)
         service_log.info(
@@ -91,6 +108,8 @@ def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContext
             metrics.ready.set(0)
             if keys is not None:
                 await keys.stop()
+            if control is not None:
+                await control.stop()
             # uvicorn has finished the in-flight requests; this is a backstop
             await registry.close(timeout=settings.request_timeout_s)
             tracing.shutdown()  # flush the spans still buffered (only when exporting)
@@ -110,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except SettingsError as exc:
             print(f"captioner: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, pid=settings.workers > 1)
     tracing.configure_from_env()  # OTEL_* (app/observability/tracing.py): off, at no cost, unless an exporter is asked for
 
     from PIL import Image
@@ -121,6 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # the one typed state (app/api/state.py): read through service_state(app), never app.state's attributes
     service = ServiceState(settings, Metrics(), admin_keys=admin_keys(settings))
+    control_dir = os.environ.get(CONTROL_DIR_ENV)  # set by the supervisor of several workers
+    service.control_dir = Path(control_dir) if control_dir else None
     app = FastAPI(
         title=API_TITLE,
         version=API_VERSION,

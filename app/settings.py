@@ -42,6 +42,12 @@ ENV_PREFIX = "CAPTIONER_"
 MiB = 1024 * 1024
 # Settings whose values are secrets: never echoed in an error message.
 SECRET_FIELDS = frozenset({"api_keys", "admin_api_keys"})
+# Most HTTP worker processes (`workers`): far more than any node's cores would use well.
+MAX_WORKERS = 64
+# `captioner serve --workers N` hands its workers the control folder (app/serving/control.py) in this
+# variable: a CAPTIONER_* variable that is no setting, but is expected (never warned about).
+CONTROL_DIR_ENV = "CAPTIONER_CONTROL_DIR"
+INTERNAL_VARIABLES = frozenset({CONTROL_DIR_ENV})
 
 log = logging.getLogger("captioner.settings")
 
@@ -78,7 +84,13 @@ class Settings(BaseSettings):
         "cuda: refuse to start without CUDA; cpu: CPU only.",
     )
     threads: int | None = Field(
-        None, ge=1, le=1024, description="onnxruntime intra-op threads per session; unset = onnxruntime's default."
+        None, ge=1, le=1024, description="onnxruntime intra-op threads per session; unset = onnxruntime's default "
+        "(with workers > 1: the CPUs divided among the workers, at least 1 each)."
+    )
+    workers: int = Field(
+        1, ge=1, le=MAX_WORKERS, description="HTTP worker processes on the one port, each a whole service (its own "
+        "model registry, batcher and onnxruntime engine), under a supervisor that replaces a worker that dies "
+        "(docs/scale.md). Only `captioner serve`. 1: one process, no supervisor.",
     )
 
     # --- HTTP server ---
@@ -410,21 +422,34 @@ class Settings(BaseSettings):
         labels, 0 for one without."""
         return self.default_labels if has_labels else 0
 
+    def cpu_share(self) -> int:
+        """The CPUs one worker process may count on: all of them, or with workers > 1 an equal share (at least 1)."""
+        return max(1, (os.cpu_count() or 2) // self.workers)
+
+    def engine_threads(self) -> int | None:
+        """onnxruntime's intra-op threads per session: `threads`, else onnxruntime's default (None) for one
+        process, else the worker's share of the CPUs (docs/scale.md: N workers must not each take every core)."""
+        if self.threads is not None or self.workers == 1:
+            return self.threads
+        return self.cpu_share()
+
     def preprocess_workers(self) -> int:
         # half the CPUs (at most 8): the other half is left to onnxruntime (measured on 2 cores: 39 vs
-        # 36.5 requests/s at concurrency 32 with 1 rather than 2 decoding threads)
-        return self.preprocess_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+        # 36.5 requests/s at concurrency 32 with 1 rather than 2 decoding threads); with workers > 1, half of
+        # this worker's share
+        return self.preprocess_threads or max(1, min(8, self.cpu_share() // 2))
 
     def body_limit(self, files: int = 1) -> int:
         """Largest request body accepted for a request carrying up to `files` uploads."""
         return self.max_upload_bytes * max(1, files) + 64 * 1024
 
     def inflight_body_limit(self) -> int:
-        """Most bytes of request bodies in flight at once: max_inflight_body_bytes, else an eighth of the
-        memory available (app/settings.py `available_memory`), at least the largest request body."""
+        """Most bytes of request bodies in flight at once (in this process): max_inflight_body_bytes, else an
+        eighth of the memory available (app/settings.py `available_memory`) shared among the workers, at least
+        the largest request body."""
         if self.max_inflight_body_bytes is not None:
             return self.max_inflight_body_bytes
-        return max(self.body_limit(self.max_batch_files), available_memory() // 8)
+        return max(self.body_limit(self.max_batch_files), available_memory() // (8 * self.workers))
 
     @model_validator(mode="after")
     def _check_inflight_bound(self) -> Settings:
@@ -478,7 +503,7 @@ def _format_errors(exc: ValidationError) -> str:
 def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
     """`CAPTIONER_*` variables that name no setting (probably typos)."""
     names = os.environ if environ is None else environ
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | INTERNAL_VARIABLES
     return sorted(k for k in names if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 

@@ -490,6 +490,14 @@ class LoadRequest(BaseModel):
                          description="A version of this name in the model repository.")
 
 
+class WorkerSwitch(BaseModel):
+    """With several worker processes: how many serve the version a load or rollback switched to."""
+
+    switched: int = Field(ge=0, description="Live workers serving the new version when the answer was sent (the "
+                          "one that answered included).")
+    total: int = Field(ge=1, description="Live workers.")
+
+
 class LoadResult(BaseModel):
     """A load or rollback that succeeded: the version now serving new requests."""
 
@@ -499,3 +507,8 @@ class LoadResult(BaseModel):
     changed: bool = Field(description="false: that version was already the active one.")
     load_seconds: float = Field(description="Reading, checking and warming it up (0 when nothing changed).")
     checks: list[CheckResult]
+    workers: WorkerSwitch | None = Field(
+        None, description="Only with several worker processes (CAPTIONER_WORKERS > 1; absent otherwise): the swap "
+        "reaches every worker, each loading and checking the version itself, and the answer waits for them (at most "
+        "request_timeout_s). switched < total: a worker refused the version (its log says why) and keeps its own, "
+        "or had not finished; sending the same request again retries it.")

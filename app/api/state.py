@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
@@ -21,6 +22,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:  # loading the engine (onnxruntime) waits for start-up: `import app.main` stays light
     from app.inference.engine import Engine
+    from app.serving.control import WorkerControl
     from app.serving.registry import ModelRegistry, ServedModel
 
 
@@ -37,6 +39,8 @@ class ServiceState:
     startup_error: str | None = None  # why start-up failed (the lifespan's failure message)
     inference_executor: ThreadPoolExecutor | None = None  # the one inference thread, shared by every model
     preprocess_executor: ThreadPoolExecutor | None = None  # the image-decoding pool (app/api/pipeline.py)
+    control_dir: Path | None = None  # one of several workers: the supervisor's control folder (CAPTIONER_CONTROL_DIR)
+    control: WorkerControl | None = None  # ...and this worker's side of it (app/serving/control.py), once started
 
     @property
     def default_model(self) -> ServedModel | None:

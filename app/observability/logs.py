@@ -4,6 +4,8 @@ in a process where nothing else configured the root logger, every other library'
 
 `captioner.service` says what the service does (start-up, faults), `captioner.access` has one line per
 request (written by `app.api.middleware.RequestContextMiddleware`). `extra={"fields": {...}}` adds keys.
+With several worker processes (`captioner serve --workers N`) every line also has `pid`, the process that
+wrote it (the supervisor's or a worker's), as their lines share one stream.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ access_log = logging.getLogger("captioner.access")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; `extra={"fields": {...}}` adds keys."""
+    """One JSON object per line; `extra={"fields": {...}}` adds keys; `with_pid` adds the process id."""
+
+    with_pid = False  # set by configure_logging(pid=True): one of several processes writing to one stream
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -28,6 +32,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if JsonFormatter.with_pid:
+            entry["pid"] = record.process
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
@@ -52,8 +58,10 @@ def _is_ours(handler: logging.Handler) -> bool:
     return getattr(handler, "_captioner_json", False)
 
 
-def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr for the `captioner.*` and uvicorn loggers and warnings (idempotent)."""
+def configure_logging(level: str = "info", pid: bool = False) -> None:
+    """JSON lines on stderr for the `captioner.*` and uvicorn loggers and warnings (idempotent); `pid`: each
+    line names its process (several workers share the stream)."""
+    JsonFormatter.with_pid = pid
     root = logging.getLogger("captioner")
     root.setLevel(level.upper())
     if not any(_is_ours(h) for h in root.handlers):
@@ -64,6 +72,10 @@ def configure_logging(level: str = "info") -> None:
         if name == "uvicorn.error":  # propagates to "uvicorn", as in uvicorn's own configuration
             logger.handlers = []
             logger.propagate = True
+            continue
+        if name == "uvicorn.access" and not logger.handlers and not logger.propagate:
+            # uvicorn turned its access log off (access_log=False, --no-access-log) before the app was built
+            # (a worker process, plain `uvicorn --factory`): it decides by whether the logger has a handler
             continue
         if not (len(logger.handlers) == 1 and _is_ours(logger.handlers[0])):
             logger.handlers = [_json_handler()]

@@ -24,6 +24,10 @@ keeps serving. Its message names the bundle's files by their absolute paths (for
 version of each name stays loaded: `?model=name:version` of any other version (an unloaded one) is a
 `ModelNotFound` (404 model_not_found, listing what is loaded).
 `rollback` loads the version the name served before the current one, with the same checks.
+
+With several worker processes (`captioner serve --workers N`) each has its own registry; a swap made in
+one reaches the others through the control folder (app/serving/control.py): they `follow` it, with the
+same checks, and a worker that starts serves the versions the folder names (`start(desired=...)`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -156,7 +160,7 @@ def build_served(bundle_path: Path, settings: Settings, expect: tuple[str, str] 
                             f"{expect[0]}/{expect[1]}")
     checks.append(Check("sha256", True, f"{len(bundle.manifest.files)} files match the manifest"))
     try:
-        engine = Engine(bundle, settings.device, settings.threads)
+        engine = Engine(bundle, settings.device, settings.engine_threads())
         engine.warmup()
     except EngineError as exc:
         raise BundleRefused("engine", str(exc)) from None
@@ -248,10 +252,13 @@ class ModelRegistry:
 
     # ---- start and stop ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load each name's newest version (CAPTIONER_DEFAULT_MODEL=name:version pins the default's).
-        Raises BundleRefused for a bundle that fails a check (start-up stops)."""
+    async def start(self, desired: Mapping[str, tuple[str, Sequence[str]]] | None = None) -> None:
+        """Load each name's newest version (CAPTIONER_DEFAULT_MODEL=name:version pins the default's), or the
+        version `desired` names for it ({name: (version, history)}: what the other workers serve, from the
+        control folder), with that history. Raises BundleRefused for a bundle that fails a check (start-up
+        stops)."""
         loop = asyncio.get_running_loop()
+        desired = desired or {}
         if self.root is None:
             served = await loop.run_in_executor(None, build_served, self.settings.bundle, self.settings, None)
             self._single = (served.name, served.version, self.settings.bundle)
@@ -266,6 +273,13 @@ class ModelRegistry:
         self.default_name = pinned_name or sorted(available)[0]
         for name, versions in available.items():
             version = pinned_version if name == pinned_name and pinned_version else versions[-1]
+            wanted, history = desired.get(name, (None, ()))
+            if wanted is not None and wanted in versions:
+                version = wanted
+                self.history[name] = list(history)
+            elif wanted is not None:
+                service_log.warning("the other workers serve %s:%s, which the repository no longer holds; starting "
+                                    "on %s", name, wanted, version, extra={"fields": {"model": name, "version": version}})
             served = await loop.run_in_executor(None, build_served, self.root / name / version, self.settings,
                                                 (name, version))
             self._activate(served)
@@ -346,6 +360,14 @@ class ModelRegistry:
             raise NoPreviousVersion(f"{name} has served no other version since the service started: nothing to "
                                     "roll back to")
         return await self.load(name, history[-1], rollback=True)
+
+    async def follow(self, name: str, version: str, history: Sequence[str]) -> bool:
+        """Serve `name:version` as another worker decided (the control folder): `load` it, with every check,
+        unless it is already active, and take that worker's history, so a rollback on any worker goes back
+        to the same version. Returns whether the active version changed; raises as `load` does."""
+        _, _, changed = await self.load(name, version)
+        self.history[name] = list(history)
+        return changed
 
     def _activate(self, served: ServedModel) -> ServedModel | None:
         """Start the model's batcher and make it the active version of its name (on the event loop, no

@@ -1,10 +1,13 @@
 """The model routes: what the default (or `?model=`) model is and its limits (`GET /v1/model`), the model
 repository's contents (`GET /v1/models`), and swapping versions with no
 downtime (`POST /v1/models/{name}/load`, `POST /v1/models/{name}/rollback`: admin routes, which need a
-key of CAPTIONER_ADMIN_API_KEYS). The swap itself is app/serving/registry.py's."""
+key of CAPTIONER_ADMIN_API_KEYS). The swap itself is app/serving/registry.py's; with several worker
+processes it reaches every worker through the control folder (app/serving/control.py), and the answer
+says how many switched (`workers`, absent with one process)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Request
@@ -22,8 +25,10 @@ from app.api.schemas import (
     ModelInfo,
     ModelList,
     RepositoryModel,
+    WorkerSwitch,
 )
 from app.api.state import service_state
+from app.serving.control import WorkerControl
 from app.serving.registry import (
     NAME_PATTERN,
     BundleRefused,
@@ -35,6 +40,7 @@ from app.serving.registry import (
     ServedModel,
     process_rss_bytes,
 )
+from app.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
@@ -128,12 +134,30 @@ _ADMIN_ERRORS = {
 }
 
 
-async def _swap(registry: ModelRegistry, name: str, version: str | None) -> LoadResult:
+async def get_control(request: Request) -> WorkerControl | None:
+    """This worker's side of the control folder (app/serving/control.py), or None: one process."""
+    return service_state(request.app).control
+
+
+ControlDep = Annotated[WorkerControl | None, Depends(get_control)]
+
+
+async def _swap(registry: ModelRegistry, name: str, version: str | None, control: WorkerControl | None,
+                settings: Settings) -> LoadResult:
+    workers: WorkerSwitch | None = None
     try:
-        if version is None:
-            served, previous, changed = await registry.rollback(name)
-        else:
-            served, previous, changed = await registry.load(name, version)
+        # several workers: one admin swap of a name at a time over all of them, from the state they share
+        with control.exclusive(name) if control is not None else contextlib.nullcontext():
+            if control is not None:
+                await control.sync()
+            if version is None:
+                served, previous, changed = await registry.rollback(name)
+            else:
+                served, previous, changed = await registry.load(name, version)
+            if control is not None:  # switched here: now every worker (a refused load got no further)
+                swap = await control.publish(name, served.version, list(registry.history.get(name, [])))
+                switched, total = await control.wait_for(name, served.version, swap, settings.request_timeout_s)
+                workers = WorkerSwitch(switched=switched, total=max(total, 1))
     except ModelNotFound as exc:
         raise model_not_found(exc, ("path", "name")) from None
     except LoadInProgress as exc:
@@ -146,8 +170,10 @@ async def _swap(registry: ModelRegistry, name: str, version: str | None) -> Load
         raise APIError(422, "bundle_refused", f"{name}:{version or 'previous'} refused, {exc.check} check failed: "
                        f"{message}; {where} keeps serving",
                        details=[{"loc": ["bundle", exc.check], "msg": message, "type": exc.check}]) from None
+    extra = {"workers": workers} if workers is not None else {}  # absent with one process (exclude_unset)
     return LoadResult(name=served.name, version=served.version, previous=previous, changed=changed,
-                      load_seconds=round(served.load_seconds, 3) if changed else 0.0, checks=_checks(served.checks))
+                      load_seconds=round(served.load_seconds, 3) if changed else 0.0, checks=_checks(served.checks),
+                      **extra)
 
 
 def served_key(registry: ModelRegistry, name: str) -> str:
@@ -186,11 +212,13 @@ async def list_models(registry: RegistryDep) -> ModelList:
     "version they started with, which is then unloaded. A bundle that fails a check is refused (422 "
     "bundle_refused) and the version in use keeps serving. Needs an admin key (CAPTIONER_ADMIN_API_KEYS).",
     response_model=LoadResult,
+    response_model_exclude_unset=True,
     responses=error_responses(401, 403, 404, 409, 422, 503, descriptions=_ADMIN_ERRORS),
     dependencies=[Depends(require_admin)],
 )
-async def load_model(name: ModelName, body: Annotated[LoadRequest, Body()], registry: RegistryDep) -> LoadResult:
-    return await _swap(registry, name, body.version)
+async def load_model(name: ModelName, body: Annotated[LoadRequest, Body()], registry: RegistryDep,
+                     control: ControlDep, settings: SettingsDep) -> LoadResult:
+    return await _swap(registry, name, body.version, control, settings)
 
 
 @router.post(
@@ -200,8 +228,10 @@ async def load_model(name: ModelName, body: Annotated[LoadRequest, Body()], regi
     description="Loads the name's previous version (`previous` in `GET /v1/models`) exactly as `load` does; "
     "repeated rollbacks walk further back. Needs an admin key (CAPTIONER_ADMIN_API_KEYS).",
     response_model=LoadResult,
+    response_model_exclude_unset=True,
     responses=error_responses(401, 403, 404, 409, 422, 503, descriptions=_ADMIN_ERRORS),
     dependencies=[Depends(require_admin)],
 )
-async def rollback_model(name: ModelName, registry: RegistryDep) -> LoadResult:
-    return await _swap(registry, name, None)
+async def rollback_model(name: ModelName, registry: RegistryDep, control: ControlDep,
+                         settings: SettingsDep) -> LoadResult:
+    return await _swap(registry, name, None, control, settings)
