@@ -5,8 +5,8 @@
 * ``tiny_bundles(attention=True, **options)``: any other tiny bundle (``max_length=8``, ``row_layout=True``,
   ``decoding={...}``), each set of arguments built once per session.
 * ``copy_bundle(bundle, name)``: a copy in the test's tmp_path, for the tests that damage a bundle.
-* ``start_server(bundle, log_name="service", **settings)``: a live server (tests/support/live_server.py)
-  with these CAPTIONER_* settings, stopped after the module's last test.
+* ``start_server(bundle, log_name="service", args=(), **settings)``: a live server (tests/support/live_server.py)
+  with these CAPTIONER_* settings (and ``captioner serve`` options), stopped after the module's last test.
 * ``spec``: the OpenAPI document of the module's own ``server`` fixture.
 
 The shared bundles are read-only by contract: a test that changes one must damage a ``copy_bundle`` copy.
@@ -229,14 +229,15 @@ def spec(server) -> dict:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory) -> Iterator[Callable[..., LiveServer]]:
-    """``start_server(bundle, log_name="service", **settings)``: start ``python -m app.cli serve`` over
-    `bundle` with these CAPTIONER_* settings (live_server), its log at <a fresh folder>/<log_name>.log,
-    and return the ready LiveServer. Every server started this way stops after the module's last test."""
+    """``start_server(bundle, log_name="service", args=(), **settings)``: start ``python -m app.cli serve
+    [args]`` over `bundle` with these CAPTIONER_* settings (live_server), its log at <a fresh
+    folder>/<log_name>.log, and return the ready LiveServer. Every server started this way stops after the
+    module's last test."""
     with ExitStack() as stack:
 
-        def start(bundle: Path, log_name: str = "service", **settings: object) -> LiveServer:
+        def start(bundle: Path, log_name: str = "service", args: tuple[str, ...] = (), **settings: object) -> LiveServer:
             log_path = tmp_path_factory.mktemp("logs") / f"{log_name}.log"
-            return stack.enter_context(live_server(bundle, log_path, **settings))
+            return stack.enter_context(live_server(bundle, log_path, args=args, **settings))
 
         yield start
 

@@ -531,7 +531,7 @@ def test_env_names_are_settings_and_values_are_valid(rendered, name, clean_env, 
     # Thread pools sized to the pod, not the node (both default to the node's CPU count).
     limit = _cpu(_container(rendered[name])["resources"]["limits"]["cpu"])
     assert settings.threads and settings.preprocess_threads
-    assert settings.threads + settings.preprocess_threads <= limit
+    assert settings.workers * (settings.threads + settings.preprocess_threads) <= limit  # each worker has both
 
 
 def test_service_links_are_off_as_they_would_set_the_services_settings(rendered, clean_env):

@@ -50,9 +50,8 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("repository")
+def build_repository(root: Path) -> Path:
+    """The test repository (the module docstring) at `root`; tests/test_workers.py serves it too."""
     make_tiny_bundle(root / NAME / V1, seed=0, name=NAME, version=V1, reference=True)
     make_tiny_bundle(root / NAME / V2, seed=1, name=NAME, version=V2, reference=True)
     make_tiny_bundle(root / NAME / NO_REFERENCE, seed=4, name=NAME, version=NO_REFERENCE)
@@ -64,6 +63,11 @@ def repository(tmp_path_factory) -> Path:
     (wrong / "manifest.json").write_text(json.dumps(manifest, indent=2))
     make_tiny_bundle(root / "other" / "0.1.0", attention=False, seed=5, name="other", version="0.1.0")
     return root
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("repository"))
 
 
 @pytest.fixture(scope="module")

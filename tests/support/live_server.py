@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,14 +58,18 @@ def service_env(bundle: Path, **settings: object) -> dict[str, str]:
 
 
 @contextmanager
-def live_server(bundle: Path, log_path: Path, startup_timeout: float = 60.0, **settings: object) -> Iterator[LiveServer]:
-    """Start `python -m app.cli serve` on a free port and wait for /readyz; stop it afterwards."""
+def live_server(bundle: Path, log_path: Path, startup_timeout: float = 60.0, args: Sequence[str] = (),
+                **settings: object) -> Iterator[LiveServer]:
+    """Start `python -m app.cli serve [args]` on a free port and wait for /readyz; stop it afterwards.
+    With several workers (`workers=N` or `--workers N` in `args`) the server is the leader of a process group
+    of its own, so that a server that must be killed takes its workers with it."""
     port = free_port()
     env = service_env(bundle, port=port, host="127.0.0.1", **settings)
     log_file = open(log_path, "wb")
+    several = int(str(settings.get("workers", 1))) > 1 or "--workers" in args
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "app.cli", "serve", *args],
+        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=several,
     )
     server = LiveServer(process, port, log_path)
     try:
@@ -87,6 +92,8 @@ def live_server(bundle: Path, log_path: Path, startup_timeout: float = 60.0, **s
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                if several:
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.kill()
                 process.wait()
         log_file.close()
