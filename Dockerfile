@@ -66,6 +66,11 @@ RUN pip install --no-deps /tmp/src \
     && rm -rf /tmp/src \
     && python -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ("torch", "model_export")))'
 
+# HTTP worker processes on port 8000, each with its own engine (docs/scale.md). On one GPU keep it low
+# (1-2, enough that the front end is not the limit): each worker batches only its share of the requests.
+# Override at run time: docker run -e CAPTIONER_WORKERS=2 ..., or CAPTIONER_WORKERS=2 docker compose up -d.
+ENV CAPTIONER_WORKERS=1
+
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
