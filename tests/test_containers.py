@@ -18,6 +18,8 @@ What runs (about 1 minute warm, 3 to 4 cold, on 2 cores):
   GPU-less machine, serving on CPU with a warning; bad input (missing / empty / unreadable bundle
   volume, a wrong CAPTIONER_DEVICE, device=cuda without CUDA) failing with a clear message and a
   non-zero status after a bounded number of restarts.
+* The CPU image with CAPTIONER_WORKERS=2 on a read-only root: the supervisor as PID 1, both workers
+  answering, /metrics counting both, a SIGTERM stop with status 0 (docs/scale.md).
 
 The module skips only where podman cannot run at all, and says so loudly; with
 REQUIRE_CONTAINER_TESTS=1 or CI=true in the environment it fails instead. Where a TLS-intercepting proxy is in
@@ -335,6 +337,48 @@ def test_sigterm_stops_the_service_gracefully(deployment, gpu_container):
         assert "SIGKILL" not in stopped.stdout + stopped.stderr, stopped.stderr
         assert "Shutting down" in logs(name) or "Finished server process" in logs(name)
         print(f"\n[containers] {name} stopped on SIGTERM in {seconds:.1f} s (measured, not asserted)")
+
+
+def test_the_cpu_image_runs_several_workers(images):
+    """CAPTIONER_WORKERS=2 in the hardened container (docs/scale.md): the supervisor is PID 1 as the
+    service's user, its control and metrics folder on the /tmp tmpfs of a read-only root; both workers
+    answer, /metrics from either counts every request, and SIGTERM stops it all with status 0."""
+    name = f"captest{os.getpid()}-workers"
+    port = free_port()
+    podman("rm", "-f", name, check=False)
+    try:
+        podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only", "--tmpfs", "/tmp",
+               "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-e", "CAPTIONER_WORKERS=2",
+               "-e", "CAPTIONER_THREADS=1", images["cpu"])
+        wait_healthy(name)
+
+        def records() -> list[dict]:
+            return [json.loads(line) for line in logs(name).splitlines() if line.startswith("{")]
+
+        deadline = time.monotonic() + UP_TIMEOUT
+        while len({r["pid"] for r in records() if r["msg"] == "ready"}) < 2:
+            assert time.monotonic() < deadline, logs(name)[-3000:]
+            time.sleep(0.5)
+        workers = {r["pid"] for r in records() if r["msg"] == "ready"}
+        probe = podman("exec", name, "sh", "-c", "grep -E '^Uid:' /proc/1/status; tr '\\0' ' ' < /proc/1/cmdline").stdout
+        assert "python -m app.cli serve" in probe and str(SERVICE_UID) in probe, probe
+        sent = 0
+        fresh = httpx.Limits(max_keepalive_connections=0)  # a connection per request: they spread over the workers
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=fresh) as client:
+            while {r["pid"] for r in records() if r.get("route") == "/healthz"} != workers:
+                assert sent < 400, "the requests did not reach both workers"
+                for _ in range(10):
+                    assert client.get("/healthz").status_code == 200
+                sent += 10
+            metrics = client.get("/metrics").text
+        assert f'captioner_http_requests_total{{method="GET",route="/healthz",status="200"}} {sent:.1f}' in metrics
+        assert "captioner_ready 1.0" in metrics
+        stopped = podman("stop", "-t", "30", name, timeout=60)
+        assert state(name)["ExitCode"] == 0, logs(name)[-3000:]
+        assert "SIGKILL" not in stopped.stdout + stopped.stderr
+        assert {r["pid"] for r in records() if r["msg"].startswith("Finished server process")} == workers
+    finally:
+        podman("rm", "-f", "-t", "5", name, check=False)
 
 
 # ---- bad input --------------------------------------------------------------------------------
