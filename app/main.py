@@ -45,6 +45,7 @@ from app.api.v2_protocol import V2ErrorMiddleware
 from app.observability import tracing
 from app.observability.logs import configure_logging, service_log
 from app.observability.metrics import Metrics
+from app.observability.threads import INFERENCE_THREAD, PREPROCESS_THREAD, os_thread_namer
 from app.settings import CONTROL_DIR_ENV, Settings, SettingsError, load_settings
 
 
@@ -55,7 +56,8 @@ def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContext
 
         settings, metrics = service.settings, service.metrics
         started = time.perf_counter()
-        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-inference")
+        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-inference",
+                                       initializer=os_thread_namer(INFERENCE_THREAD))
         service.inference_executor = inference
 
         def default_changed(served: ServedModel) -> None:  # the default model's info in /metrics
@@ -85,7 +87,8 @@ def _lifespan(service: ServiceState) -> Callable[[FastAPI], AbstractAsyncContext
         default = registry.resolve(None)
         bundle, engine = default.bundle, default.engine
         service.preprocess_executor = ThreadPoolExecutor(max_workers=settings.preprocess_workers(),
-                                                         thread_name_prefix="captioner-preprocess")
+                                                         thread_name_prefix="captioner-preprocess",
+                                                         initializer=os_thread_namer(PREPROCESS_THREAD))
         keys = service.api_keys
         if keys is not None:  # re-read the API keys file when it changes (app/api/auth.py)
             keys.start()
