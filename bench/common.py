@@ -152,6 +152,24 @@ def service_settings(items: list[str]) -> dict[str, str]:
     return settings
 
 
+def service_pids(root: int) -> list[int]:
+    """The process and all its descendants (a supervisor's workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """Resident memory of a process (VmRSS) and its peak (VmHWM), KiB."""
     out = {}
@@ -160,6 +178,16 @@ def rss_kib(pid: int) -> dict[str, int]:
             key, value = line.split(":", 1)
             out[key] = int(value.split()[0])
     return out
+
+
+def rss_kib_tree(pid: int) -> dict[str, int]:
+    """`rss_kib` summed over a process and its descendants (a supervisor and its workers), with their count."""
+    pids = service_pids(pid)
+    total = {"VmRSS": 0, "VmHWM": 0, "processes": len(pids)}
+    for p in pids:
+        for key, value in rss_kib(p).items():
+            total[key] += value
+    return total
 
 
 def torch_batched_beam_search(model, images, beam: int, max_length: int, special: dict = SPECIAL) -> list[list[int]]:

@@ -28,28 +28,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import environment, rss_kib, write_report
+from common import environment, rss_kib_tree, service_pids, write_report
 from http_load import Service, load, photo_jpeg
 
 THREAD_KINDS = {"captioner-prep": "decode", "captioner-infer": "engine"}
-
-
-def service_pids(root: int) -> list[int]:
-    """The process and all its descendants (a supervisor's workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def cpu_by_thread(root: int) -> Counter:
@@ -76,7 +58,7 @@ def measure(bundle: Path, image: Path, workers: int, concurrency: list[int], dur
         time.sleep(1.0 + workers)  # every worker up and warm
         load(service.url, image, max(concurrency), 2.0, loadgen)  # warm-up: connections, caches
         out: dict = {"workers": workers,
-                     "memory_kib_idle": {pid: rss_kib(pid) for pid in service_pids(service.process.pid)}}
+                     "memory_kib_idle": rss_kib_tree(service.process.pid)}
         points = []
         for c in concurrency:
             before = cpu_by_thread(service.process.pid)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import REPO, environment, rss_kib, write_report
+from common import REPO, environment, rss_kib_tree, write_report
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parent
@@ -120,10 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batching-concurrency", type=int, default=16)
     parser.add_argument("--max-batch-images", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="CAPTIONER_WORKERS for the service points (each worker then has cores / N engine threads)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     loadgen = ("wrk" if shutil.which("wrk") else "python") if args.loadgen == "auto" else args.loadgen
+    workers = {"workers": args.workers} if args.workers > 1 else {}
 
     report: dict = {"benchmark": "http_load", "environment": environment(), "settings": {**vars(args), "loadgen": loadgen,
                     "bundle": str(args.bundle)}}
@@ -132,16 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
         image = photo_jpeg(tmp / "photo.jpg")
         report["engine_images_per_s"] = round(engine_rate(args.bundle, image, args.max_batch_images, args.duration), 2)
 
-        service = Service(args.bundle, tmp / "on.log", max_batch_images=args.max_batch_images)
+        service = Service(args.bundle, tmp / "on.log", max_batch_images=args.max_batch_images, **workers)
         try:
             time.sleep(1.0)
-            report["memory_kib_idle"] = rss_kib(service.process.pid)
+            report["memory_kib_idle"] = rss_kib_tree(service.process.pid)
             report["service"] = [load(service.url, image, c, args.duration, loadgen) for c in args.concurrency]
             report["batching_on"] = load(service.url, image, args.batching_concurrency, args.duration, loadgen)
-            report["memory_kib_after_load"] = rss_kib(service.process.pid)
+            report["memory_kib_after_load"] = rss_kib_tree(service.process.pid)
         finally:
             service.close()
-        service = Service(args.bundle, tmp / "off.log", batching="false")
+        service = Service(args.bundle, tmp / "off.log", batching="false", **workers)
         try:
             report["batching_off"] = load(service.url, image, args.batching_concurrency, args.duration, loadgen)
         finally:

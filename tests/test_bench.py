@@ -159,14 +159,18 @@ def test_label_words_benchmark_on_a_flickr8k_layout(tiny_bundles, tmp_path):
 def test_frontend_benchmark_measures_cpu_per_request(tmp_path):
     """bench/frontend.py: the service over a stub bundle under load, its CPU per request measured."""
     report_path = tmp_path / "frontend.json"
-    run_script("frontend.py", "--duration", "1", "--concurrency", "2", "--loadgen", "python", "--json", str(report_path))
+    run_script("frontend.py", "--duration", "1", "--concurrency", "2", "--workers", "1", "2", "--loadgen", "python",
+               "--json", str(report_path))
     report = json.loads(report_path.read_text())
-    (run,) = report["runs"]
-    (point,) = run["points"]
-    assert run["workers"] == 1
-    assert point["requests"] > 0 and point["concurrency"] == 2
-    # the threads are told apart by their OS names (app/observability/threads.py): each kind did some work
-    by_kind = point["cpu_ms_per_request"]
-    assert by_kind["event_loop"] > 0 and by_kind["decode"] > 0 and by_kind["engine"] > 0
-    assert point["frontend_cpu_ms_per_request"] == pytest.approx(point["service_cpu_ms_per_request"] - by_kind["engine"],
-                                                                 abs=0.01)
+    assert [run["workers"] for run in report["runs"]] == [1, 2]
+    assert report["runs"][0]["memory_kib_idle"]["processes"] == 1
+    assert report["runs"][1]["memory_kib_idle"]["processes"] >= 3  # the supervisor and its two workers
+    for run in report["runs"]:
+        (point,) = run["points"]
+        assert point["requests"] > 0 and point["concurrency"] == 2
+        # the threads are told apart by their OS names (app/observability/threads.py): each kind did some work
+        by_kind = point["cpu_ms_per_request"]
+        assert by_kind["event_loop"] > 0 and by_kind["decode"] > 0 and by_kind["engine"] > 0
+        assert point["frontend_cpu_ms_per_request"] == pytest.approx(
+            point["service_cpu_ms_per_request"] - by_kind["engine"], abs=0.01)
+    assert set(report["scaling"]) == {"1", "2"}
