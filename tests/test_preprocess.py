@@ -113,6 +113,18 @@ def test_cmyk_and_damaged_jpegs_go_through_pillow():
     assert caught.value.code == "corrupt_image"
 
 
+def test_unreadable_exif_is_pillows_error_not_a_crash(monkeypatch):
+    data = _jpeg(_photo(640, 480), orientation=6, quality=90)
+
+    def broken(self):
+        raise SyntaxError("not a TIFF file")  # what Pillow raises for some broken EXIF blocks
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, 10**9, DRAFT)
+    assert caught.value.code == "corrupt_image"
+
+
 def test_draft_scale_is_pillows():
     for size in [(640, 480), (1000, 800), (1920, 1080), (2400, 1800), (100, 100), (4000, 200)]:
         img = Image.open(io.BytesIO(_jpeg(_photo(*size), quality=80)))

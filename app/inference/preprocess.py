@@ -135,8 +135,12 @@ def _decode_jpeg(data: bytes, header: Image.Image, draft_size: tuple[int, int]) 
         return None
     if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
         return None  # not the size Pillow's draft decodes to: let Pillow do it
+    try:
+        orientation = header.getexif().get(0x0112, 1)
+    except Exception:  # EXIF Pillow cannot read: its own path decides (corrupt_image, as before)
+        return None
     img = Image.fromarray(pixels[:, :, 0] if pixels.ndim == 3 and header.mode == "L" else pixels)
-    transpose = _ORIENTATION.get(header.getexif().get(0x0112, 1))
+    transpose = _ORIENTATION.get(orientation)
     if transpose is not None:
         img = img.transpose(transpose)
     return _to_rgb(img)
