@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,20 +40,71 @@ from app.settings import CONTROL_DIR_ENV
 SETTINGS_ERROR = 2  # the exit status of invalid settings (app/main.py create_app)
 
 
-class Supervisor(Multiprocess):
-    """uvicorn's supervisor, plus the clean-up of exited workers and a socket closed before the drain."""
+def reuse_port_available() -> bool:
+    """Whether each worker can listen on a socket of its own on the one port (Linux's SO_REUSEPORT)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
-    def __init__(self, config: Config, sockets: list[socket.socket], control: Path) -> None:
+
+def port_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to host:port, not listening; SO_REUSEPORT when `reuse_port` (then several bind it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, plus the clean-up of exited workers, a socket closed before the drain and, on
+    Linux, a listening socket of its own for each worker.
+
+    With one socket shared by every worker, the worker that wakes first accepts a whole burst of new
+    connections, and keep-alive connections stay where they were accepted: in benchmark runs with 4, and
+    sometimes 32, client connections nearly all of them landed on one of two workers (docs/scale.md). With
+    SO_REUSEPORT the kernel spreads new connections over the workers' sockets by a hash of their addresses.
+    The supervisor's own socket only holds the port (bound, never listening: it receives no connections);
+    each worker gets a fresh socket bound to the same port, which joins the group when the worker listens
+    and leaves it when the worker exits (its queued, not yet accepted connections are reset then; the
+    supervisor replaces the worker)."""
+
+    def __init__(self, config: Config, sockets: list[socket.socket], control: Path, reuse_port: bool = False) -> None:
+        self.reuse_port = reuse_port
+        self._handed: list[socket.socket] = []  # per-worker sockets given to a starting worker, closed here after
         super().__init__(config, sockets)
         self.control = control
         self.exit_code = 0
         self._workers: dict[int, Process] = {}  # every worker started and not yet cleaned up after
 
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """What uvicorn hands the next worker it starts: the port's socket, or (reuse_port) a fresh one of its own."""
+        if not self.reuse_port:
+            return self._port_sockets
+        host, port = self._port_sockets[0].getsockname()[:2]
+        sock = port_socket(host, port, reuse_port=True)
+        self._handed.append(sock)
+        return [sock]
+
+    @sockets.setter
+    def sockets(self, value: list[socket.socket]) -> None:
+        self._port_sockets = value
+
+    def _close_handed(self) -> None:
+        """The started workers hold their sockets now (spawn sent each a duplicate): close the supervisor's
+        copies, so that a worker's socket leaves the port's group when that worker exits."""
+        for sock in self._handed:
+            sock.close()
+        self._handed.clear()
+
     def init_processes(self) -> None:
         super().init_processes()
         self._track()
         service_log.info("workers started", extra={"fields": {
-            "workers": self.processes_num, "pids": sorted(self._workers), "control_dir": str(self.control)}})
+            "workers": self.processes_num, "pids": sorted(self._workers), "control_dir": str(self.control),
+            "listening": "a socket per worker (SO_REUSEPORT)" if self.reuse_port else "one shared socket"}})
 
     def keep_subprocess_alive(self) -> None:
         for process in self.processes:
@@ -68,7 +120,8 @@ class Supervisor(Multiprocess):
         self._clean_up()
 
     def terminate_all(self) -> None:
-        for sock in self.sockets:  # stop accepting: the port closes once the workers have closed their copies
+        self._close_handed()
+        for sock in self._port_sockets:  # stop accepting: the port closes once the workers have closed theirs
             sock.close()
         super().terminate_all()
 
@@ -77,6 +130,7 @@ class Supervisor(Multiprocess):
         self._clean_up()
 
     def _track(self) -> None:
+        self._close_handed()
         for process in self.processes:
             if process.pid is not None:
                 self._workers.setdefault(process.pid, process)
@@ -105,8 +159,16 @@ def run_workers(config: Config, environment: dict[str, str]) -> int:
         os.environ.update(environment)
         os.environ[CONTROL_DIR_ENV] = str(control)
         os.environ[MULTIPROC_DIR_ENV] = str(control / METRICS)
-        sock = config.bind_socket()  # exits 3 with one log line when the port is taken
-        supervisor = Supervisor(config, [sock], control)
+        reuse_port = reuse_port_available()
+        if reuse_port:
+            try:
+                sock = port_socket(config.host, config.port, reuse_port=True)
+            except OSError as exc:  # as uvicorn's bind_socket: one log line, exit 3
+                service_log.error("cannot bind %s:%s: %s", config.host, config.port, exc)
+                return STARTUP_FAILURE
+        else:
+            sock = config.bind_socket()  # exits 3 with one log line when the port is taken
+        supervisor = Supervisor(config, [sock], control, reuse_port=reuse_port)
         supervisor.run()
         return supervisor.exit_code
     finally:
