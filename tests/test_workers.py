@@ -139,6 +139,36 @@ def test_requests_on_fresh_connections_spread_over_the_workers(server, workers):
     assert all(r["pid"] in workers for r in log_records(server) if r.get("logger") == "captioner.access")
 
 
+def _listening_inodes(pid: int, port: int) -> set[int]:
+    """The inodes of the TCP sockets in LISTEN state on `port` that process `pid` holds (/proc)."""
+    listening = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                listening.add(int(fields[9]))
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            held.add(int(target[8:-1]))
+    return listening & held
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT: a socket per worker on Linux only")
+def test_each_worker_listens_on_a_socket_of_its_own(server, workers):
+    """app/serving/supervisor.py: the kernel spreads connections over the workers' own sockets (SO_REUSEPORT)
+    instead of the worker that wakes first taking a whole burst from one shared socket; the supervisor's
+    socket only holds the port and never listens, so no connection can wait on it for nobody."""
+    port = server.port
+    sockets = {pid: _listening_inodes(pid, port) for pid in workers}
+    assert all(len(found) == 1 for found in sockets.values()), sockets
+    assert len(set.union(*sockets.values())) == WORKERS  # one each, not one shared
+    assert _listening_inodes(server.process.pid, port) == set()
+    [started] = [r for r in log_records(server) if r.get("msg") == "workers started"]
+    assert started["listening"] == "a socket per worker (SO_REUSEPORT)"
+
+
 def _swap(server: LiveServer, path: str, **body: str) -> httpx.Response:
     with server.client(timeout=120.0) as admin:
         return admin.post(f"/v1/models/{NAME}/{path}", json=body or None, headers=_auth(ADMIN))
