@@ -126,15 +126,15 @@ def _decode_jpeg(data: bytes, header: Image.Image, draft_size: tuple[int, int]) 
     checks it across sizes, chroma subsamplings, greyscale and every EXIF orientation) in about 70 % of the
     time, without Pillow's per-image decoder set-up (docs/performance.md, "The front end"). None when libjpeg
     reports any problem, even one it could recover from: Pillow then decodes the file and decides its error."""
-    width, height = header.size
-    scale = draft_scale((width, height), draft_size)
+    scale = draft_scale(header.size, draft_size)
+    width, height = (-(-side // scale) for side in header.size)  # the size Pillow's draft decodes to
     try:
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if header.mode == "L" else "RGB",
-                                        min_width=-(-width // scale), min_height=-(-height // scale), strict=True)
+                                        min_width=width, min_height=height, strict=True)
     except ValueError:
         return None
-    if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
-        return None  # not the size Pillow's draft decodes to: let Pillow do it
+    if pixels.shape[:2] != (height, width):
+        return None  # simplejpeg chose another scale: let Pillow do it
     try:
         orientation = header.getexif().get(0x0112, 1)
     except Exception:  # EXIF Pillow cannot read: its own path decides (corrupt_image, as before)

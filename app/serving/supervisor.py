@@ -45,13 +45,12 @@ def reuse_port_available() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def port_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to host:port, not listening; SO_REUSEPORT when `reuse_port` (then several bind it)."""
+def port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT (so that several bind it), not listening."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
@@ -84,7 +83,7 @@ class Supervisor(Multiprocess):
         if not self.reuse_port:
             return self._port_sockets
         host, port = self._port_sockets[0].getsockname()[:2]
-        sock = port_socket(host, port, reuse_port=True)
+        sock = port_socket(host, port)
         self._handed.append(sock)
         return [sock]
 
@@ -162,7 +161,7 @@ def run_workers(config: Config, environment: dict[str, str]) -> int:
         reuse_port = reuse_port_available()
         if reuse_port:
             try:
-                sock = port_socket(config.host, config.port, reuse_port=True)
+                sock = port_socket(config.host, config.port)
             except OSError as exc:  # as uvicorn's bind_socket: one log line, exit 3
                 service_log.error("cannot bind %s:%s: %s", config.host, config.port, exc)
                 return STARTUP_FAILURE

@@ -147,7 +147,8 @@ async def create_captions_batch(
     options: CaptionOptionsDep,
 ) -> BatchResponse:
     engine, config, labels, min_confidence = options.engine, options.config, options.labels, options.min_confidence
-    settings, metrics = service_state(request.app).settings, service_state(request.app).metrics
+    service = service_state(request.app)
+    settings, metrics = service.settings, service.metrics
     if len(images) > settings.max_batch_files:
         raise APIError(422, "too_many_files",
                        f"{len(images)} files sent; the limit is {settings.max_batch_files} per request")

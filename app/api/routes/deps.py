@@ -229,9 +229,10 @@ def decoding_config(
         raise APIError(422, "invalid_parameter", str(exc)) from None
 
 
+# the parameters of decoding_config, labels_count and min_confidence that are not query parameters
+_NOT_QUERY = ("settings", "engine", "request")
 # the query parameters of decoding_config (each may be given once)
-DECODING_PARAMETERS = tuple(name for name in inspect.signature(decoding_config).parameters
-                            if name not in ("settings", "engine", "request"))
+DECODING_PARAMETERS = tuple(name for name in inspect.signature(decoding_config).parameters if name not in _NOT_QUERY)
 
 
 def labels_count(
@@ -250,8 +251,6 @@ def labels_count(
     if labels > 0:
         pipeline.require_labels(engine)
     return labels
-
-
 
 
 def min_confidence(
@@ -288,7 +287,7 @@ def _query_of(*functions: Callable[..., Any]) -> list[inspect.Parameter]:
     """The query parameters (name, Annotated type with its Query, default None) of these functions."""
     return [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
             for function in functions for name, parameter in inspect.signature(function).parameters.items()
-            if name not in ("settings", "engine", "request")]
+            if name not in _NOT_QUERY]
 
 
 def _caption_options(flags: bool) -> Callable[..., Awaitable[CaptionOptions]]:
