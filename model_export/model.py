@@ -350,9 +350,12 @@ class Captioner(nn.Module):
     def label_prior(self) -> bool:
         return self.decoder.label_prior
 
-    def init_state(self, grid: torch.Tensor):
+    def init_state(self, grid: torch.Tensor, word_prior: torch.Tensor | None = None):
         """The decoder's initial state for a feature grid [N, P, D] (with a label prior, from the
-        backbone's own ImageNet head on the same grid): (features, h0, c0, att_proj[, word_prior])."""
+        backbone's own ImageNet head on the same grid, or `word_prior` [N, V] when given: the trainer's
+        label swaps): (features, h0, c0, att_proj[, word_prior])."""
+        if self.label_prior and word_prior is not None:
+            return self.decoder.init_state(grid, None, word_prior)
         probs = self.backbone.imagenet_probs(grid) if self.label_prior else None
         return self.decoder.init_state(grid, probs)
 

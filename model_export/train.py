@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,8 +45,9 @@ class TrainConfig:
     lr_decay: float = 0.85  # per epoch
     encoder_lr: float = 1e-4  # only used when fine-tuning encoder blocks
     prior_lr_scale: float = 10.0  # the label prior's learning rate, as a multiple of lr (label-prior models)
-    # Label swaps (label-prior models, cross-entropy only): the share of captions naming a label word whose
-    # word is replaced by another of the same kind, with the prior saying so (LabelSwap).
+    # Label swaps (label-prior models): the share of captions (cross-entropy) or of images' references
+    # (self-critical) naming a label word whose word is replaced by another of the same kind, with the
+    # prior saying so (LabelSwap).
     label_swap: float = 0.0
     # label-prior models: each ImageNet class's caption word groups (None: WordNet's, model_export/label_words.py)
     label_words: list | None = None
@@ -152,11 +154,12 @@ def allowed_log_probs(log_probs: torch.Tensor, special: dict[str, int], t: int) 
 
 
 def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, word_prior: torch.Tensor | None = None):
     """One caption sampled per image from the model's distribution at `temperature`, with the same
     token rules as decoding (run it in eval mode: no dropout, gradients on). Returns (word ids per
-    image, [N, T] log-probabilities of the sampled tokens, zero after each caption's <end>)."""
-    feats, h, c, att, *prior = model.init_state(features)
+    image, [N, T] log-probabilities of the sampled tokens, zero after each caption's <end>). A label-prior
+    model reads `word_prior` [N, V] when given (label swaps), else its own."""
+    feats, h, c, att, *prior = model.init_state(features, word_prior)
     n = features.shape[0]
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
     alive = torch.ones(n, dtype=torch.bool, device=features.device)
@@ -183,10 +186,12 @@ def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
 
 
 @torch.no_grad()
-def greedy_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int) -> list[list[int]]:
-    """Fast batched greedy decoding for validation (same token rules as the reference)."""
+def greedy_batch(model: Captioner, features: torch.Tensor, special: dict[str, int], max_length: int,
+                 word_prior: torch.Tensor | None = None) -> list[list[int]]:
+    """Fast batched greedy decoding for validation (same token rules as the reference); `word_prior` as in
+    sample_batch."""
     model.eval()
-    feats, h, c, att, *prior = model.init_state(features)
+    feats, h, c, att, *prior = model.init_state(features, word_prior)
     n = features.shape[0]
     tokens = torch.full((n,), special["start"], dtype=torch.long, device=features.device)
     out = [[] for _ in range(n)]
@@ -377,7 +382,7 @@ class Trainer:
                 flipped_feats = torch.from_numpy(np.array(arrays[1])) if cfg.flip_augment else None
                 val_feats = torch.from_numpy(np.array(arrays[2]))
         swapper = None
-        if mcfg.label_prior and cfg.label_swap > 0 and not cfg.self_critical:
+        if mcfg.label_prior and cfg.label_swap > 0:
             swapper = LabelSwap(self.vocab.itos, self.label_groups if self.label_groups is not None
                                 else class_word_table(self.vocab.itos), cfg.label_swap)
         spec = preprocessing_for(model.backbone)
@@ -442,7 +447,16 @@ class Trainer:
                     inputs = inputs.to(self.device)
                 if scorer is not None:
                     refs = [(mirrored_reward_refs if m else reward_refs)[i] for i, m in zip(idx, batch_mirrored)]
-                    baseline, sampled, chosen = net(inputs)  # greedy (eval mode, no gradients), then one sample each
+                    prior = None
+                    if swapper is not None:  # some images' references and prior name another thing of the same kind
+                        with torch.no_grad():
+                            prior = model.word_prior(inputs if frozen else model.backbone(inputs))
+                        token_refs = [(mirrored_refs if m else train_refs)[i] for i, m in zip(idx, batch_mirrored)]
+                        swapped, prior = swapper.apply_references(token_refs, prior, rng)
+                        refs = [mine if new is old else [self.vocab.decode(r) for r in new]
+                                for mine, new, old in zip(refs, swapped, token_refs, strict=True)]
+                    # greedy (eval mode, no gradients), then one sample each
+                    baseline, sampled, chosen = net(inputs, word_prior=prior)
                     sample_reward = scorer.scores([self.vocab.decode(s) for s in sampled], refs)
                     greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
                     advantage = torch.tensor(sample_reward, device=self.device) - torch.tensor(greedy_reward, device=self.device)
@@ -556,8 +570,8 @@ class _TrainStep(torch.nn.Module):
         feats = self.model.backbone(inputs) if self.encode else inputs
         if caps is not None:
             return self.model.teacher_forced(feats, caps, lengths, word_prior)
-        baseline = greedy_batch(self.model, feats, self.special, self.max_length)  # eval mode
-        sampled, chosen = sample_batch(self.model, feats, self.special, self.max_length, self.temperature)
+        baseline = greedy_batch(self.model, feats, self.special, self.max_length, word_prior)  # eval mode
+        sampled, chosen = sample_batch(self.model, feats, self.special, self.max_length, self.temperature, word_prior)
         return baseline, sampled, chosen
 
 
@@ -595,26 +609,56 @@ class LabelSwap:
             members.append(ids)
         self.groups = {k: v for k, v in self.groups.items() if len(v) > 1}
 
+    def _named(self, tokens: list[int]) -> list[tuple[str, int]]:
+        """The (kind, group number) of each swappable label word in `tokens`, in order."""
+        return [self.group_of[t] for t in tokens if t in self.group_of and self.group_of[t][0] in self.groups]
+
+    def _draw(self, kind: str, number: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """(the named group's ids, another group of the same kind drawn uniformly)."""
+        members = self.groups[kind]
+        other = int(rng.integers(len(members) - 1))
+        other += other >= number
+        return members[number], members[other]
+
+    @staticmethod
+    def _replaced(tokens: list[int], old: list[int], new: list[int]) -> list[int]:
+        """Every form of `old` in `tokens` replaced: singular for singular, plural for plural (or the new singular)."""
+        return [new[min(old.index(t), len(new) - 1)] if t in old else t for t in tokens]
+
     def apply(self, caps: torch.Tensor, prior: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy's swaps: each caption [N, T] (one per image row of `prior` [N, V]) on its own."""
         caps, prior = caps.clone(), prior.clone()
         for row in range(caps.shape[0]):
             if rng.random() >= self.share:
                 continue
             tokens = caps[row].tolist()
-            named = [self.group_of[t] for t in tokens if t in self.group_of and self.group_of[t][0] in self.groups]
+            named = self._named(tokens)
             if not named:
                 continue
-            kind, number = named[0]
-            members = self.groups[kind]
-            other = int(rng.integers(len(members) - 1))
-            other += other >= number
-            old, new = members[number], members[other]
-            for position, token in enumerate(tokens):
-                if token in old:  # singular for singular, plural for plural (or the new singular)
-                    caps[row, position] = new[min(old.index(token), len(new) - 1)]
+            old, new = self._draw(*named[0], rng)
+            caps[row] = torch.tensor(self._replaced(tokens, old, new), dtype=caps.dtype)
             prior[row, old] = 0.0
             prior[row, new] = float(rng.uniform(0.5, 1.0))
         return caps, prior
+
+    def apply_references(self, refs: list[list[list[int]]], prior: torch.Tensor,
+                         rng: np.random.Generator) -> tuple[list[list[list[int]]], torch.Tensor]:
+        """Self-critical training's swaps: with probability `share` an image whose references name a label word
+        gets the group most of them name replaced by another of its kind in every reference, and its prior
+        [N, V] says so, so that the reward (CIDEr-D against the changed references) pays for writing what the
+        labels say. Without this, self-critical training on Flickr8k's references alone teaches the decoder to
+        ignore its labels again (docs/model-card.md, "The label prior")."""
+        prior, out = prior.clone(), []
+        for row, image_refs in enumerate(refs):
+            counts = Counter(group for ref in image_refs for group in dict.fromkeys(self._named(ref)))
+            if rng.random() >= self.share or not counts:
+                out.append(image_refs)
+                continue
+            old, new = self._draw(*counts.most_common(1)[0][0], rng)
+            out.append([self._replaced(ref, old, new) for ref in image_refs])
+            prior[row, old] = 0.0
+            prior[row, new] = float(rng.uniform(0.5, 1.0))
+        return out, prior
 
 
 def label_word_ids(vocab: list[str], table: list[list[list[str]]]) -> list[list[int]]:

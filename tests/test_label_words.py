@@ -110,3 +110,38 @@ def test_label_swaps_replace_a_word_by_another_of_its_kind_and_say_so_in_the_pri
     assert torch.equal(swap.apply(caps, prior, np.random.default_rng(0))[0], swap.apply(caps, prior, np.random.default_rng(0))[0])
     untouched, _ = LabelSwap(VOCAB, table, share=0.0).apply(caps, prior, np.random.default_rng(0))
     assert torch.equal(untouched, caps)
+
+
+def test_self_critical_swaps_change_every_reference_of_an_image_and_its_prior(table):
+    import numpy as np
+    import torch
+
+    from model_export.label_words import word_kinds
+    from model_export.train import LabelSwap
+
+    kinds = word_kinds(table)
+    index = {w: i for i, w in enumerate(VOCAB)}
+
+    def ids(text: str) -> list[int]:
+        return [1, *(index[w] for w in text.split()), 2]
+
+    # image 0: four references name a dog, one a horse (the group most name is the one swapped);
+    # image 1: no label word at all
+    refs = [[ids("a dog runs"), ids("two dogs play"), ids("a brown dog"), ids("a horse and a dog"), ids("an animal")],
+            [ids("a man is sitting on grass"), ids("a man sits")]]
+    prior = torch.zeros(2, len(VOCAB))
+    prior[0, index["dog"]] = 0.9
+    swap = LabelSwap(VOCAB, table, share=1.0)
+    for seed in range(5):
+        new_refs, new_prior = swap.apply_references(refs, prior, np.random.default_rng(seed))
+        words = [[VOCAB[t] for t in ref] for ref in new_refs[0]]
+        animal = words[0][2]
+        group = next(g for g in kinds if animal in g)
+        assert animal != "dog" and kinds[group] == "animal"
+        assert words[1][2] in group and words[2][3] == animal and words[3][5] == animal  # every reference, every form
+        assert words[3][2] == "horse" and words[4] == ["<start>", "an", "animal", "<end>"]  # other words stay
+        assert new_prior[0, index["dog"]] == 0 and 0.5 <= float(new_prior[0, index[animal]]) <= 1.0
+        assert new_refs[1] is refs[1] and torch.equal(new_prior[1], prior[1])
+    assert refs[0][0] == ids("a dog runs")  # the caller's references are not changed in place
+    untouched, same = LabelSwap(VOCAB, table, share=0.0).apply_references(refs, prior, np.random.default_rng(0))
+    assert untouched == refs and torch.equal(same, prior)

@@ -622,6 +622,38 @@ def test_label_prior_model_exports_with_parity_and_the_engine_feeds_its_prior(pr
     assert not np.allclose(first, second)
 
 
+def test_self_critical_training_with_label_swaps_rewards_the_swapped_references(prior_run, scenes, tmp_path,
+                                                                                 feature_cache_dir, monkeypatch):
+    from model_export.cli import DataFormat, load_dataset
+    from model_export.model import ModelConfig
+    from model_export.train import LabelSwap, TrainConfig, Trainer
+
+    swapped: list[int] = []
+    original = LabelSwap.apply_references
+
+    def counting(self, refs, prior, rng):
+        new_refs, new_prior = original(self, refs, prior, rng)
+        swapped.append(sum(new is not old for new, old in zip(new_refs, refs)))
+        assert not torch.equal(new_prior, prior) or not swapped[-1]  # a swapped image's prior says so
+        return new_refs, new_prior
+
+    monkeypatch.setattr(LabelSwap, "apply_references", counting)
+    dataset = load_dataset(scenes / "dataset.json", scenes, DataFormat.karpathy)
+    run = tmp_path / "scst-swap"
+    trainer = Trainer(dataset, run, TrainConfig(epochs=1, batch_size=32, progress=False, num_threads=2, self_critical=True,
+                                               label_swap=0.5, lr=5e-5, init_checkpoint=str(prior_run / "best.pt"),
+                                               model=ModelConfig(embed_dim=32, hidden_dim=64, attention_dim=32,
+                                                                 label_prior=True)),
+                      cache_dir=feature_cache_dir)
+    trainer.config.label_words = _scene_table(trainer.vocab.itos)
+    trainer.run()
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert state["history"][-1]["stage"] == "self_critical"
+    assert swapped and sum(swapped) > 0  # some images' references named a shape and were swapped
+    start = torch.load(prior_run / "best.pt", map_location="cpu", weights_only=False)
+    assert any(not torch.equal(state["decoder"][k], start["decoder"][k]) for k in start["decoder"])  # it trained
+
+
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_constrained_captions_equal_the_torch_reference(prior_run, scenes, tmp_path_factory, io_binding):
     from model_export.cli import DataFormat, load_dataset
