@@ -98,6 +98,7 @@ OVERRIDES: dict[int, tuple[str, ...]] = {
     3977966: ("van", "police"),  # police van: WordNet's nearest is "wagon"
     4147183: ("sailboat", "boat"),  # schooner: WordNet's nearest is "watercraft"
     3459775: ("car",),  # grille (a car's radiator grille)
+    2924116: ("bus",),  # bus (minibus, school bus, trolleybus): its lemma "coach" reads as a sports coach
     # buildings and places
     3201208: ("table",),  # dining table, board
     2980441: ("building",),  # castle
@@ -111,6 +112,9 @@ OVERRIDES: dict[int, tuple[str, ...]] = {
     9399592: ("cliff",),  # promontory, headland: WordNet's nearest is "head"
     9256479: ("ocean",),  # coral reef: WordNet's nearest is "ridge"
     3240683: (),  # drilling platform: WordNet's nearest is "gear"
+    4417809: ("theater",),  # theater (cinema; home theater): its lemma "house" would name a home
+    3327234: ("fence",),  # fence: its lemma "fencing" reads as the sport
+    4326547: ("wall",),  # stone wall: a "fence" to WordNet
     3697007: (),  # lumbermill: WordNet's nearest is "plant", read as a green one
     # things
     3800933: ("instrument",),  # musical instrument (cello, harp, sax, trombone...; guitar, piano, drum keep theirs)
@@ -123,6 +127,9 @@ OVERRIDES: dict[int, tuple[str, ...]] = {
     3045698: ("coat",),  # cloak
     3124043: ("boots",),  # cowboy boot
     4355933: ("sunglasses",),  # sunglass
+    4344873: ("couch", "sofa"),  # studio couch: sofa's lemma "lounge" reads as a room
+    4370048: ("sweater",),  # sweater (cardigan): its lemma "jumper" reads as a person jumping
+    3492542: ("computer",),  # hard disc: its lemma "disc" reads as a thrown disc (a frisbee)
     4049303: ("barrel",),  # rain barrel: WordNet's nearest is "pool"
     7248320: ("book",),  # book jacket: WordNet's nearest is "jacket"
     3825788: ("bottle",),  # nipple (a baby bottle's): WordNet's nearest is "cap"
