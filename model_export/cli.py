@@ -144,8 +144,9 @@ def train_cmd(
     ),
     prior_lr_scale: float = typer.Option(10.0, min=0.0, help="--label-prior: the prior's learning rate as a multiple of --lr"),
     label_swap: float = typer.Option(
-        0.0, min=0.0, max=1.0, help="--label-prior, cross-entropy: the share of captions whose label word is swapped for "
-        "another of its kind, with the prior saying so (teaches the decoder to write what its labels see)"),
+        0.0, min=0.0, max=1.0, help="--label-prior: the share of captions (cross-entropy) or of images' references "
+        "(--self-critical) whose label word is swapped for another of its kind, with the prior saying so (teaches the "
+        "decoder to write what its labels see)"),
     label_prior: bool = typer.Option(
         False, "--label-prior", help="The decoder also reads the encoder's ImageNet labels as caption-word probabilities "
         "(class -> words from WordNet, model_export/label_words.py; show_attend_tell only)"),
