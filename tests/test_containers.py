@@ -241,16 +241,24 @@ def gpu_container(images) -> Iterator[Deployment]:
     """The GPU image on this machine (no GPU, no CUDA libraries) with CAPTIONER_DEVICE=auto and its
     baked-in bundle, hardened as in docker-compose.yml."""
     name = f"captest{os.getpid()}-gpu-auto"
-    port = free_port()
-    podman("rm", "-f", name, check=False)
     try:
-        podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only", "--tmpfs", "/tmp",
-               "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-e", "CAPTIONER_DEVICE=auto",
-               "-e", "CAPTIONER_THREADS=1", images["gpu"])
-        wait_healthy(name)
-        yield Deployment("", {}, name, f"http://127.0.0.1:{port}")
+        url = run_hardened(name, images["gpu"], {"CAPTIONER_DEVICE": "auto", "CAPTIONER_THREADS": "1"})
+        yield Deployment("", {}, name, url)
     finally:
         podman("rm", "-f", "-t", "5", name, check=False)
+
+
+def run_hardened(name: str, image: str, env: dict[str, str]) -> str:
+    """Start `image` detached as container `name` with `env`, hardened as docker-compose.yml runs it (read-only
+    root, /tmp a tmpfs, no capabilities, no new privileges), on a free local port; wait until it is healthy and
+    return its URL. (A container of that name left by an earlier run is removed first.)"""
+    port = free_port()
+    podman("rm", "-f", name, check=False)
+    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only", "--tmpfs", "/tmp",
+           "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+           *(arg for key, value in env.items() for arg in ("-e", f"{key}={value}")), image)
+    wait_healthy(name)
+    return f"http://127.0.0.1:{port}"
 
 
 def _caption_one_and_a_batch(url: str) -> tuple[dict, dict]:
@@ -344,13 +352,8 @@ def test_the_cpu_image_runs_several_workers(images):
     service's user, its control and metrics folder on the /tmp tmpfs of a read-only root; both workers
     answer, /metrics from either counts every request, and SIGTERM stops it all with status 0."""
     name = f"captest{os.getpid()}-workers"
-    port = free_port()
-    podman("rm", "-f", name, check=False)
     try:
-        podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only", "--tmpfs", "/tmp",
-               "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-e", "CAPTIONER_WORKERS=2",
-               "-e", "CAPTIONER_THREADS=1", images["cpu"])
-        wait_healthy(name)
+        url = run_hardened(name, images["cpu"], {"CAPTIONER_WORKERS": "2", "CAPTIONER_THREADS": "1"})
 
         def records() -> list[dict]:
             return [json.loads(line) for line in logs(name).splitlines() if line.startswith("{")]
@@ -364,7 +367,7 @@ def test_the_cpu_image_runs_several_workers(images):
         assert "python -m app.cli serve" in probe and str(SERVICE_UID) in probe, probe
         sent = 0
         fresh = httpx.Limits(max_keepalive_connections=0)  # a connection per request: they spread over the workers
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=fresh) as client:
+        with httpx.Client(base_url=url, timeout=30, limits=fresh) as client:
             while {r["pid"] for r in records() if r.get("route") == "/healthz"} != workers:
                 assert sent < 400, "the requests did not reach both workers"
                 for _ in range(10):
