@@ -445,12 +445,13 @@ class Trainer:
                 else:
                     inputs = torch.from_numpy(np.stack([load_pixels(self.train_examples[i].image_path, spec) for i in idx]))
                     inputs = inputs.to(self.device)
+                prior = None
+                if swapper is not None:  # the labels' word prior, which the swaps change where they swap
+                    with torch.no_grad():
+                        prior = model.word_prior(inputs if frozen else model.backbone(inputs))
                 if scorer is not None:
                     refs = [(mirrored_reward_refs if m else reward_refs)[i] for i, m in zip(idx, batch_mirrored)]
-                    prior = None
                     if swapper is not None:  # some images' references and prior name another thing of the same kind
-                        with torch.no_grad():
-                            prior = model.word_prior(inputs if frozen else model.backbone(inputs))
                         token_refs = [(mirrored_refs if m else train_refs)[i] for i, m in zip(idx, batch_mirrored)]
                         swapped, prior = swapper.apply_references(token_refs, prior, rng)
                         refs = [mine if new is old else [self.vocab.decode(r) for r in new]
@@ -468,10 +469,7 @@ class Trainer:
                     rewards["sample"] += sum(sample_reward) * weight
                     rewards["greedy"] += sum(greedy_reward) * weight
                 else:
-                    prior = None
                     if swapper is not None:  # some captions name another thing of the same kind, as their prior says
-                        with torch.no_grad():
-                            prior = model.word_prior(inputs if frozen else model.backbone(inputs))
                         caps, prior = swapper.apply(caps, prior, rng)
                     logits, alphas = net(inputs, caps[:, :-1], lengths, prior)
                     totals = (global_tokens, global_rows * positions) if ctx.enabled else None
@@ -621,6 +619,12 @@ class LabelSwap:
         return members[number], members[other]
 
     @staticmethod
+    def _say_so(prior: torch.Tensor, row: int, old: list[int], new: list[int], rng: np.random.Generator) -> None:
+        """The row's prior after the swap: the replaced word's probability 0, the new one's from U(0.5, 1)."""
+        prior[row, old] = 0.0
+        prior[row, new] = float(rng.uniform(0.5, 1.0))
+
+    @staticmethod
     def _replaced(tokens: list[int], old: list[int], new: list[int]) -> list[int]:
         """Every form of `old` in `tokens` replaced: singular for singular, plural for plural (or the new singular)."""
         return [new[min(old.index(t), len(new) - 1)] if t in old else t for t in tokens]
@@ -637,8 +641,7 @@ class LabelSwap:
                 continue
             old, new = self._draw(*named[0], rng)
             caps[row] = torch.tensor(self._replaced(tokens, old, new), dtype=caps.dtype)
-            prior[row, old] = 0.0
-            prior[row, new] = float(rng.uniform(0.5, 1.0))
+            self._say_so(prior, row, old, new, rng)
         return caps, prior
 
     def apply_references(self, refs: list[list[list[int]]], prior: torch.Tensor,
@@ -656,8 +659,7 @@ class LabelSwap:
                 continue
             old, new = self._draw(*counts.most_common(1)[0][0], rng)
             out.append([self._replaced(ref, old, new) for ref in image_refs])
-            prior[row, old] = 0.0
-            prior[row, new] = float(rng.uniform(0.5, 1.0))
+            self._say_so(prior, row, old, new, rng)
         return out, prior
 
 

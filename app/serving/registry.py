@@ -361,13 +361,12 @@ class ModelRegistry:
                                     "roll back to")
         return await self.load(name, history[-1], rollback=True)
 
-    async def follow(self, name: str, version: str, history: Sequence[str]) -> bool:
+    async def follow(self, name: str, version: str, history: Sequence[str]) -> None:
         """Serve `name:version` as another worker decided (the control folder): `load` it, with every check,
         unless it is already active, and take that worker's history, so a rollback on any worker goes back
-        to the same version. Returns whether the active version changed; raises as `load` does."""
-        _, _, changed = await self.load(name, version)
+        to the same version. Raises as `load` does."""
+        await self.load(name, version)
         self.history[name] = list(history)
-        return changed
 
     def _activate(self, served: ServedModel) -> ServedModel | None:
         """Start the model's batcher and make it the active version of its name (on the event loop, no
