@@ -160,6 +160,13 @@ class Settings(BaseSettings):
     preprocess_threads: int | None = Field(
         None, ge=1, le=256, description="Threads decoding and resizing uploads; unset = half the CPUs (at least 1, at most 8)."
     )
+    inline_decode_pixels: int = Field(
+        1_000_000, ge=0, le=1_000_000_000,
+        description="Sequential (non-progressive) JPEG uploads of at most this many pixels (width x height, from "
+        "the header) are decoded on the event loop rather than handed to the decoding threads: for them the "
+        "hand-over costs more CPU than it saves (docs/performance.md, section 12). Larger or progressive JPEGs "
+        "and every other format go to the threads. 0 = every upload to the threads."
+    )
 
     # --- decoding defaults (each can be overridden per request) ---
     # (bounds: app/inference/decoding.py's limits; the combination is checked by DecodingConfig below)

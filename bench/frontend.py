@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import environment, rss_kib_tree, service_pids, write_report
+from common import environment, rss_kib_tree, service_pids, service_settings, write_report
 from http_load import Service, load, photo_jpeg
 
 THREAD_KINDS = {"captioner-prep": "decode", "captioner-infer": "engine"}
@@ -52,8 +52,8 @@ def cpu_by_thread(root: int) -> Counter:
 
 
 def measure(bundle: Path, image: Path, workers: int, concurrency: list[int], duration: float, loadgen: str,
-            log: Path) -> dict:
-    service = Service(bundle, log, threads=1, **({"workers": workers} if workers > 1 else {}))
+            log: Path, settings: dict[str, str] | None = None) -> dict:
+    service = Service(bundle, log, **{"threads": 1, **(settings or {}), **({"workers": workers} if workers > 1 else {})})
     try:
         time.sleep(1.0 + workers)  # every worker up and warm
         load(service.url, image, max(concurrency), 2.0, loadgen)  # warm-up: connections, caches
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="CAPTIONER_WORKERS values to measure")
     parser.add_argument("--max-length", type=int, default=4, help="the stub's longest caption, in words")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--setting", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="a service setting, e.g. CAPTIONER_INLINE_DECODE_PIXELS=0 (repeatable)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     loadgen = ("wrk" if shutil.which("wrk") else "python") if args.loadgen == "auto" else args.loadgen
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         image = photo_jpeg(tmp / "photo.jpg")
         bundle = make_tiny_bundle(tmp / "stub", max_length=args.max_length, name="stub", with_eval=False)
-        report["runs"] = [measure(bundle, image, w, args.concurrency, args.duration, loadgen, tmp / f"service-{w}.log")
+        report["runs"] = [measure(bundle, image, w, args.concurrency, args.duration, loadgen, tmp / f"service-{w}.log",
+                                  service_settings(args.settings))
                           for w in args.workers]
     if len(report["runs"]) > 1:  # throughput at the highest concurrency, relative to the first workers count
         base = report["runs"][0]["points"][-1]["requests_per_s"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import REPO, environment, rss_kib_tree, write_report
+from common import REPO, environment, rss_kib_tree, service_settings, write_report
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parent
@@ -123,10 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1,
                         help="CAPTIONER_WORKERS for the service points (each worker then has cores / N engine threads)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--setting", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="a service setting, e.g. CAPTIONER_INLINE_DECODE_PIXELS=0 (repeatable)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     loadgen = ("wrk" if shutil.which("wrk") else "python") if args.loadgen == "auto" else args.loadgen
-    workers = {"workers": args.workers} if args.workers > 1 else {}
+    extra = {**service_settings(args.settings), **({"workers": args.workers} if args.workers > 1 else {})}
 
     report: dict = {"benchmark": "http_load", "environment": environment(), "settings": {**vars(args), "loadgen": loadgen,
                     "bundle": str(args.bundle)}}
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         image = photo_jpeg(tmp / "photo.jpg")
         report["engine_images_per_s"] = round(engine_rate(args.bundle, image, args.max_batch_images, args.duration), 2)
 
-        service = Service(args.bundle, tmp / "on.log", max_batch_images=args.max_batch_images, **workers)
+        service = Service(args.bundle, tmp / "on.log", max_batch_images=args.max_batch_images, **extra)
         try:
             time.sleep(1.0)
             report["memory_kib_idle"] = rss_kib_tree(service.process.pid)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["memory_kib_after_load"] = rss_kib_tree(service.process.pid)
         finally:
             service.close()
-        service = Service(args.bundle, tmp / "off.log", batching="false", **workers)
+        service = Service(args.bundle, tmp / "off.log", batching="false", **extra)
         try:
             report["batching_off"] = load(service.url, image, args.batching_concurrency, args.duration, loadgen)
         finally:

@@ -4,6 +4,8 @@
   own `draft` + `load` + `exif_transpose` over sizes that hit every DCT scale, odd sizes, chroma
   subsamplings, greyscale, progressive files, restart markers and all eight EXIF orientations.
 * Files simplejpeg does not take, or reports a problem with, fall back to Pillow, which gives its errors.
+* `sequential_jpeg_pixels` (which uploads are cheap enough to decode on the event loop) reads the pixel
+  count of baseline and extended JPEGs only, and stays cheap and None for anything else.
 * `to_array`'s in-place (x - mean) / std equals each uint8 level's value computed alone, for any
   mean/std/scale a manifest may hold.
 """
@@ -17,7 +19,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from app.inference.bundle import Preprocessing
-from app.inference.preprocess import ImageDecodeError, decode_image, draft_scale, to_array
+from app.inference.preprocess import ImageDecodeError, decode_image, draft_scale, sequential_jpeg_pixels, to_array
 
 DRAFT = (224, 224)
 
@@ -123,6 +125,28 @@ def test_unreadable_exif_is_pillows_error_not_a_crash(monkeypatch):
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(data, 10**9, DRAFT)
     assert caught.value.code == "corrupt_image"
+
+
+@pytest.mark.parametrize("size, save", CASES)
+def test_sequential_jpeg_pixels_agree_with_pillows_header(size, save):
+    data = _jpeg(_photo(*size), orientation=6, **save)  # an EXIF segment before the frame header
+    header = Image.open(io.BytesIO(data))
+    expected = None if header.info.get("progressive") else size[0] * size[1]
+    assert sequential_jpeg_pixels(data) == expected
+
+
+def test_sequential_jpeg_pixels_is_none_for_anything_else():
+    baseline = _jpeg(_photo(64, 48), quality=90)
+    png = io.BytesIO()
+    _photo(64, 48).save(png, format="PNG")
+    comments = b"\xff\xd8" + b"\xff\xfe\x00\x04ab" * 100 + baseline[2:]  # 100 comment segments first
+    for data in (b"", b"\xff", b"\xff\xd8", b"\xff\xd8\xff", baseline[:20], png.getvalue(), b"GIF89a" + baseline,
+                 _jpeg(_photo(64, 48), progressive=True), comments,
+                 baseline.replace(b"\xff\xc0", b"\xff\xc3", 1)):  # lossless frame
+        assert sequential_jpeg_pixels(data) is None, data[:12]
+    assert sequential_jpeg_pixels(comments, max_segments=200) == 64 * 48  # the same file, walked further
+    assert sequential_jpeg_pixels(_jpeg(_photo(64, 48).convert("L"))) == 64 * 48
+    assert sequential_jpeg_pixels(b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x10") is None  # zero height
 
 
 def test_draft_scale_is_pillows():

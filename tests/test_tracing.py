@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -261,3 +262,49 @@ def test_the_service_exports_its_spans_over_otlp_when_the_endpoint_is_set(tiny_b
         assert {v["service"] for v in names.values()} == {"captioner-test"}
     finally:
         collector.shutdown()
+
+
+@contextmanager
+def _traced_client(settings: Settings):
+    """Another app tracing into an exporter of its own (create_app sets tracing up from the environment:
+    install after it); yields the client and the exporter."""
+    app = create_app(settings)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        with TestClient(app) as client:
+            yield client, exporter
+    finally:
+        provider.shutdown()
+
+
+def _inline_flags(client: TestClient, exporter: InMemorySpanExporter, uploads: list[tuple[str, bytes, str]]) -> list:
+    exporter.clear()
+    r = client.post("/v1/captions/batch", files=[("images", upload) for upload in uploads])
+    assert r.status_code == 200, r.text
+    spans = _finished(exporter)
+    return [s.attributes["captioner.preprocess.inline"]
+            for s in sorted((s for s in spans if s.name == "preprocess"), key=lambda s: s.start_time)]
+
+
+def test_small_sequential_jpegs_are_decoded_on_the_event_loop_and_the_rest_in_the_pool(traced, tiny_bundle):
+    """The preprocess span says where an upload was decoded (app/api/pipeline.py load_bytes): a small
+    sequential JPEG on the event loop, a progressive JPEG, a PNG or a JPEG over `inline_decode_pixels` in
+    the decoding threads; 0 sends every upload to the threads. Either way the caption is the same."""
+    client, exporter, _ = traced
+    pixels = np.random.default_rng(3).integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+    baseline = image_bytes(pixels, "JPEG")
+    uploads = [("a.jpg", baseline, "image/jpeg"), ("b.png", _png(), "image/png")]
+    assert _inline_flags(client, exporter, uploads) == [True, False]
+    r = client.post("/v1/captions", files={"image": ("a.jpg", baseline, "image/jpeg")})
+    inline_caption = r.json()["captions"]
+
+    with _traced_client(Settings(bundle=tiny_bundle, device="cpu", threads=1, inline_decode_pixels=0)) as (pooled, spans):
+        assert _inline_flags(pooled, spans, uploads) == [False, False]
+        r = pooled.post("/v1/captions", files={"image": ("a.jpg", baseline, "image/jpeg")})
+        assert r.json()["captions"] == inline_caption
+    with _traced_client(Settings(bundle=tiny_bundle, device="cpu", threads=1,
+                                 inline_decode_pixels=64 * 48 - 1)) as (small, spans):
+        assert _inline_flags(small, spans, uploads[:1]) == [False]

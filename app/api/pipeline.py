@@ -1,6 +1,7 @@
 """How a request flows, from the upload to the engine's captions, for every captioning route.
 
-    route (app/api/routes/)  ->  read_upload -> prepare (a worker thread: decode, resize, normalise)
+    route (app/api/routes/)  ->  read_upload -> prepare (decode, resize, normalise: on the event loop for a
+                                 small sequential JPEG, else in a decoding thread; load_bytes decides)
                          ->  caption (app/serving/batcher.py -> app/inference/engine.py -> app/inference/decoding.py)
 
 Each step maps its own failures to the API's errors, so the routes only shape answers:
@@ -24,7 +25,7 @@ from app.api.state import service_state
 from app.inference.bundle import Preprocessing
 from app.inference.decoding import DecodingConfig
 from app.inference.engine import Engine, ImageResult
-from app.inference.preprocess import ImageDecodeError, decode_image, draft_size, to_array
+from app.inference.preprocess import ImageDecodeError, decode_image, draft_size, sequential_jpeg_pixels, to_array
 from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.serving.batcher import ClientGone, DeadlineExceeded, Overloaded, TooLarge
@@ -106,13 +107,20 @@ async def load_upload(request: Request, upload: UploadFile, spec: Preprocessing,
 
 
 async def load_bytes(request: Request, data: bytes, spec: Preprocessing, keep_image: bool = False) -> Prepared:
-    """One image's bytes (an upload's, or an element of a /v2 BYTES tensor) prepared in the service's
-    image-decoding pool. Raises ImageDecodeError (`file_too_large` past `max_upload_bytes`)."""
+    """One image's bytes (an upload's, or an element of a /v2 BYTES tensor) prepared: a sequential JPEG of at
+    most `inline_decode_pixels` on the event loop, anything else in the service's image-decoding pool. Raises
+    ImageDecodeError (`file_too_large` past `max_upload_bytes`)."""
     service = service_state(request.app)
     settings = service.settings
     if len(data) > settings.max_upload_bytes:
         raise ImageDecodeError("file_too_large", f"the file is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
-    with tracing.span("preprocess", **{"captioner.upload.bytes": len(data)}):
+    pixels = sequential_jpeg_pixels(data) if settings.inline_decode_pixels else None
+    # a small sequential JPEG costs about 1.5 ms here, less CPU than the hand-over to a decoding thread and back
+    # (docs/performance.md, section 12); anything else could hold the event loop, so it goes to the threads
+    inline = pixels is not None and pixels <= settings.inline_decode_pixels
+    with tracing.span("preprocess", **{"captioner.upload.bytes": len(data), "captioner.preprocess.inline": inline}):
+        if inline:
+            return prepare(data, settings.max_image_pixels, spec, keep_image)
         return await asyncio.get_running_loop().run_in_executor(
             service.preprocess_executor, prepare, data, settings.max_image_pixels, spec, keep_image)
 

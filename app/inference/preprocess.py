@@ -113,6 +113,45 @@ _ORIENTATION = {
 }
 
 
+# start-of-frame markers of sequential (non-progressive) Huffman JPEGs: baseline and extended
+_SEQUENTIAL_SOF = {0xC0, 0xC1}
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn: markers without a length
+
+
+def sequential_jpeg_pixels(data: bytes, max_segments: int = 64) -> int | None:
+    """width x height of a sequential (baseline or extended) JPEG, read from its frame header; None for
+    anything else: not a JPEG, progressive or lossless, a header that does not parse, or more than
+    `max_segments` marker segments before the frame header (real files have a handful: APPn, DQT, ...).
+
+    It tells what is cheap to decode: a sequential JPEG decodes in time bounded by its pixels and bytes,
+    while a progressive one can carry thousands of scans that each pass over the image. Hand-written
+    because it must stay cheap for any input: Pillow's `Image.open` walks every marker segment in Python
+    and simplejpeg's header reader does not say whether a file is progressive."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    for _ in range(max_segments):
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SEQUENTIAL_SOF:
+            if length < 8 or pos + 9 > len(data):
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width * height if width and height else None
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker in (0xD8, 0xD9, 0xDA) or length < 2:
+            return None  # another kind of frame, or a scan / image boundary before any frame header
+        pos += 2 + length
+    return None
+
+
 def draft_scale(size: tuple[int, int], draft_size: tuple[int, int]) -> int:
     """The DCT scale (1, 2, 4 or 8) Pillow's `Image.draft` picks: the largest that keeps the image at least
     `draft_size` in both directions."""
