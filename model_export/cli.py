@@ -138,6 +138,9 @@ def train_cmd(
         False, "--self-critical", help="Self-critical training: reward each sampled caption's CIDEr-D over the greedy one's"
     ),
     sample_temperature: float = typer.Option(0.5, min=0.05, max=2.0, help="Self-critical: sampling temperature"),
+    scst_samples: int = typer.Option(
+        1, min=1, max=16, help="Self-critical: samples per image. 1: one, against the greedy caption's reward; "
+        "K >= 2: K, each against the mean reward of the image's other samples (no greedy pass)"),
     init_checkpoint: Path | None = typer.Option(
         None, help="Start from this checkpoint's weights with a fresh optimizer (e.g. a cross-entropy best.pt before "
         "--self-critical), or from a float32 bundle folder's; a --label-prior run may start from a model without one"
@@ -180,7 +183,7 @@ def train_cmd(
             max_caption_length=max_caption_length, patience=patience, val_images=val_images_count, seed=seed,
             first_reference_share=first_reference_share, all_references=all_references, label_smoothing=label_smoothing,
             flip_augment=flip_augment, self_critical=self_critical, prior_lr_scale=prior_lr_scale, label_swap=label_swap,
-            sample_temperature=sample_temperature,
+            sample_temperature=sample_temperature, scst_samples=scst_samples,
             init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
             max_minutes=max_minutes, num_threads=threads, progress=progress, dist_timeout=dist_timeout, model=model,
         )

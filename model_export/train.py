@@ -83,6 +83,11 @@ class TrainConfig:
     # score far below the greedy one (measured: CIDEr-D 0.12 vs 0.55 on Flickr8k train); the policy
     # trained is the tempered one, whose sharpening greedy and beam search then share.
     sample_temperature: float = 0.5
+    # Samples per image in the self-critical stage. 1: one sample, rewarded against the greedy caption
+    # (Rennie et al.). K >= 2: K samples, each rewarded against the mean reward of the image's other K - 1
+    # (Luo, "A Better Variant of Self-Critical Sequence Training", 2020): no greedy pass, a baseline
+    # that is itself a sample of the policy, and K times the signal per image.
+    scst_samples: int = 1
     seed: int = 0
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     num_threads: int | None = None
@@ -183,6 +188,13 @@ def sample_batch(model: Captioner, features: torch.Tensor, special: dict[str, in
         if not alive.any():
             break
     return out, torch.stack(chosen_log_probs, 1)
+
+
+def leave_one_out_advantage(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Rewards of K samples per image (rows image-major: an image's K samples together) minus, for each, the
+    mean reward of the same image's other K - 1 samples (K >= 2)."""
+    got = rewards.view(-1, k)
+    return (got - (got.sum(dim=1, keepdim=True) - got) / (k - 1)).flatten()
 
 
 @torch.no_grad()
@@ -387,7 +399,7 @@ class Trainer:
                                 else class_word_table(self.vocab.itos), cfg.label_swap)
         spec = preprocessing_for(model.backbone)
         net = _TrainStep(model, encode=not frozen, special=special, max_length=cfg.sample_max_length,
-                         temperature=cfg.sample_temperature)
+                         temperature=cfg.sample_temperature, samples=cfg.scst_samples)
         net = ctx.wrap(net, broadcast_buffers=not frozen)  # DistributedDataParallel under torchrun
         positions = model.backbone.grid**2
         started = time.monotonic()
@@ -456,11 +468,19 @@ class Trainer:
                         swapped, prior = swapper.apply_references(token_refs, prior, rng)
                         refs = [mine if new is old else [self.vocab.decode(r) for r in new]
                                 for mine, new, old in zip(refs, swapped, token_refs, strict=True)]
-                    # greedy (eval mode, no gradients), then one sample each
+                    # greedy (eval mode, no gradients), then one sample each; or K samples each, no greedy
                     baseline, sampled, chosen = net(inputs, word_prior=prior)
-                    sample_reward = scorer.scores([self.vocab.decode(s) for s in sampled], refs)
-                    greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
-                    advantage = torch.tensor(sample_reward, device=self.device) - torch.tensor(greedy_reward, device=self.device)
+                    k = cfg.scst_samples
+                    sample_reward = scorer.scores([self.vocab.decode(s) for s in sampled],
+                                                  [r for r in refs for _ in range(k)])
+                    if baseline is None:  # each sample against the mean of its image's other samples
+                        got = torch.tensor(sample_reward, device=self.device)
+                        advantage = leave_one_out_advantage(got, k)
+                        sample_reward, greedy_reward = got.view(-1, k).mean(dim=1).tolist(), []  # no greedy caption
+                    else:
+                        greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
+                        advantage = (torch.tensor(sample_reward, device=self.device)
+                                     - torch.tensor(greedy_reward, device=self.device))
                     if ctx.enabled:  # normalised by the whole global batch's sampled tokens
                         (count,) = ctx.sum([float((chosen != 0).sum()) * weight])
                         loss = -(advantage[:, None] * chosen).sum() * weight / max(count, 1.0)
@@ -523,7 +543,8 @@ class Trainer:
                 record["ranks"] = world
             if scorer is not None:
                 record["stage"] = "self_critical"
-                record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()})
+                record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()
+                               if k == "sample" or cfg.scst_samples == 1})  # K samples: no greedy caption
             history.append(record)
             improved = scores["CIDEr"] > best
             if improved:
@@ -553,21 +574,30 @@ class Trainer:
 class _TrainStep(torch.nn.Module):
     """One training step's forward, the module that DistributedDataParallel wraps: the encoder when it is
     fine-tuned, then teacher forcing (`caps` given: logits, alphas) or the self-critical pair (the greedy
-    baseline without gradients, then one sampled caption per image with its log-probabilities)."""
+    baseline without gradients, then one sampled caption per image with its log-probabilities; with
+    `samples` K >= 2 no greedy baseline (None) and K samples per image, each image's K rows together)."""
 
-    def __init__(self, model: Captioner, encode: bool, special: dict[str, int], max_length: int, temperature: float):
+    def __init__(self, model: Captioner, encode: bool, special: dict[str, int], max_length: int, temperature: float,
+                 samples: int = 1):
         super().__init__()
         self.model = model
         self.encode = encode
         self.special = special
         self.max_length = max_length
         self.temperature = temperature
+        self.samples = samples
 
     def forward(self, inputs: torch.Tensor, caps: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
                 word_prior: torch.Tensor | None = None):
         feats = self.model.backbone(inputs) if self.encode else inputs
         if caps is not None:
             return self.model.teacher_forced(feats, caps, lengths, word_prior)
+        if self.samples > 1:
+            k = self.samples
+            prior = None if word_prior is None else word_prior.repeat_interleave(k, dim=0)
+            sampled, chosen = sample_batch(self.model, feats.repeat_interleave(k, dim=0), self.special, self.max_length,
+                                           self.temperature, prior)
+            return None, sampled, chosen
         baseline = greedy_batch(self.model, feats, self.special, self.max_length, word_prior)  # eval mode
         sampled, chosen = sample_batch(self.model, feats, self.special, self.max_length, self.temperature, word_prior)
         return baseline, sampled, chosen

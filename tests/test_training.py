@@ -572,6 +572,33 @@ def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_
     assert result.exit_code == 1 and "vocabulary or model settings differ" in result.output
 
 
+def test_leave_one_out_advantage_is_each_sample_against_its_images_other_samples():
+    from model_export.train import leave_one_out_advantage
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.5, 2.0])  # two images, three samples each
+    got = leave_one_out_advantage(rewards, 3)
+    expected = torch.tensor([1 - 2.5, 2 - 2.0, 3 - 1.5, 0.5 - 1.25, 0.5 - 1.25, 2 - 0.5])
+    torch.testing.assert_close(got, expected)
+    assert torch.allclose(got.view(2, 3).sum(dim=1), torch.zeros(2))  # zero mean per image: no drift up or down
+    torch.testing.assert_close(leave_one_out_advantage(torch.tensor([0.2, 0.9]), 2), torch.tensor([-0.7, 0.7]))
+
+
+def test_self_critical_with_several_samples_per_image_trains_without_a_greedy_pass(scenes, trained, tmp_path,
+                                                                                   feature_cache_dir):
+    run = tmp_path / "scst-k"
+    result = train(scenes, run, "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt", "--lr", "5e-5",
+                   "--scst-samples", "4", cache=feature_cache_dir)
+    assert result.exit_code == 0, result.output
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    record = state["history"][-1]
+    assert record["stage"] == "self_critical" and record["train_cider_sample"] > 0
+    assert "train_cider_greedy" not in record  # no greedy captions were made
+    start = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)
+    assert any(not torch.equal(state["decoder"][k], start["decoder"][k]) for k in start["decoder"])  # it trained
+    assert train(scenes, tmp_path / "bad", "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt",
+                 "--scst-samples", "0", cache=feature_cache_dir).exit_code != 0  # refused by the CLI
+
+
 # ---- the label prior and constrained decoding ---------------------------------------------------
 
 def _scene_table(words: list[str]) -> list[list[list[str]]]:
