@@ -554,16 +554,21 @@ def test_cider_d_reward_equals_pycocoevalcap_on_its_own_corpus():
     assert got[0] > got[2]  # the right caption beats the wrong one
 
 
-def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_path, feature_cache_dir):
-    run = tmp_path / "scst"
+def _self_critical_epoch(scenes, trained, run, cache, *options) -> dict:
+    """One self-critical epoch from the cross-entropy run `trained`; checks the weights moved and returns the
+    epoch's record."""
     result = train(scenes, run, "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt", "--lr", "5e-5",
-                   "--flip-augment", "0.5", cache=feature_cache_dir)
+                   *options, cache=cache)
     assert result.exit_code == 0, result.output
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-    record = state["history"][-1]
-    assert record["stage"] == "self_critical" and record["train_cider_sample"] >= 0 and record["train_cider_greedy"] >= 0
     start = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)
     assert any(not torch.equal(state["decoder"][k], start["decoder"][k]) for k in start["decoder"])  # it trained
+    return state["history"][-1]
+
+
+def test_self_critical_stage_continues_a_cross_entropy_run(scenes, trained, tmp_path, feature_cache_dir):
+    record = _self_critical_epoch(scenes, trained, tmp_path / "scst", feature_cache_dir, "--flip-augment", "0.5")
+    assert record["stage"] == "self_critical" and record["train_cider_sample"] >= 0 and record["train_cider_greedy"] >= 0
     # a checkpoint of other model settings is refused with a clear message
     other = tmp_path / "other"
     assert train(scenes, other, "--epochs", "1", "--hidden-dim", "64", cache=feature_cache_dir).exit_code == 0
@@ -585,16 +590,9 @@ def test_leave_one_out_advantage_is_each_sample_against_its_images_other_samples
 
 def test_self_critical_with_several_samples_per_image_trains_without_a_greedy_pass(scenes, trained, tmp_path,
                                                                                    feature_cache_dir):
-    run = tmp_path / "scst-k"
-    result = train(scenes, run, "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt", "--lr", "5e-5",
-                   "--scst-samples", "4", cache=feature_cache_dir)
-    assert result.exit_code == 0, result.output
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-    record = state["history"][-1]
+    record = _self_critical_epoch(scenes, trained, tmp_path / "scst-k", feature_cache_dir, "--scst-samples", "4")
     assert record["stage"] == "self_critical" and record["train_cider_sample"] > 0
     assert "train_cider_greedy" not in record  # no greedy captions were made
-    start = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)
-    assert any(not torch.equal(state["decoder"][k], start["decoder"][k]) for k in start["decoder"])  # it trained
     assert train(scenes, tmp_path / "bad", "--epochs", "1", "--self-critical", "--init-checkpoint", trained / "best.pt",
                  "--scst-samples", "0", cache=feature_cache_dir).exit_code != 0  # refused by the CLI
 
