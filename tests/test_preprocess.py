@@ -140,11 +140,15 @@ def test_sequential_jpeg_pixels_is_none_for_anything_else():
     png = io.BytesIO()
     _photo(64, 48).save(png, format="PNG")
     comments = b"\xff\xd8" + b"\xff\xfe\x00\x04ab" * 100 + baseline[2:]  # 100 comment segments first
+    sos = baseline.index(b"\xff\xda")
+    late = baseline[:sos] + b"\xff\xfe\x00\x04ab" * 100 + baseline[sos:]  # 100 after the frame header
+    no_scan = baseline[:sos]  # a header that never reaches a scan
     for data in (b"", b"\xff", b"\xff\xd8", b"\xff\xd8\xff", baseline[:20], png.getvalue(), b"GIF89a" + baseline,
-                 _jpeg(_photo(64, 48), progressive=True), comments,
+                 _jpeg(_photo(64, 48), progressive=True), comments, late, no_scan,
                  baseline.replace(b"\xff\xc0", b"\xff\xc3", 1)):  # lossless frame
         assert sequential_jpeg_pixels(data) is None, data[:12]
-    assert sequential_jpeg_pixels(comments, max_segments=200) == 64 * 48  # the same file, walked further
+    assert sequential_jpeg_pixels(comments, max_segments=200) == 64 * 48  # the same files, walked further
+    assert sequential_jpeg_pixels(late, max_segments=200) == 64 * 48
     assert sequential_jpeg_pixels(_jpeg(_photo(64, 48).convert("L"))) == 64 * 48
     assert sequential_jpeg_pixels(b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x10") is None  # zero height
 

@@ -121,17 +121,18 @@ _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn: markers without a leng
 def sequential_jpeg_pixels(data: bytes, max_segments: int = 64) -> int | None:
     """width x height of a sequential (baseline or extended) JPEG, read from its frame header; None for
     anything else: not a JPEG, progressive or lossless, a header that does not parse, or more than
-    `max_segments` marker segments before the frame header (real files have a handful: APPn, DQT, ...).
+    `max_segments` marker segments before the first scan (real files have a handful: APPn, DQT, SOF, DHT).
 
     It tells what is cheap to decode: a sequential JPEG decodes in time bounded by its pixels and bytes,
-    while a progressive one can carry thousands of scans that each pass over the image. Hand-written
-    because it must stay cheap for any input: Pillow's `Image.open` walks every marker segment in Python
-    and simplejpeg's header reader does not say whether a file is progressive."""
+    while a progressive one can carry thousands of scans that each pass over the image, and thousands of
+    segments before the first scan would cost Pillow's `Image.open` (a marker loop in Python) as much.
+    Hand-written because it must stay cheap for any input: `Image.open` is that loop, and simplejpeg's header
+    reader does not say whether a file is progressive."""
     if not data.startswith(b"\xff\xd8"):
         return None
-    pos = 2
+    pos, pixels = 2, None
     for _ in range(max_segments):
-        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+        while pos + 1 < len(data) and data[pos] == 0xFF and data[pos + 1] == 0xFF:
             pos += 1  # fill bytes
         if pos + 4 > len(data) or data[pos] != 0xFF:
             return None
@@ -139,15 +140,19 @@ def sequential_jpeg_pixels(data: bytes, max_segments: int = 64) -> int | None:
         if marker in _STANDALONE:
             pos += 2
             continue
+        if marker == 0xDA:  # the first scan: the header is over
+            return pixels
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in _SEQUENTIAL_SOF:
+        if marker in _SEQUENTIAL_SOF and pixels is None:
             if length < 8 or pos + 9 > len(data):
                 return None
             height = int.from_bytes(data[pos + 5 : pos + 7], "big")
             width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            return width * height if width and height else None
-        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker in (0xD8, 0xD9, 0xDA) or length < 2:
-            return None  # another kind of frame, or a scan / image boundary before any frame header
+            if not (width and height):
+                return None
+            pixels = width * height
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker in (0xD8, 0xD9) or length < 2:
+            return None  # another kind of frame (or a second one), or an image boundary before any scan
         pos += 2 + length
     return None
 
