@@ -159,8 +159,10 @@ def test_label_words_benchmark_on_a_flickr8k_layout(tiny_bundles, tmp_path):
 def test_frontend_benchmark_measures_cpu_per_request(tmp_path):
     """bench/frontend.py: the service over a stub bundle under load, its CPU per request measured."""
     report_path = tmp_path / "frontend.json"
+    # uploads decoded in the decoding pool (by default a small JPEG is decoded on the event loop), so that every
+    # kind of thread works: --setting reaches the service
     run_script("frontend.py", "--duration", "1", "--concurrency", "2", "--workers", "1", "2", "--loadgen", "python",
-               "--json", str(report_path))
+               "--setting", "CAPTIONER_INLINE_DECODE_PIXELS=0", "--json", str(report_path))
     report = json.loads(report_path.read_text())
     assert [run["workers"] for run in report["runs"]] == [1, 2]
     assert report["runs"][0]["memory_kib_idle"]["processes"] == 1
