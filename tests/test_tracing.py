@@ -47,24 +47,34 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.fixture
-def traced(tiny_bundle):
-    """The app on the tiny bundle, tracing into an in-memory exporter; the access log's records."""
-    app = create_app(Settings(bundle=tiny_bundle, device="cpu", threads=1))
+@contextmanager
+def _traced_client(settings: Settings):
+    """The app with these settings, tracing into an in-memory exporter of its own (create_app sets tracing up
+    from the environment: installed after it); yields the client and the exporter."""
+    app = create_app(settings)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.install(provider)
+    try:
+        with TestClient(app) as client:
+            yield client, exporter
+    finally:
+        tracing.install(None)
+        provider.shutdown()
+
+
+@pytest.fixture
+def traced(tiny_bundle):
+    """The app on the tiny bundle, tracing into an in-memory exporter; the access log's records."""
     records = _Records()
     access = logging.getLogger("captioner.access")
     access.addHandler(records)
     try:
-        with TestClient(app) as client:
+        with _traced_client(Settings(bundle=tiny_bundle, device="cpu", threads=1)) as (client, exporter):
             yield client, exporter, records
     finally:
         access.removeHandler(records)
-        tracing.install(None)
-        provider.shutdown()
 
 
 def _finished(exporter: InMemorySpanExporter, names=STAGES, timeout: float = 5.0):
@@ -262,22 +272,6 @@ def test_the_service_exports_its_spans_over_otlp_when_the_endpoint_is_set(tiny_b
         assert {v["service"] for v in names.values()} == {"captioner-test"}
     finally:
         collector.shutdown()
-
-
-@contextmanager
-def _traced_client(settings: Settings):
-    """Another app tracing into an exporter of its own (create_app sets tracing up from the environment:
-    install after it); yields the client and the exporter."""
-    app = create_app(settings)
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
-        with TestClient(app) as client:
-            yield client, exporter
-    finally:
-        provider.shutdown()
 
 
 def _inline_flags(client: TestClient, exporter: InMemorySpanExporter, uploads: list[tuple[str, bytes, str]]) -> list:
