@@ -143,6 +143,12 @@ def write_report(path: str | None, report: dict) -> None:
         Path(path).write_text(text + "\n")
 
 
+def add_setting_option(parser) -> None:
+    """`--setting NAME=VALUE` (repeatable) on a benchmark that starts the service: read with service_settings."""
+    parser.add_argument("--setting", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="a service setting, e.g. CAPTIONER_INLINE_DECODE_PIXELS=0 (repeatable)")
+
+
 def service_settings(items: list[str]) -> dict[str, str]:
     """`CAPTIONER_NAME=value` (or `name=value`) arguments as live-server settings: {"name": "value"}."""
     settings = {}

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import environment, rss_kib_tree, service_pids, service_settings, write_report
+from common import add_setting_option, environment, rss_kib_tree, service_pids, service_settings, write_report
 from http_load import Service, load, photo_jpeg
 
 THREAD_KINDS = {"captioner-prep": "decode", "captioner-infer": "engine"}
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="CAPTIONER_WORKERS values to measure")
     parser.add_argument("--max-length", type=int, default=4, help="the stub's longest caption, in words")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--setting", dest="settings", action="append", default=[], metavar="NAME=VALUE",
-                        help="a service setting, e.g. CAPTIONER_INLINE_DECODE_PIXELS=0 (repeatable)")
+    add_setting_option(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     loadgen = ("wrk" if shutil.which("wrk") else "python") if args.loadgen == "auto" else args.loadgen

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import REPO, environment, rss_kib_tree, service_settings, write_report
+from common import REPO, add_setting_option, environment, rss_kib_tree, service_settings, write_report
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parent
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1,
                         help="CAPTIONER_WORKERS for the service points (each worker then has cores / N engine threads)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--setting", dest="settings", action="append", default=[], metavar="NAME=VALUE",
-                        help="a service setting, e.g. CAPTIONER_INLINE_DECODE_PIXELS=0 (repeatable)")
+    add_setting_option(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     loadgen = ("wrk" if shutil.which("wrk") else "python") if args.loadgen == "auto" else args.loadgen
