@@ -404,6 +404,24 @@ def add_reference_cmd(
     typer.echo(f"recorded {len(reference)} reference captions in {bundle / 'manifest.json'}")
 
 
+def average_checkpoints_cmd(
+    checkpoints: list[Path] = typer.Argument(..., help="Two or more checkpoints fine-tuned from one parent (best.pt, last.pt)"),
+    out: Path = typer.Option(..., help="The averaged checkpoint to write"),
+    weight: list[float] | None = typer.Option(
+        None, help="One weight per checkpoint, in their order (repeat the option; default: equal weights)"),
+) -> None:
+    """Average the trained weights of checkpoints fine-tuned from one parent (a "model soup"): one
+    checkpoint of the same size, to export like any other (model_export/average.py)."""
+
+    def run():
+        from model_export.average import write_average
+
+        return write_average(checkpoints, out, weight or None)
+
+    path = _guard(run)
+    typer.echo(f"wrote {path}: the average of {len(checkpoints)} checkpoints")
+
+
 def _sample_photos(spec) -> list:
     try:
         from skimage import data as skdata
@@ -432,6 +450,7 @@ COMMANDS = {
     "confidence": confidence_cmd,
     "add-labels": add_labels_cmd,
     "add-reference": add_reference_cmd,
+    "average-checkpoints": average_checkpoints_cmd,
 }
 
 

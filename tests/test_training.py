@@ -597,6 +597,70 @@ def test_self_critical_with_several_samples_per_image_trains_without_a_greedy_pa
                  "--scst-samples", "0", cache=feature_cache_dir).exit_code != 0  # refused by the CLI
 
 
+# ---- averaging checkpoints ("model soups") -------------------------------------------------------
+
+def _sibling(trained: Path, out: Path, seed: int = 0) -> Path:
+    """A checkpoint like trained/best.pt whose decoder weights moved a little (as a second fine-tuning
+    of the same parent would leave them)."""
+    state = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)
+    generator = torch.Generator().manual_seed(seed)
+    state["decoder"] = {k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                        for k, v in state["decoder"].items()}
+    torch.save(state, out)
+    return out
+
+
+def test_averaged_checkpoints_hold_the_weighted_mean_and_export_with_parity(trained, scenes, tmp_path):
+    from model_export.cli import DataFormat, load_dataset
+    from model_export.export import export_bundle
+
+    other = _sibling(trained, tmp_path / "other.pt")
+    out = tmp_path / "soup" / "soup.pt"
+    result = invoke("average-checkpoints", trained / "best.pt", other, "--weight", "3", "--weight", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    first, second, soup = (torch.load(p, map_location="cpu", weights_only=False) for p in (trained / "best.pt", other, out))
+    moved = 0
+    for key, value in soup["decoder"].items():
+        assert value.dtype == first["decoder"][key].dtype
+        torch.testing.assert_close(value, 0.75 * first["decoder"][key] + 0.25 * second["decoder"][key])
+        moved += not torch.equal(value, first["decoder"][key])
+    assert moved == len(soup["decoder"])  # every tensor is a mix, none copied
+    sources = soup["train_config"]["averaged_from"]
+    assert [s["weight"] for s in sources] == [0.75, 0.25] and sources[0]["checkpoint"] == str(trained / "best.pt")
+    assert soup["optimizer"] is None and soup["best_cider"] is None  # not a run to resume, no score of its own
+    # one checkpoint of the same shape: it exports like any other, and the manifest says where it came from
+    dataset = load_dataset(scenes / "dataset.json", scenes, DataFormat.karpathy)
+    bundle = load_bundle(export_bundle(out, tmp_path / "bundle", dataset, parity_images=16, evaluate_split=None,
+                                       progress=False))
+    assert bundle.manifest.parity.greedy_identical == 16 and bundle.manifest.parity.beam3_identical == 16
+    assert bundle.manifest.training.settings["averaged_from"] == sources
+
+
+def test_averaging_checkpoints_that_do_not_fit_together_is_a_clear_error(trained, tmp_path):
+    best = trained / "best.pt"
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    wider = {**state, "model_config": {**state["model_config"], "hidden_dim": state["model_config"]["hidden_dim"] * 2}}
+    other_words = {**state, "vocab": [*state["vocab"][:-1], "zebra"]}
+    for name, obj in (("wider.pt", wider), ("words.pt", other_words)):
+        torch.save(obj, tmp_path / name)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    sibling = _sibling(trained, tmp_path / "sibling.pt")
+    cases = [
+        ((best, tmp_path / "wider.pt"), "hidden_dim"),
+        ((best, tmp_path / "words.pt"), "vocabulary"),
+        ((best, tmp_path / "junk.pt"), "not a captioner checkpoint"),
+        ((best, tmp_path / "missing.pt"), "checkpoint not found"),
+        ((best,), "at least two checkpoints"),
+        ((best, sibling, "--weight", "1"), "1 weights for 2 checkpoints"),
+        ((best, sibling, "--weight", "1", "--weight", "0"), "positive"),
+        ((best, sibling, "--weight", "1", "--weight", "nan"), "positive"),
+    ]
+    for args, message in cases:
+        result = invoke("average-checkpoints", *args, "--out", tmp_path / "out.pt")
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+        assert not (tmp_path / "out.pt").exists()
+
+
 # ---- the label prior and constrained decoding ---------------------------------------------------
 
 def _scene_table(words: list[str]) -> list[list[list[str]]]:
