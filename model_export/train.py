@@ -425,7 +425,8 @@ class Trainer:
             mirrored = rng.random(len(pairs)) < cfg.flip_augment if cfg.flip_augment else np.zeros(len(pairs), dtype=bool)
             model.train()
             total, seen, tick = 0.0, 0, time.monotonic()
-            rewards = {"sample": 0.0, "greedy": 0.0}
+            # mean train CIDEr-D of the samples, and of the greedy captions when there are any (one sample each)
+            rewards = {"sample": 0.0, **({"greedy": 0.0} if cfg.scst_samples == 1 else {})}
             bar = tqdm(total=len(pairs), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="cap",
                        disable=not (cfg.progress and ctx.main))
             for b in range(0, len(pairs), cfg.batch_size):
@@ -476,18 +477,18 @@ class Trainer:
                     if baseline is None:  # each sample against the mean of its image's other samples
                         got = torch.tensor(sample_reward, device=self.device)
                         advantage = leave_one_out_advantage(got, k)
-                        sample_reward, greedy_reward = got.view(-1, k).mean(dim=1).tolist(), []  # no greedy caption
+                        sample_reward = got.view(-1, k).mean(dim=1).tolist()
                     else:
                         greedy_reward = scorer.scores([self.vocab.decode(g) for g in baseline], refs)
                         advantage = (torch.tensor(sample_reward, device=self.device)
                                      - torch.tensor(greedy_reward, device=self.device))
+                        rewards["greedy"] += sum(greedy_reward) * weight
                     if ctx.enabled:  # normalised by the whole global batch's sampled tokens
                         (count,) = ctx.sum([float((chosen != 0).sum()) * weight])
                         loss = -(advantage[:, None] * chosen).sum() * weight / max(count, 1.0)
                     else:
                         loss = -(advantage[:, None] * chosen).sum() / (chosen != 0).sum().clamp(min=1)
                     rewards["sample"] += sum(sample_reward) * weight
-                    rewards["greedy"] += sum(greedy_reward) * weight
                 else:
                     if swapper is not None:  # some captions name another thing of the same kind, as their prior says
                         caps, prior = swapper.apply(caps, prior, rng)
@@ -508,7 +509,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{total * world / seen:.3f}", img_s=f"{seen / (time.monotonic() - tick):.0f}")
             bar.close()
             if ctx.enabled:  # the shares of every global batch's loss (and rewards), summed over the ranks
-                total, rewards["sample"], rewards["greedy"] = ctx.sum([total, rewards["sample"], rewards["greedy"]])
+                total, *summed = ctx.sum([total, *rewards.values()])
+                rewards = dict(zip(rewards, summed, strict=True))
 
             # validation: greedy captions on the val split (each rank its share, gathered), BLEU-4 and CIDEr
             mine = list(range(len(self.val_examples)))[distributed.shard(len(self.val_examples), ctx)]
@@ -543,8 +545,7 @@ class Trainer:
                 record["ranks"] = world
             if scorer is not None:
                 record["stage"] = "self_critical"
-                record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()
-                               if k == "sample" or cfg.scst_samples == 1})  # K samples: no greedy caption
+                record.update({f"train_cider_{k}": v / max(seen, 1) for k, v in rewards.items()})
             history.append(record)
             improved = scores["CIDEr"] > best
             if improved:
